@@ -1,0 +1,159 @@
+// CPU backend of `batchkl::kl*`: tiles of a row in parallel (at::parallel_for),
+// SIMD over the columns where every operand is unit-stride, a strided scalar
+// loop otherwise. Loss sums are per tile in a fixed order and combined in a
+// fixed order, so results do not depend on the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../kl.h"
+#include "../register_backend.h"
+#include "vec_ops.h"
+
+namespace batchkl {
+namespace {
+
+template <typename scalar_t, Mode kMode, bool kLog>
+struct TileWorker {
+  using acc_t = at::opmath_type<scalar_t>;
+  using IO = VecIO<scalar_t>;
+  using Acc = typename IO::Acc;
+
+  const KLLaunch& p;
+  acc_t scale;  // kReduce: 1 / divisor, folded into the gradients
+
+  // One tile: n columns starting at the given element pointers. Returns the
+  // tile's loss sum (kReduce) or 0.
+  acc_t run(scalar_t* const (&ptr)[kNumOperands], const int64_t (&stride)[kNumOperands], int64_t n) const {
+    const bool gx = ptr[kGradInput] != nullptr, gt = ptr[kGradTarget] != nullptr;
+    bool unit = true;
+    for (int k = 0; k < kNumOperands; ++k) unit &= ptr[k] == nullptr || stride[k] == 1;
+    acc_t total = 0;
+    int64_t j = 0;
+    if (unit) {
+      const scalar_t* x = ptr[kInput];
+      const scalar_t* t = ptr[kTarget];
+      Acc acc[IO::kVecs] = {Acc(0), Acc(0)};
+      const Acc vscale(scale);
+      for (; j + IO::kWidth <= n; j += IO::kWidth) {
+        Acc xv[IO::kVecs], tv[IO::kVecs], gv[IO::kVecs], ox[IO::kVecs], ot[IO::kVecs];
+        IO::load(x + j, xv);
+        IO::load(t + j, tv);
+        if constexpr (kMode == Mode::kBackward) IO::load(ptr[kOut] + j, gv);
+        for (int v = 0; v < IO::kVecs; ++v) {
+          const KLTerm<kLog, Acc> term(tv[v]);
+          if constexpr (kMode == Mode::kElementwise) {
+            ox[v] = term.loss(xv[v]);
+          } else {
+            Acc s = vscale;
+            if constexpr (kMode == Mode::kBackward) s = gv[v];
+            if constexpr (kMode == Mode::kReduce) acc[v] = acc[v] + term.loss(xv[v]);
+            if (gx) ox[v] = term.grad_input() * s;
+            if (gt) ot[v] = term.grad_target(xv[v]) * s;
+          }
+        }
+        if constexpr (kMode == Mode::kElementwise) {
+          IO::store(ptr[kOut] + j, ox[0], ox[1]);
+        } else {
+          if (gx) IO::store(ptr[kGradInput] + j, ox[0], ox[1]);
+          if (gt) IO::store(ptr[kGradTarget] + j, ot[0], ot[1]);
+        }
+      }
+      if constexpr (kMode == Mode::kReduce) {
+        // Fixed-order horizontal sum: deterministic for a given tile.
+        alignas(64) acc_t lanes[Acc::size()];
+        (acc[0] + acc[1]).store(lanes);
+        for (int64_t l = 0; l < Acc::size(); ++l) total += lanes[l];
+      }
+    }
+    // The tail of a unit-stride tile, or all of a strided one.
+    for (; j < n; ++j) {
+      const acc_t x = static_cast<acc_t>(ptr[kInput][j * stride[kInput]]);
+      const KLTerm<kLog, acc_t> term(static_cast<acc_t>(ptr[kTarget][j * stride[kTarget]]));
+      if constexpr (kMode == Mode::kElementwise) {
+        ptr[kOut][j * stride[kOut]] = static_cast<scalar_t>(term.loss(x));
+      } else {
+        acc_t s = scale;
+        if constexpr (kMode == Mode::kBackward) s = static_cast<acc_t>(ptr[kOut][j * stride[kOut]]);
+        if constexpr (kMode == Mode::kReduce) total += term.loss(x);
+        if (gx) ptr[kGradInput][j * stride[kGradInput]] = static_cast<scalar_t>(term.grad_input() * s);
+        if (gt) ptr[kGradTarget][j * stride[kGradTarget]] = static_cast<scalar_t>(term.grad_target(x) * s);
+      }
+    }
+    return total;
+  }
+};
+
+template <typename scalar_t, Mode kMode, bool kLog>
+void run_cpu(const KLLaunch& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const RowGeometry& g = p.geo;
+  const int64_t ntiles = g.num_tiles();
+  std::vector<acc_t> partials(kMode == Mode::kReduce ? ntiles : 0);
+  const TileWorker<scalar_t, kMode, kLog> worker{p, static_cast<acc_t>(1.0 / p.divisor)};
+  // About 32k elements per task: enough to amortise the scheduling.
+  const int64_t grain = std::max<int64_t>(1, 32768 / g.chunk);
+  at::parallel_for(0, ntiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t row = tile / g.chunks_per_row;
+      const int64_t col0 = (tile - row * g.chunks_per_row) * g.chunk;
+      const int64_t n = std::min(g.chunk, g.cols - col0);
+      scalar_t* ptr[kNumOperands];
+      int64_t stride[kNumOperands];
+      for (int k = 0; k < kNumOperands; ++k) {
+        auto* base = static_cast<scalar_t*>(p.ptr[k]);
+        ptr[k] = base ? base + g.row_offset(k, row) + col0 * g.col_stride[k] : nullptr;
+        stride[k] = g.col_stride[k];
+      }
+      const acc_t s = worker.run(ptr, stride, n);
+      if constexpr (kMode == Mode::kReduce) partials[tile] = s;
+    }
+  });
+  if constexpr (kMode == Mode::kReduce) {
+    if (p.row_out != nullptr) {
+      auto* out = static_cast<scalar_t*>(p.row_out);
+      at::parallel_for(0, g.rows, 4096, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          acc_t s = 0;
+          for (int64_t c = 0; c < g.chunks_per_row; ++c) s += partials[r * g.chunks_per_row + c];
+          out[r] = static_cast<scalar_t>(s);
+        }
+      });
+    } else {
+      // One sequential pass over the tile sums, in double: a fixed order, so
+      // bitwise reproducible whatever the thread count.
+      double total = 0;
+      for (const acc_t s : partials) total += static_cast<double>(s);
+      *static_cast<scalar_t*>(p.scalar_out) = static_cast<scalar_t>(total / p.divisor);
+    }
+  }
+}
+
+template <Mode kMode, bool kLog>
+void dispatch_dtype(const KLLaunch& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "batchkl_kl_cpu",
+                                  [&] { run_cpu<scalar_t, kMode, kLog>(p); });
+}
+
+void launch_cpu(const KLLaunch& p) {
+  const auto run = [&](auto mode) {
+    constexpr Mode kMode = decltype(mode)::value;
+    p.log_target ? dispatch_dtype<kMode, true>(p) : dispatch_dtype<kMode, false>(p);
+  };
+  switch (p.mode) {
+    case Mode::kElementwise:
+      return run(std::integral_constant<Mode, Mode::kElementwise>{});
+    case Mode::kReduce:
+      return run(std::integral_constant<Mode, Mode::kReduce>{});
+    case Mode::kBackward:
+      return run(std::integral_constant<Mode, Mode::kBackward>{});
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(batchkl, CPU, m) { register_backend<launch_cpu>(m); }
+
+}  // namespace batchkl

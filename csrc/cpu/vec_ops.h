@@ -1,0 +1,57 @@
+// SIMD value types for the shared math of kl_math.h, on at::vec::Vectorized:
+// the same formulas as the scalar code, 8 (AVX2) or 16 (AVX-512) lanes at a time.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include "../kl_math.h"
+
+namespace batchkl {
+
+template <typename T>
+struct VecMathOps {
+  using V = at::vec::Vectorized<T>;
+  using Mask = V;
+  static inline V log(const V& v) { return v.log(); }
+  static inline V exp(const V& v) { return v.exp(); }
+  static inline V select(const Mask& m, const V& a, const V& b) { return V::blendv(b, a, m); }
+  static inline Mask eq(const V& a, const V& b) { return a == b; }
+  static inline V splat(T v) { return V(v); }
+};
+
+template <>
+struct MathOps<at::vec::Vectorized<float>> : VecMathOps<float> {};
+template <>
+struct MathOps<at::vec::Vectorized<double>> : VecMathOps<double> {};
+
+// Loads / stores kSteps * Acc::size() elements of scalar_t as accumulator
+// vectors (float for every type but double; half and bfloat16 widen on load).
+template <typename scalar_t>
+struct VecIO {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Acc = at::vec::Vectorized<acc_t>;
+  static constexpr int kVecs = 2;
+  static constexpr int64_t kWidth = kVecs * Acc::size();
+
+  static inline void load(const scalar_t* p, Acc (&v)[kVecs]) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      v[0] = Acc::loadu(p);
+      v[1] = Acc::loadu(p + Acc::size());
+    } else {
+      static_assert(at::vec::Vectorized<scalar_t>::size() == kWidth, "reduced float vector width");
+      std::tie(v[0], v[1]) = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p));
+    }
+  }
+  static inline void store(scalar_t* p, const Acc& a, const Acc& b) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      a.store(p);
+      b.store(p + Acc::size());
+    } else {
+      at::vec::convert_from_float<scalar_t>(a, b).store(p);
+    }
+  }
+};
+
+}  // namespace batchkl

@@ -1,0 +1,96 @@
+// Host-side plan of one `batchkl::kl` kernel call, shared by the argument
+// checking (kl_host.cpp), the CPU backend (cpu/) and the CUDA backend (cuda/).
+//
+// Every call is reduced to the same picture: up to five tensors of one
+// broadcast shape, walked as `rows x cols` where cols is the last dimension
+// (or, for elementwise work, whatever the coalesced layout makes innermost).
+// Rows are cut into tiles of `chunk` columns; `chunk` depends on `cols`
+// alone, so the order in which a row's loss is summed never depends on how
+// many other rows share the batch (batch invariance) or on thread counts.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+
+#include <array>
+#include <cstdint>
+
+#include "kl_math.h"
+
+namespace batchkl {
+
+constexpr int kMaxLeadDims = 6;  // more (after coalescing) falls back to .contiguous()
+
+// Operand slots. In kElementwise mode kOut is the elementwise loss; in
+// kBackward mode it is grad_output; in kReduce mode it is unused.
+enum Operand : int { kInput = 0, kTarget = 1, kOut = 2, kGradInput = 3, kGradTarget = 4, kNumOperands = 5 };
+
+struct RowGeometry {
+  int64_t rows = 1;
+  int64_t cols = 1;
+  int64_t chunk = 1;           // columns per tile
+  int64_t chunks_per_row = 1;  // ceil(cols / chunk)
+  int nlead = 0;               // leading (row) dims after coalescing, innermost last
+  int64_t lead_sizes[kMaxLeadDims] = {};
+  int64_t lead_strides[kNumOperands][kMaxLeadDims] = {};
+  int64_t col_stride[kNumOperands] = {};
+
+  int64_t num_tiles() const { return rows * chunks_per_row; }
+
+  // Element offset of the start of `row` in operand `k`. Division only over
+  // the leading dims, once per tile, never per element.
+  C10_HOST_DEVICE inline int64_t row_offset(int k, int64_t row) const {
+    if (nlead == 1) return row * lead_strides[k][0];
+    int64_t off = 0;
+    for (int d = nlead - 1; d >= 0; --d) {
+      const int64_t size = lead_sizes[d];
+      const int64_t idx = row % size;
+      row /= size;
+      off += idx * lead_strides[k][d];
+    }
+    return off;
+  }
+};
+
+// Everything a backend needs to run one call.
+struct KLLaunch {
+  Mode mode = Mode::kReduce;
+  Reduction reduction = Reduction::kSum;
+  bool log_target = false;
+  bool want_grad_input = false;
+  bool want_grad_target = false;
+  c10::ScalarType dtype = c10::ScalarType::Float;
+  RowGeometry geo;
+  std::array<void*, kNumOperands> ptr{};  // nullptr where the slot is unused
+  // kReduce: the loss is sum / divisor; gradients are scaled by 1 / divisor.
+  double divisor = 1.0;
+  void* row_out = nullptr;     // kReduce + 'row': one value per row, contiguous
+  void* scalar_out = nullptr;  // kReduce + scalar reductions: a 0-d tensor
+};
+
+// Chooses the tile width. A function of cols (and the element size) alone.
+int64_t chunk_for(int64_t cols);
+
+// Fills geo for operands that all have `shape` (expanded views). In
+// kElementwise/kBackward mode dims may be reordered and merged freely (the
+// layout of operand `layout_operand` leads); in kReduce mode the last dim stays
+// the column dim. Returns false if more than kMaxLeadDims remain.
+bool build_geometry(RowGeometry& geo, const std::array<at::Tensor, kNumOperands>& ops, at::IntArrayRef shape,
+                    bool elementwise, int layout_operand);
+
+// The op entry points (kl_host.cpp); `launch` is the backend.
+using Launcher = void (*)(const KLLaunch&);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_fused_impl(const at::Tensor& input, const at::Tensor& target,
+                                                             c10::string_view reduction, bool log_target,
+                                                             bool want_grad_input, bool want_grad_target,
+                                                             Launcher launch);
+
+std::tuple<at::Tensor, at::Tensor> kl_none_backward_impl(const at::Tensor& grad, const at::Tensor& input,
+                                                         const at::Tensor& target, bool log_target,
+                                                         bool want_grad_input, bool want_grad_target,
+                                                         Launcher launch);
+
+Reduction parse_reduction(c10::string_view reduction);
+
+}  // namespace batchkl

@@ -1,0 +1,267 @@
+// Argument checking, broadcasting, output allocation and geometry for
+// `batchkl::kl*`: everything between the dispatcher and a backend's loop, so
+// the CPU and CUDA backends only run kernels.
+#include <ATen/ATen.h>
+#include <ATen/ExpandUtils.h>
+#include <ATen/TensorIterator.h>
+#include <c10/util/irange.h>
+
+#include <algorithm>
+#include <numeric>
+
+#include "kl.h"
+
+namespace batchkl {
+namespace {
+
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), "batchkl.kl: argument '", name, "' is an undefined tensor");
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()),
+                   "batchkl.kl: argument '", name,
+                   "' must have a floating-point dtype (float32, float64, float16 or bfloat16), got ",
+                   t.scalar_type());
+}
+
+void check_pair(const at::Tensor& input, const at::Tensor& target) {
+  check_float(input, "input");
+  check_float(target, "target");
+  TORCH_CHECK(input.device() == target.device(),
+              "batchkl.kl: 'input' and 'target' must be on the same device, got input on ", input.device(),
+              " and target on ", target.device());
+  const auto dev = input.device().type();
+  TORCH_CHECK(dev == at::kCPU || dev == at::kCUDA,
+              "batchkl.kl: only CPU and CUDA tensors are supported, got tensors on ", input.device());
+}
+
+std::vector<int64_t> broadcast_shape(const at::Tensor& input, const at::Tensor& target) {
+  auto shape = at::infer_size_dimvector(input.sizes(), target.sizes());
+  return std::vector<int64_t>(shape.begin(), shape.end());
+}
+
+// Output of reduction='none' laid out exactly as F.kl_div lays out its
+// result: TensorIterator's choice for these two inputs (a transposed input
+// gives a transposed output, as in PyTorch). The fake kernel mirrors this
+// with `torch.empty_like(input + target)`.
+at::Tensor empty_like_elementwise(const at::Tensor& input, const at::Tensor& target, at::ScalarType dtype) {
+  auto iter = at::TensorIteratorConfig()
+                  .add_owned_output(at::Tensor())
+                  .add_const_input(input)
+                  .add_const_input(target)
+                  .check_all_same_dtype(false)
+                  .declare_static_dtype(dtype)
+                  .build();
+  return iter.output();
+}
+
+struct Dim {
+  int64_t size;
+  std::array<int64_t, kNumOperands> stride;
+};
+
+bool mergeable(const Dim& outer, const Dim& inner) {
+  for (int k = 0; k < kNumOperands; ++k) {
+    if (outer.stride[k] != inner.stride[k] * inner.size) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+Reduction parse_reduction(c10::string_view reduction) {
+  if (reduction == "none") return Reduction::kNone;
+  if (reduction == "sum") return Reduction::kSum;
+  if (reduction == "mean") return Reduction::kMean;
+  if (reduction == "batchmean") return Reduction::kBatchMean;
+  if (reduction == "row") return Reduction::kRow;
+  TORCH_CHECK_VALUE(false, "batchkl.kl: argument 'reduction' must be one of 'none', 'sum', 'mean', 'batchmean', "
+                           "'row', got '", std::string(reduction), "'");
+}
+
+int64_t chunk_for(int64_t cols) {
+  // About 8k columns per tile: long enough to stream at full bandwidth, short
+  // enough that a few long rows still spread over every core / SM. Rounded to
+  // 64 elements so every tile of an aligned row starts 16-byte aligned.
+  constexpr int64_t kTarget = 8192;
+  if (cols <= kTarget) return std::max<int64_t>(cols, 1);
+  const int64_t tiles = (cols + kTarget - 1) / kTarget;
+  const int64_t chunk = (cols + tiles - 1) / tiles;
+  return (chunk + 63) / 64 * 64;
+}
+
+bool build_geometry(RowGeometry& geo, const std::array<at::Tensor, kNumOperands>& ops, at::IntArrayRef shape,
+                    bool elementwise, int layout_operand) {
+  const int64_t ndim = static_cast<int64_t>(shape.size());
+  std::vector<Dim> dims(ndim);
+  for (const auto d : c10::irange(ndim)) {
+    dims[d].size = shape[d];
+    for (int k = 0; k < kNumOperands; ++k) {
+      dims[d].stride[k] = ops[k].defined() ? ops[k].stride(d) : 0;
+    }
+  }
+  Dim col{1, {}};
+  if (elementwise) {
+    // Elementwise work may visit elements in any order: follow the memory
+    // order of the leading operand so that its innermost dim is the column.
+    std::vector<Dim> kept;
+    for (auto& d : dims) {
+      if (d.size != 1) kept.push_back(d);
+    }
+    std::stable_sort(kept.begin(), kept.end(), [&](const Dim& a, const Dim& b) {
+      return a.stride[layout_operand] > b.stride[layout_operand];
+    });
+    dims = kept;
+    if (!dims.empty()) {
+      col = dims.back();
+      dims.pop_back();
+      while (!dims.empty() && mergeable(dims.back(), col)) {
+        col.size *= dims.back().size;
+        dims.pop_back();
+      }
+    }
+  } else if (ndim > 0) {
+    col = dims.back();
+    dims.pop_back();
+  }
+  // Coalesce the leading dims, innermost last.
+  std::vector<Dim> lead;
+  for (auto& d : dims) {
+    if (d.size == 1) continue;
+    if (!lead.empty() && mergeable(lead.back(), d)) {
+      lead.back().size *= d.size;
+      lead.back().stride = d.stride;
+    } else {
+      lead.push_back(d);
+    }
+  }
+  if (static_cast<int>(lead.size()) > kMaxLeadDims) return false;
+  geo.cols = col.size;
+  for (int k = 0; k < kNumOperands; ++k) geo.col_stride[k] = col.size == 1 ? 0 : col.stride[k];
+  geo.nlead = static_cast<int>(lead.size());
+  geo.rows = 1;
+  for (int d = 0; d < geo.nlead; ++d) {
+    geo.lead_sizes[d] = lead[d].size;
+    geo.rows *= lead[d].size;
+    for (int k = 0; k < kNumOperands; ++k) geo.lead_strides[k][d] = lead[d].stride[k];
+  }
+  geo.chunk = chunk_for(geo.cols);
+  geo.chunks_per_row = (geo.cols + geo.chunk - 1) / geo.chunk;
+  return true;
+}
+
+namespace {
+
+// Plans and runs one kernel call over operands that all have `shape`.
+void run(KLLaunch& plan, std::array<at::Tensor, kNumOperands>& ops, at::IntArrayRef shape, Launcher launch) {
+  const bool elementwise = plan.mode != Mode::kReduce;
+  // The dims are ordered by the memory layout of an output we allocated
+  // densely (grad_output may be an expanded view with zero strides).
+  const int layout = plan.mode == Mode::kElementwise ? kOut : (plan.want_grad_input ? kGradInput : kGradTarget);
+  if (!build_geometry(plan.geo, ops, shape, elementwise, layout)) {
+    // Too many non-mergeable dims for the offset calculator: copy the inputs
+    // into a plain layout. Outputs we allocate are already dense.
+    for (int k : {kInput, kTarget}) ops[k] = ops[k].contiguous();
+    if (plan.mode == Mode::kBackward) ops[kOut] = ops[kOut].contiguous();
+    TORCH_CHECK(build_geometry(plan.geo, ops, shape, elementwise, layout),
+                "batchkl.kl: internal error: could not lay out a tensor of shape ", shape);
+  }
+  for (int k = 0; k < kNumOperands; ++k) plan.ptr[k] = ops[k].defined() ? ops[k].data_ptr() : nullptr;
+  launch(plan);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_fused_impl(const at::Tensor& input, const at::Tensor& target,
+                                                             c10::string_view reduction, bool log_target,
+                                                             bool want_grad_input, bool want_grad_target,
+                                                             Launcher launch) {
+  check_pair(input, target);
+  const Reduction red = parse_reduction(reduction);
+  TORCH_CHECK_VALUE(red != Reduction::kRow || std::max(input.dim(), target.dim()) >= 1,
+                    "batchkl.kl: reduction='row' needs tensors with at least one dimension (the distribution "
+                    "dim), got input of shape ", input.sizes(), " and target of shape ", target.sizes());
+  const auto dtype = at::result_type(input, target);
+  const auto shape = broadcast_shape(input, target);
+  const auto opts = input.options().dtype(dtype);
+  const int64_t numel = c10::multiply_integers(shape);
+
+  KLLaunch plan;
+  plan.reduction = red;
+  plan.log_target = log_target;
+  plan.dtype = dtype;
+  std::array<at::Tensor, kNumOperands> ops;
+  ops[kInput] = input.to(dtype).expand(shape);
+  ops[kTarget] = target.to(dtype).expand(shape);
+
+  if (red == Reduction::kNone) {
+    plan.mode = Mode::kElementwise;
+    ops[kOut] = empty_like_elementwise(input, target, dtype);
+    if (numel > 0) run(plan, ops, shape, launch);
+    return {ops[kOut], at::empty({0}, opts), at::empty({0}, opts)};
+  }
+
+  plan.mode = Mode::kReduce;
+  plan.want_grad_input = want_grad_input;
+  plan.want_grad_target = want_grad_target;
+  if (red == Reduction::kMean) plan.divisor = static_cast<double>(numel);
+  if (red == Reduction::kBatchMean && input.dim() > 0) plan.divisor = static_cast<double>(input.size(0));
+  // Gradients are dense in the broadcast shape; autograd sums them down to
+  // each argument's own shape.
+  const auto grad_or_empty = [&](bool want) { return want ? at::empty(shape, opts) : at::empty({0}, opts); };
+  at::Tensor grad_input = grad_or_empty(want_grad_input);
+  at::Tensor grad_target = grad_or_empty(want_grad_target);
+  at::Tensor out;
+  if (red == Reduction::kRow) {
+    out = at::empty(at::IntArrayRef(shape).slice(0, shape.size() - 1), opts);
+  } else {
+    out = at::empty({}, opts);
+  }
+  if (numel == 0) {
+    // Nothing to sum: 0 for sum/row, 0 / 0 = NaN for mean (as PyTorch).
+    out.fill_(red == Reduction::kRow ? 0.0 : 0.0 / plan.divisor);
+    grad_input.zero_();
+    grad_target.zero_();
+    return {out, grad_input, grad_target};
+  }
+  if (want_grad_input) ops[kGradInput] = grad_input;
+  if (want_grad_target) ops[kGradTarget] = grad_target;
+  (red == Reduction::kRow ? plan.row_out : plan.scalar_out) = out.data_ptr();
+  run(plan, ops, shape, launch);
+  return {out, grad_input, grad_target};
+}
+
+std::tuple<at::Tensor, at::Tensor> kl_none_backward_impl(const at::Tensor& grad, const at::Tensor& input,
+                                                         const at::Tensor& target, bool log_target,
+                                                         bool want_grad_input, bool want_grad_target,
+                                                         Launcher launch) {
+  check_pair(input, target);
+  check_float(grad, "grad");
+  const auto dtype = at::result_type(input, target);
+  const auto shape = broadcast_shape(input, target);
+  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef(shape), "batchkl.kl: 'grad' must have the broadcast shape ",
+                    shape, ", got ", grad.sizes());
+  TORCH_CHECK(grad.device() == input.device(), "batchkl.kl: 'grad' must be on ", input.device(), ", got ",
+              grad.device());
+  const auto opts = input.options().dtype(dtype);
+  KLLaunch plan;
+  plan.mode = Mode::kBackward;
+  plan.log_target = log_target;
+  plan.dtype = dtype;
+  plan.want_grad_input = want_grad_input;
+  plan.want_grad_target = want_grad_target;
+  std::array<at::Tensor, kNumOperands> ops;
+  ops[kInput] = input.to(dtype).expand(shape);
+  ops[kTarget] = target.to(dtype).expand(shape);
+  ops[kOut] = grad.to(dtype);
+  // Gradients follow grad_output's layout, as PyTorch's elementwise backward does.
+  const auto grad_or_empty = [&](bool want) {
+    return want ? at::empty_like(ops[kOut], at::MemoryFormat::Preserve) : at::empty({0}, opts);
+  };
+  at::Tensor grad_input = grad_or_empty(want_grad_input);
+  at::Tensor grad_target = grad_or_empty(want_grad_target);
+  if (want_grad_input) ops[kGradInput] = grad_input;
+  if (want_grad_target) ops[kGradTarget] = grad_target;
+  if (c10::multiply_integers(shape) > 0 && (want_grad_input || want_grad_target)) run(plan, ops, shape, launch);
+  return {grad_input, grad_target};
+}
+
+}  // namespace batchkl

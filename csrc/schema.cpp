@@ -1,0 +1,22 @@
+// The one schema registration of the `batchkl` library.
+#include <ATen/core/enum_tag.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(batchkl, m) {
+  // The drop-in op: F.kl_div's semantics plus reduction='row'.
+  m.def("kl(Tensor input, Tensor target, str reduction=\"mean\", bool log_target=False) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // The forward launch of the fused autograd: the loss and, for every
+  // reduction but 'none', the gradients w.r.t. input / target (already scaled
+  // by the reduction, in the broadcast shape) where asked; an empty tensor
+  // where not. Backward only multiplies them by grad_output.
+  m.def(
+      "kl_fused(Tensor input, Tensor target, str reduction, bool log_target, bool grad_input, bool grad_target) "
+      "-> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // Backward of reduction='none', where grad_output is a full tensor.
+  m.def(
+      "kl_none_backward(Tensor grad, Tensor input, Tensor target, bool log_target, bool grad_input, "
+      "bool grad_target) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+}

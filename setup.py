@@ -1,0 +1,120 @@
+"""Builds batchkl_ext._C with torch.utils.cpp_extension.
+
+CUDA kernels are compiled when a CUDA build of torch and nvcc are both present.
+Environment:
+  BATCHKL_CUDA=1 / 0        force the CUDA kernels on / off (default: auto)
+  BATCHKL_CPU_SIMD=avx2 / default   CPU vector ISA (default: avx2 when this CPU has it)
+  TORCH_CUDA_ARCH_LIST      GPU targets (default "8.0;9.0+PTX")
+  CUDA_HOME                 the CUDA toolkit (found from nvcc when unset)
+"""
+import glob
+import importlib.util
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _find_cuda_home():
+    """The toolkit folder (the one holding lib64/ or include/cuda_runtime.h).
+
+    torch guesses it as the parent of the `nvcc` on PATH, which is wrong when
+    that nvcc is a wrapper script outside the toolkit (e.g. /usr/local/bin/nvcc).
+    """
+    def is_toolkit(path):
+        return path and os.path.isfile(os.path.join(path, "bin", "nvcc")) and (
+            os.path.isdir(os.path.join(path, "lib64")) or
+            os.path.isfile(os.path.join(path, "include", "cuda_runtime.h")))
+
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        try:  # a wrapper script: `exec /path/to/toolkit/bin/nvcc "$@"`
+            with open(nvcc, "rb") as f:
+                head = f.read(4096).decode("utf-8", "replace")
+            for word in head.split():
+                if word.endswith("/bin/nvcc"):
+                    candidates.append(os.path.dirname(os.path.dirname(word)))
+        except OSError:
+            pass
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for path in candidates:
+        if is_toolkit(path):
+            return os.path.realpath(path)
+    return None
+
+
+_cuda_home = _find_cuda_home()
+if _cuda_home:
+    # Must be set before torch.utils.cpp_extension is imported: it reads it once.
+    os.environ["CUDA_HOME"] = _cuda_home
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _want_cuda():
+    forced = os.environ.get("BATCHKL_CUDA")
+    if forced is not None:
+        if forced == "1" and (torch.version.cuda is None or _cuda_home is None):
+            sys.exit("BATCHKL_CUDA=1 but torch is not a CUDA build or no CUDA toolkit (nvcc) was found")
+        return forced == "1"
+    return torch.version.cuda is not None and _cuda_home is not None
+
+
+def _cpu_has_avx2():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx2 " in flags.replace("\n", " ") and " fma " in flags.replace("\n", " ") and " f16c " in flags.replace("\n", " ")
+
+
+def _extra_cuda_includes():
+    """Headers the system toolkit may lack (cusparse.h, ...) ship in torch's pip wheels."""
+    spec = importlib.util.find_spec("nvidia")
+    found = []
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        found += sorted(glob.glob(os.path.join(base, "cu*", "include")))
+        found += sorted(glob.glob(os.path.join(base, "*", "include")))
+    return [p for p in found if os.path.isdir(p)]
+
+
+def _extension():
+    use_cuda = _want_cuda()
+    simd = os.environ.get("BATCHKL_CPU_SIMD", "avx2" if _cpu_has_avx2() else "default")
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+    if simd == "avx2":
+        # ATen's Vectorized picks its implementation from these macros: AVX2
+        # with SLEEF's vectorised exp/log, which libtorch_cpu exports.
+        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    with open(os.path.join(ROOT, "batchkl_ext", "_build_config.py"), "w") as f:
+        f.write("# Written by setup.py: how the extension in this folder was built.\n")
+        f.write(f"CUDA = {use_cuda!r}\nCPU_SIMD = {simd!r}\n")
+    if not use_cuda:
+        return CppExtension("batchkl_ext._C", sources, extra_compile_args={"cxx": cxx})
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    nvcc = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr", "-DBATCHKL_WITH_CUDA"]
+    return CUDAExtension(
+        "batchkl_ext._C", sources,
+        include_dirs=_extra_cuda_includes(),
+        extra_compile_args={"cxx": cxx + ["-DBATCHKL_WITH_CUDA"], "nvcc": nvcc})
+
+
+setup(
+    name="batchkl",
+    version="0.1.0",
+    description="Fused KL divergence between batches of distributions for PyTorch (CPU and CUDA)",
+    packages=find_packages(include=["batchkl_ext", "batchkl_ext.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+    python_requires=">=3.9",
+    install_requires=["torch"],
+)
