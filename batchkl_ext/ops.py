@@ -78,6 +78,11 @@ def _kl_none_backward_fake(grad, input, target, log_target, grad_input, grad_tar
     return out(grad_input), out(grad_target)
 
 
+@torch.library.register_fake("batchkl::kl_scale_")
+def _kl_scale_fake(grad, scale):
+    return None
+
+
 # --- front doors -----------------------------------------------------------
 
 def _legacy_reduction(size_average: Optional[bool], reduce: Optional[bool]) -> str:

@@ -4,7 +4,10 @@
 // launch; the backward only multiplies by grad_output.
 #include <ATen/ATen.h>
 #include <ATen/ExpandUtils.h>
+#include <ATen/FunctionalTensorWrapper.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include "kl.h"
@@ -20,6 +23,27 @@ using torch::autograd::variable_list;
 at::Tensor reduce_to(const at::Tensor& grad, const c10::IValue& sizes, const c10::IValue& dtype) {
   if (!grad.defined()) return grad;
   return at::sum_to(grad, sizes.toSymIntVector()).to(static_cast<at::ScalarType>(dtype.toInt()));
+}
+
+// The saved gradients are private to this node, so when the graph is freed
+// after this backward (no retain_graph) they can be scaled in place: no new
+// N x V allocation, and on CUDA no pass at all when grad_output is 1. Not
+// while tracing (fake / functional tensors, Python modes): there the
+// out-of-place product is what the compiler should see.
+bool scale_in_place_ok(const at::Tensor& saved_grad, const at::Tensor& g) {
+  if (torch::autograd::get_current_graph_task_keep_graph()) return false;
+  if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python)) return false;
+  for (const auto* t : {&saved_grad, &g}) {
+    if (!(t->is_cpu() || t->is_cuda()) || t->layout() != at::kStrided) return false;
+    if (t->unsafeGetTensorImpl()->is_python_dispatch() || at::functionalization::impl::isFunctionalTensor(*t)) {
+      return false;
+    }
+    const auto keys = t->key_set();
+    if (keys.has(c10::DispatchKey::FuncTorchGradWrapper) || keys.has(c10::DispatchKey::FuncTorchBatched)) {
+      return false;
+    }
+  }
+  return saved_grad.is_contiguous() && g.dtype() == saved_grad.dtype();
 }
 
 class KLFunction : public torch::autograd::Function<KLFunction> {
@@ -69,9 +93,20 @@ class KLFunction : public torch::autograd::Function<KLFunction> {
           op.call(g, saved[0], saved[1], ctx->saved_data["log_target"].toBool(), want_input, want_target);
     } else {
       // 'row': one grad_output per row, broadcast along the distribution dim.
-      const auto scale = ctx->saved_data["row"].toBool() ? g.unsqueeze(-1) : g;
-      if (want_input) grad_input = saved[0] * scale;
-      if (want_target) grad_target = saved[1] * scale;
+      const bool row = ctx->saved_data["row"].toBool();
+      const auto scale_saved = [&](const at::Tensor& saved_grad) -> at::Tensor {
+        if (scale_in_place_ok(saved_grad, g)) {
+          static auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("batchkl::kl_scale_", "")
+                               .typed<void(at::Tensor&, const at::Tensor&)>();
+          at::Tensor grad = saved_grad;
+          op.call(grad, g);
+          return grad;
+        }
+        return saved_grad * (row ? g.unsqueeze(-1) : g);
+      };
+      if (want_input) grad_input = scale_saved(saved[0]);
+      if (want_target) grad_target = scale_saved(saved[1]);
     }
     return {want_input ? reduce_to(grad_input, ctx->saved_data["input_sizes"], ctx->saved_data["input_dtype"])
                        : at::Tensor(),

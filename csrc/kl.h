@@ -14,6 +14,7 @@
 
 #include <array>
 #include <cstdint>
+#include <type_traits>
 
 #include "kl_math.h"
 
@@ -35,7 +36,7 @@ struct RowGeometry {
   int64_t lead_strides[kNumOperands][kMaxLeadDims] = {};
   int64_t col_stride[kNumOperands] = {};
 
-  int64_t num_tiles() const { return rows * chunks_per_row; }
+  C10_HOST_DEVICE int64_t num_tiles() const { return rows * chunks_per_row; }
 
   // Element offset of the start of `row` in operand `k`. Division only over
   // the leading dims, once per tile, never per element.
@@ -78,8 +79,29 @@ int64_t chunk_for(int64_t cols);
 bool build_geometry(RowGeometry& geo, const std::array<at::Tensor, kNumOperands>& ops, at::IntArrayRef shape,
                     bool elementwise, int layout_operand);
 
+// Calls f(mode, log_target) with both as compile-time constants
+// (std::integral_constant), so a backend instantiates one kernel body per
+// combination instead of branching per element.
+template <typename F>
+void dispatch_mode(const KLLaunch& p, F&& f) {
+  const auto with_log = [&](auto mode) {
+    p.log_target ? f(mode, std::true_type{}) : f(mode, std::false_type{});
+  };
+  switch (p.mode) {
+    case Mode::kElementwise:
+      return with_log(std::integral_constant<Mode, Mode::kElementwise>{});
+    case Mode::kReduce:
+      return with_log(std::integral_constant<Mode, Mode::kReduce>{});
+    case Mode::kBackward:
+      return with_log(std::integral_constant<Mode, Mode::kBackward>{});
+  }
+}
+
 // The op entry points (kl_host.cpp); `launch` is the backend.
 using Launcher = void (*)(const KLLaunch&);
+// grad (contiguous, rows x cols) *= scale (rows values, or 1), skipping rows whose scale is 1.
+using Scaler = void (*)(at::Tensor& grad, const at::Tensor& scale);
+void kl_scale_impl(at::Tensor& grad, const at::Tensor& scale, Scaler scaler);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_fused_impl(const at::Tensor& input, const at::Tensor& target,
                                                              c10::string_view reduction, bool log_target,

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/ExpandUtils.h>
 #include <ATen/TensorIterator.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/util/irange.h>
 
 #include <algorithm>
@@ -175,6 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_fused_impl(const at::Tensor& i
                                                              bool want_grad_input, bool want_grad_target,
                                                              Launcher launch) {
   check_pair(input, target);
+  const c10::DeviceGuard device_guard(input.device());
   const Reduction red = parse_reduction(reduction);
   TORCH_CHECK_VALUE(red != Reduction::kRow || std::max(input.dim(), target.dim()) >= 1,
                     "batchkl.kl: reduction='row' needs tensors with at least one dimension (the distribution "
@@ -235,6 +237,7 @@ std::tuple<at::Tensor, at::Tensor> kl_none_backward_impl(const at::Tensor& grad,
                                                          Launcher launch) {
   check_pair(input, target);
   check_float(grad, "grad");
+  const c10::DeviceGuard device_guard(input.device());
   const auto dtype = at::result_type(input, target);
   const auto shape = broadcast_shape(input, target);
   TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef(shape), "batchkl.kl: 'grad' must have the broadcast shape ",
@@ -262,6 +265,19 @@ std::tuple<at::Tensor, at::Tensor> kl_none_backward_impl(const at::Tensor& grad,
   if (want_grad_target) ops[kGradTarget] = grad_target;
   if (c10::multiply_integers(shape) > 0 && (want_grad_input || want_grad_target)) run(plan, ops, shape, launch);
   return {grad_input, grad_target};
+}
+
+void kl_scale_impl(at::Tensor& grad, const at::Tensor& scale, Scaler scaler) {
+  TORCH_CHECK(grad.is_contiguous(), "batchkl.kl_scale_: 'grad' must be contiguous, got sizes ", grad.sizes(),
+              " and strides ", grad.strides());
+  TORCH_CHECK(grad.device() == scale.device(), "batchkl.kl_scale_: 'scale' must be on ", grad.device(), ", got ",
+              scale.device());
+  const int64_t rows = grad.dim() == 0 ? 1 : grad.numel() / std::max<int64_t>(grad.size(-1), 1);
+  TORCH_CHECK(scale.numel() == 1 || scale.numel() == rows, "batchkl.kl_scale_: 'scale' must have 1 or ", rows,
+              " elements, got ", scale.numel());
+  if (grad.numel() == 0) return;
+  const c10::DeviceGuard device_guard(grad.device());
+  scaler(grad, scale.to(grad.scalar_type()).contiguous());
 }
 
 }  // namespace batchkl

@@ -14,6 +14,11 @@ TORCH_LIBRARY(batchkl, m) {
       "kl_fused(Tensor input, Tensor target, str reduction, bool log_target, bool grad_input, bool grad_target) "
       "-> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  // Backward helper: grad *= scale in place (scale is 0-d, or one value per
+  // row of grad's last dim). Leaves grad untouched where scale is exactly 1,
+  // without reading it back to the host, so the usual loss.backward() costs
+  // no pass over the gradient.
+  m.def("kl_scale_(Tensor(a!) grad, Tensor scale) -> ()");
   // Backward of reduction='none', where grad_output is a full tensor.
   m.def(
       "kl_none_backward(Tensor grad, Tensor input, Tensor target, bool log_target, bool grad_input, "

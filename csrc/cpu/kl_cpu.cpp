@@ -131,29 +131,25 @@ void run_cpu(const KLLaunch& p) {
   }
 }
 
-template <Mode kMode, bool kLog>
-void dispatch_dtype(const KLLaunch& p) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "batchkl_kl_cpu",
-                                  [&] { run_cpu<scalar_t, kMode, kLog>(p); });
+void launch_cpu(const KLLaunch& p) {
+  dispatch_mode(p, [&](auto mode, auto log) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "batchkl_kl_cpu",
+                                    [&] { run_cpu<scalar_t, decltype(mode)::value, decltype(log)::value>(p); });
+  });
 }
 
-void launch_cpu(const KLLaunch& p) {
-  const auto run = [&](auto mode) {
-    constexpr Mode kMode = decltype(mode)::value;
-    p.log_target ? dispatch_dtype<kMode, true>(p) : dispatch_dtype<kMode, false>(p);
-  };
-  switch (p.mode) {
-    case Mode::kElementwise:
-      return run(std::integral_constant<Mode, Mode::kElementwise>{});
-    case Mode::kReduce:
-      return run(std::integral_constant<Mode, Mode::kReduce>{});
-    case Mode::kBackward:
-      return run(std::integral_constant<Mode, Mode::kBackward>{});
+void scale_cpu(at::Tensor& grad, const at::Tensor& scale) {
+  // Reading the scale is free on the CPU: skip the pass when it is all ones.
+  if (scale.eq(1).all().item<bool>()) return;
+  if (scale.numel() == 1) {
+    grad.mul_(scale.reshape({}));
+  } else {
+    grad.view({scale.numel(), -1}).mul_(scale.view({-1, 1}));
   }
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(batchkl, CPU, m) { register_backend<launch_cpu>(m); }
+TORCH_LIBRARY_IMPL(batchkl, CPU, m) { register_backend<launch_cpu, scale_cpu>(m); }
 
 }  // namespace batchkl

@@ -1,0 +1,294 @@
+// CUDA backend of `batchkl::kl*`: one launch per call.
+//
+// A warp owns a tile (up to `chunk` columns of one row, see kl.h): it streams
+// the tile with 16-byte loads where every operand allows it, writes the
+// elementwise result or the gradients, and warp-reduces the tile's loss in a
+// fixed butterfly order. For reductions the tile sums go to a small workspace
+// and the last block to finish (an integer ticket, no float atomics) adds
+// them up in a fixed order, so the loss, the per-row results and the
+// gradients come out of the same launch, bitwise reproducible and
+// independent of the batch around a row.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+#include "../kl.h"
+#include "../register_backend.h"
+
+namespace batchkl {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kUnroll = 4;  // 16-byte vectors in flight per operand per lane
+
+template <typename scalar_t>
+struct alignas(16) Vec {
+  static constexpr int kSize = 16 / sizeof(scalar_t);
+  scalar_t v[kSize];
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// What one element contributes, for each mode. `s` is the gradient scale
+// (kReduce: 1 / divisor) or grad_output (kBackward).
+template <typename acc_t, Mode kMode, bool kLog>
+struct Element {
+  acc_t out = 0, grad_input = 0, grad_target = 0;
+  __device__ __forceinline__ Element(acc_t x, acc_t t, acc_t s, bool gx, bool gt) {
+    const KLTerm<kLog, acc_t> term(t);
+    if constexpr (kMode != Mode::kBackward) out = term.loss(x);
+    if constexpr (kMode != Mode::kElementwise) {
+      if (gx) grad_input = term.grad_input() * s;
+      if (gt) grad_target = term.grad_target(x) * s;
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t, Mode kMode, bool kLog>
+struct TileRunner {
+  const KLLaunch& p;
+  acc_t scale;
+  bool gx, gt;
+
+  // Scalar path: `count` elements from `j0`, lane-strided (coalesced when the
+  // column stride is 1). Returns this lane's loss sum.
+  __device__ __forceinline__ acc_t scalar(scalar_t* const (&ptr)[kNumOperands], const int64_t (&stride)[kNumOperands],
+                                          int64_t j0, int64_t count, int lane) const {
+    acc_t sum = 0;
+    for (int64_t j = j0 + lane; j < j0 + count; j += 32) {
+      const acc_t x = static_cast<acc_t>(ptr[kInput][j * stride[kInput]]);
+      const acc_t t = static_cast<acc_t>(ptr[kTarget][j * stride[kTarget]]);
+      acc_t s = scale;
+      if constexpr (kMode == Mode::kBackward) s = static_cast<acc_t>(ptr[kOut][j * stride[kOut]]);
+      const Element<acc_t, kMode, kLog> e(x, t, s, gx, gt);
+      if constexpr (kMode == Mode::kReduce) sum += e.out;
+      if constexpr (kMode == Mode::kElementwise) ptr[kOut][j * stride[kOut]] = static_cast<scalar_t>(e.out);
+      if (gx) ptr[kGradInput][j * stride[kGradInput]] = static_cast<scalar_t>(e.grad_input);
+      if (gt) ptr[kGradTarget][j * stride[kGradTarget]] = static_cast<scalar_t>(e.grad_target);
+    }
+    return sum;
+  }
+
+  // Vector path over `nvec` 16-byte vectors starting at element `j0`, all
+  // operands unit-stride and 16-byte aligned there.
+  __device__ __forceinline__ acc_t vector(scalar_t* const (&ptr)[kNumOperands], int64_t j0, int64_t nvec,
+                                          int lane) const {
+    using V = Vec<scalar_t>;
+    constexpr int N = V::kSize;
+    const V* x = reinterpret_cast<const V*>(ptr[kInput] + j0);
+    const V* t = reinterpret_cast<const V*>(ptr[kTarget] + j0);
+    const V* g = kMode == Mode::kBackward ? reinterpret_cast<const V*>(ptr[kOut] + j0) : nullptr;
+    V* out = kMode == Mode::kElementwise ? reinterpret_cast<V*>(ptr[kOut] + j0) : nullptr;
+    V* ogx = gx ? reinterpret_cast<V*>(ptr[kGradInput] + j0) : nullptr;
+    V* ogt = gt ? reinterpret_cast<V*>(ptr[kGradTarget] + j0) : nullptr;
+    acc_t sum = 0;
+    for (int64_t base = 0; base < nvec; base += 32 * kUnroll) {
+      V xv[kUnroll], tv[kUnroll], gv[kUnroll];
+      // All loads first: kUnroll independent 16-byte loads per operand in flight.
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = base + u * 32 + lane;
+        if (i < nvec) {
+          xv[u] = x[i];
+          tv[u] = t[i];
+          if constexpr (kMode == Mode::kBackward) gv[u] = g[i];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = base + u * 32 + lane;
+        if (i >= nvec) continue;
+        V o, a, b;
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          acc_t s = scale;
+          if constexpr (kMode == Mode::kBackward) s = static_cast<acc_t>(gv[u].v[k]);
+          const Element<acc_t, kMode, kLog> e(static_cast<acc_t>(xv[u].v[k]), static_cast<acc_t>(tv[u].v[k]), s,
+                                              gx, gt);
+          if constexpr (kMode == Mode::kReduce) sum += e.out;
+          o.v[k] = static_cast<scalar_t>(e.out);
+          a.v[k] = static_cast<scalar_t>(e.grad_input);
+          b.v[k] = static_cast<scalar_t>(e.grad_target);
+        }
+        if constexpr (kMode == Mode::kElementwise) out[i] = o;
+        if (gx) ogx[i] = a;
+        if (gt) ogt[i] = b;
+      }
+    }
+    return sum;
+  }
+
+  // One tile; returns this lane's share of the tile's loss.
+  __device__ __forceinline__ acc_t tile(int64_t tile_index, int lane) const {
+    const RowGeometry& g = p.geo;
+    const int64_t row = tile_index / g.chunks_per_row;
+    const int64_t col0 = (tile_index - row * g.chunks_per_row) * g.chunk;
+    const int64_t n = g.chunk < g.cols - col0 ? g.chunk : g.cols - col0;
+    scalar_t* ptr[kNumOperands];
+    int64_t stride[kNumOperands];
+    bool unit = true, aligned = true;
+    uintptr_t mis = 0;
+    bool first = true;
+#pragma unroll
+    for (int k = 0; k < kNumOperands; ++k) {
+      auto* base = static_cast<scalar_t*>(p.ptr[k]);
+      stride[k] = g.col_stride[k];
+      ptr[k] = base ? base + g.row_offset(k, row) + col0 * stride[k] : nullptr;
+      if (base) {
+        unit &= stride[k] == 1;
+        const uintptr_t m = reinterpret_cast<uintptr_t>(ptr[k]) % 16;
+        aligned &= first || m == mis;
+        mis = m;
+        first = false;
+      }
+    }
+    if (!unit || !aligned || mis % sizeof(scalar_t) != 0) return scalar(ptr, stride, 0, n, lane);
+    // Peel the unaligned head so that every operand is 16-byte aligned.
+    constexpr int N = Vec<scalar_t>::kSize;
+    const int64_t align_head = static_cast<int64_t>((16 - mis) % 16 / sizeof(scalar_t));
+    const int64_t head = align_head < n ? align_head : n;
+    const int64_t nvec = (n - head) / N;
+    acc_t sum = scalar(ptr, stride, 0, head, lane);
+    sum += vector(ptr, head, nvec, lane);
+    sum += scalar(ptr, stride, head + nvec * N, n - head - nvec * N, lane);
+    return sum;
+  }
+};
+
+template <typename scalar_t, typename acc_t, Mode kMode, bool kLog>
+__global__ void __launch_bounds__(kThreads) kl_kernel(const KLLaunch p, acc_t* __restrict__ partials,
+                                                      unsigned int* __restrict__ ticket) {
+  const int lane = threadIdx.x & 31;
+  const RowGeometry& g = p.geo;
+  const TileRunner<scalar_t, acc_t, kMode, kLog> runner{p, static_cast<acc_t>(1.0 / p.divisor),
+                                                        p.ptr[kGradInput] != nullptr,
+                                                        p.ptr[kGradTarget] != nullptr};
+  const int64_t ntiles = g.num_tiles();
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; t < ntiles; t += warps) {
+    acc_t s = runner.tile(t, lane);
+    if constexpr (kMode == Mode::kReduce) {
+      s = warp_sum(s);
+      if (lane == 0) {
+        if (p.row_out != nullptr && g.chunks_per_row == 1) {
+          static_cast<scalar_t*>(p.row_out)[t] = static_cast<scalar_t>(s);
+        } else {
+          partials[t] = s;
+        }
+      }
+    }
+  }
+  if constexpr (kMode == Mode::kReduce) {
+    if (p.row_out != nullptr && g.chunks_per_row == 1) return;  // rows already written
+    // Last block in: each writer fences its tile sums before the block takes
+    // its ticket, so the block holding the last ticket sees all of them.
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence();
+      last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    if (p.row_out != nullptr) {
+      for (int64_t r = threadIdx.x; r < g.rows; r += kThreads) {
+        acc_t s = 0;
+        for (int64_t c = 0; c < g.chunks_per_row; ++c) s += __ldcg(partials + r * g.chunks_per_row + c);
+        static_cast<scalar_t*>(p.row_out)[r] = static_cast<scalar_t>(s);
+      }
+      return;
+    }
+    __shared__ double block[kThreads];
+    double s = 0;
+    for (int64_t i = threadIdx.x; i < ntiles; i += kThreads) s += static_cast<double>(__ldcg(partials + i));
+    block[threadIdx.x] = s;
+    __syncthreads();
+#pragma unroll
+    for (int width = kThreads / 2; width > 0; width >>= 1) {
+      if (threadIdx.x < width) block[threadIdx.x] += block[threadIdx.x + width];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) *static_cast<scalar_t*>(p.scalar_out) = static_cast<scalar_t>(block[0] / p.divisor);
+  }
+}
+
+template <typename scalar_t, Mode kMode, bool kLog>
+void launch_typed(const KLLaunch& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t ntiles = p.geo.num_tiles();
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  // Enough resident blocks to fill every SM (8 x 256 threads each); the
+  // grid-stride loop takes the rest.
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((ntiles + kWarps - 1) / kWarps, sms * 8));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor partials, ticket;
+  if constexpr (kMode == Mode::kReduce) {
+    const auto opts = at::TensorOptions().device(at::kCUDA, at::cuda::current_device());
+    partials = at::empty({ntiles}, opts.dtype(c10::CppTypeToScalarType<acc_t>::value));
+    ticket = at::empty({1}, opts.dtype(at::kInt));
+    C10_CUDA_CHECK(cudaMemsetAsync(ticket.data_ptr(), 0, sizeof(unsigned int), stream));
+  }
+  kl_kernel<scalar_t, acc_t, kMode, kLog><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      p, partials.defined() ? partials.data_ptr<acc_t>() : nullptr,
+      ticket.defined() ? reinterpret_cast<unsigned int*>(ticket.data_ptr<int>()) : nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_cuda(const KLLaunch& p) {
+  dispatch_mode(p, [&](auto mode, auto log) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "batchkl_kl_cuda",
+                                    [&] { launch_typed<scalar_t, decltype(mode)::value, decltype(log)::value>(p); });
+  });
+}
+
+// grad[r, :] *= scale[r] (or scale[0] for all rows). A row whose scale is
+// exactly 1 is not touched, so `loss.backward()` costs one tiny launch and no
+// pass over the gradient, and no host sync to find that out.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) scale_kernel(scalar_t* __restrict__ grad, int64_t rows, int64_t cols,
+                                                         const scalar_t* __restrict__ scale, bool per_row) {
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    const scalar_t s = scale[per_row ? r : 0];
+    if (s == scalar_t(1)) continue;
+    scalar_t* row = grad + r * cols;
+    for (int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; j < cols;
+         j += static_cast<int64_t>(gridDim.x) * kThreads) {
+      row[j] = row[j] * s;
+    }
+  }
+}
+
+void scale_cuda(at::Tensor& grad, const at::Tensor& scale) {
+  const bool per_row = scale.numel() > 1;
+  const int64_t rows = per_row ? scale.numel() : 1;
+  const int64_t cols = grad.numel() / rows;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t max_blocks = static_cast<int64_t>(sms) * 8;
+  const int64_t by = std::min<int64_t>(rows, 65535);
+  const int64_t bx = std::max<int64_t>(1, std::min<int64_t>((cols + kThreads - 1) / kThreads, max_blocks / by));
+  const dim3 grid(static_cast<unsigned>(bx), static_cast<unsigned>(by));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "batchkl_scale_cuda", [&] {
+    scale_kernel<scalar_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        grad.data_ptr<scalar_t>(), rows, cols, scale.const_data_ptr<scalar_t>(), per_row);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(batchkl, CUDA, m) { register_backend<launch_cuda, scale_cuda>(m); }
+
+}  // namespace batchkl

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The whole CUDA verification in one go, for a lent GPU machine (see README):
+# build for the local GPU, self-check, compute-sanitizer memcheck + racecheck,
+# the pytest suite on CUDA, the CUDA benchmark. Logs and JSON go to $OUT.
+#   bash scripts/gpu_run.sh [bench args...]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/batchkl-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+step() { echo "== $* ($(date +%T))"; }
+
+step environment
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/env.txt"
+$PY -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])" | tee -a "$OUT/env.txt"
+
+step build
+cap=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+if ! TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cap} BATCHKL_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
+    $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"; exit 1
+fi
+
+step self-check
+$PY scripts/cuda_check.py 2>&1 | tail -20 | tee "$OUT/checks.log"
+
+step compute-sanitizer
+for tool in memcheck racecheck; do
+  compute-sanitizer --tool $tool --error-exitcode 99 $PY scripts/cuda_check.py --small > "$OUT/sanitizer_$tool.log" 2>&1
+  echo "compute-sanitizer $tool: exit $? ($(grep -c '=========' "$OUT/sanitizer_$tool.log") sanitizer lines)" | tee -a "$OUT/checks.log"
+  tail -3 "$OUT/sanitizer_$tool.log"
+done
+
+step pytest
+$PY -m pytest -q -p no:cacheprovider tests > "$OUT/pytest.log" 2>&1
+echo "pytest exit $?" | tee -a "$OUT/checks.log"
+tail -15 "$OUT/pytest.log"
+
+step benchmark
+$PY -m bench --device cuda --out "$OUT/bench_cuda.json" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
