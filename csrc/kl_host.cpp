@@ -159,9 +159,13 @@ void run(KLLaunch& plan, std::array<at::Tensor, kNumOperands>& ops, at::IntArray
   const int layout = plan.mode == Mode::kElementwise ? kOut : (plan.want_grad_input ? kGradInput : kGradTarget);
   if (!build_geometry(plan.geo, ops, shape, elementwise, layout)) {
     // Too many non-mergeable dims for the offset calculator: copy the inputs
-    // into a plain layout. Outputs we allocate are already dense.
-    for (int k : {kInput, kTarget}) ops[k] = ops[k].contiguous();
-    if (plan.mode == Mode::kBackward) ops[kOut] = ops[kOut].contiguous();
+    // into the layout of the outputs (dense, allocated by us), after which
+    // every operand coalesces into a plain rows x cols walk.
+    const at::Tensor like = elementwise ? ops[layout] : at::Tensor();
+    for (int k : {kInput, kTarget, kOut}) {
+      if (k == kOut && plan.mode != Mode::kBackward) continue;  // an output, already dense
+      ops[k] = like.defined() ? at::empty_like(like).copy_(ops[k]) : ops[k].contiguous();
+    }
     TORCH_CHECK(build_geometry(plan.geo, ops, shape, elementwise, layout),
                 "batchkl.kl: internal error: could not lay out a tensor of shape ", shape);
   }

@@ -9,6 +9,7 @@ OUT=${OUT:-/tmp/batchkl-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 step() { echo "== $* ($(date +%T))"; }
 
 step environment
