@@ -28,15 +28,16 @@ $PY scripts/cuda_check.py 2>&1 | tail -20 | tee "$OUT/checks.log"
 
 step compute-sanitizer
 for tool in memcheck racecheck; do
-  compute-sanitizer --tool $tool --error-exitcode 99 $PY scripts/cuda_check.py --small > "$OUT/sanitizer_$tool.log" 2>&1
-  echo "compute-sanitizer $tool: exit $? ($(grep -c '=========' "$OUT/sanitizer_$tool.log") sanitizer lines)" | tee -a "$OUT/checks.log"
-  tail -3 "$OUT/sanitizer_$tool.log"
+  timeout ${SANITIZER_TIMEOUT:-150} compute-sanitizer --tool $tool --error-exitcode 99 $PY scripts/cuda_check.py --small > /tmp/sanitizer_$tool.log 2>&1
+  rc=$?
+  { echo "== compute-sanitizer --tool $tool: exit $rc"; tail -25 /tmp/sanitizer_$tool.log; } >> "$OUT/sanitizer.log"
+  echo "compute-sanitizer $tool: exit $rc" | tee -a "$OUT/checks.log"
 done
 
 step pytest
-$PY -m pytest -q -p no:cacheprovider tests > "$OUT/pytest.log" 2>&1
+timeout ${PYTEST_TIMEOUT:-900} $PY -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-tests} > "$OUT/pytest.log" 2>&1
 echo "pytest exit $?" | tee -a "$OUT/checks.log"
 tail -15 "$OUT/pytest.log"
 
 step benchmark
-$PY -m bench --device cuda --out "$OUT/bench_cuda.json" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
+timeout ${BENCH_TIMEOUT:-1200} $PY -m bench --device cuda --out "$OUT/bench_cuda.json" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60

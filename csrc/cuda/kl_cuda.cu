@@ -132,7 +132,9 @@ struct TileRunner {
   // One tile; returns this lane's share of the tile's loss.
   __device__ __forceinline__ acc_t tile(int64_t tile_index, int lane) const {
     const RowGeometry& g = p.geo;
-    const int64_t row = tile_index / g.chunks_per_row;
+    // A 64-bit division costs dozens of instructions: skip it for the common
+    // one-tile-per-row case (V <= 8k).
+    const int64_t row = g.chunks_per_row == 1 ? tile_index : tile_index / g.chunks_per_row;
     const int64_t col0 = (tile_index - row * g.chunks_per_row) * g.chunk;
     const int64_t n = g.chunk < g.cols - col0 ? g.chunk : g.cols - col0;
     scalar_t* ptr[kNumOperands];
@@ -211,10 +213,21 @@ __global__ void __launch_bounds__(kThreads) kl_kernel(const KLLaunch p, acc_t* _
       }
       return;
     }
+    // Independent accumulators keep several L2 loads in flight; which
+    // partial goes to which accumulator is fixed, so the sum stays bitwise
+    // reproducible.
+    constexpr int kAcc = 8;
+    double acc[kAcc] = {};
+    int64_t i = threadIdx.x;
+    for (; i + (kAcc - 1) * kThreads < ntiles; i += kAcc * kThreads) {
+#pragma unroll
+      for (int u = 0; u < kAcc; ++u) acc[u] += static_cast<double>(__ldcg(partials + i + u * kThreads));
+    }
+    for (; i < ntiles; i += kThreads) acc[0] += static_cast<double>(__ldcg(partials + i));
+#pragma unroll
+    for (int u = 1; u < kAcc; ++u) acc[0] += acc[u];
     __shared__ double block[kThreads];
-    double s = 0;
-    for (int64_t i = threadIdx.x; i < ntiles; i += kThreads) s += static_cast<double>(__ldcg(partials + i));
-    block[threadIdx.x] = s;
+    block[threadIdx.x] = acc[0];
     __syncthreads();
 #pragma unroll
     for (int width = kThreads / 2; width > 0; width >>= 1) {
