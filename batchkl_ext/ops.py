@@ -44,8 +44,8 @@ def _check_args(input: Tensor, target: Tensor, reduction: str):
 def _fake_loss(input: Tensor, target: Tensor, reduction: str):
     shape, dtype = _check_args(input, target, reduction)
     if reduction == "none":
-        # TensorIterator's layout for these two inputs, as the real kernel uses.
-        return torch.empty_like(torch.add(input, target), dtype=dtype)
+        # TensorIterator's layout for (target, input), as the real kernel uses.
+        return torch.empty_like(torch.add(target, input), dtype=dtype)
     if reduction == "row":
         return input.new_empty(shape[:-1], dtype=dtype)
     return input.new_empty((), dtype=dtype)
@@ -111,7 +111,9 @@ def kl_div(input: Tensor, target: Tensor, size_average: Optional[bool] = None, r
         # 'batchmean' still divides that result by the batch size.
         loss = torch.ops.batchkl.kl(input, target, _legacy_reduction(size_average, reduce), bool(log_target))
         return loss / input.size(0) if reduction == "batchmean" and input.dim() != 0 else loss
-    if reduction == "mean":
+    if reduction == "mean" and not torch.compiler.is_compiling():
+        # Dynamo cannot trace warnings.warn (fullgraph=True would fail); the
+        # warning is for eager users reading their code anyway.
         warnings.warn(
             "reduction: 'mean' divides the total loss by both the batch size and the support size."
             "'batchmean' divides only by the batch size, and aligns with the KL div math definition."

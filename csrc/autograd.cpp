@@ -7,6 +7,8 @@
 #include <ATen/FunctionalTensorWrapper.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
@@ -44,6 +46,32 @@ bool scale_in_place_ok(const at::Tensor& saved_grad, const at::Tensor& g) {
     }
   }
   return saved_grad.is_contiguous() && g.dtype() == saved_grad.dtype();
+}
+
+// Nodes are held by std::shared_ptr in older torch, c10::intrusive_ptr in
+// newer; a template so that only the matching branch is compiled.
+template <typename NodePtr = decltype(std::declval<torch::autograd::Edge>().function)>
+NodePtr make_error_node(const char* msg) {
+  using torch::autograd::Error;
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<Error>(msg, torch::autograd::edge_list{});
+  } else {
+    return c10::make_intrusive<Error>(msg, torch::autograd::edge_list{});
+  }
+}
+
+// Second derivatives are not implemented (the first ones come out of the
+// fused kernel, not out of differentiable ops). With create_graph=True the
+// returned gradients get a node that raises when differentiated, as Python's
+// @once_differentiable does, instead of silently contributing zeros.
+at::Tensor once_differentiable(at::Tensor grad) {
+  if (!grad.defined() || !at::GradMode::is_enabled()) return grad;
+  grad = grad.detach();
+  const char* msg =
+      "batchkl.kl: second derivatives (double backward) are not supported: its gradients come out of the fused "
+      "forward kernel. Use torch.nn.functional.kl_div where higher-order gradients are needed.";
+  torch::autograd::set_history(grad, make_error_node(msg));
+  return grad;
 }
 
 class KLFunction : public torch::autograd::Function<KLFunction> {
@@ -84,6 +112,8 @@ class KLFunction : public torch::autograd::Function<KLFunction> {
     const bool want_input = ctx->needs_input_grad(0);
     const bool want_target = ctx->needs_input_grad(1);
     at::Tensor grad_input, grad_target;
+    // Below autograd: these products are first derivatives only (see once_differentiable).
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     if (ctx->saved_data["none"].toBool()) {
       static auto op = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("batchkl::kl_none_backward", "")
@@ -108,11 +138,13 @@ class KLFunction : public torch::autograd::Function<KLFunction> {
       if (want_input) grad_input = scale_saved(saved[0]);
       if (want_target) grad_target = scale_saved(saved[1]);
     }
-    return {want_input ? reduce_to(grad_input, ctx->saved_data["input_sizes"], ctx->saved_data["input_dtype"])
-                       : at::Tensor(),
-            want_target ? reduce_to(grad_target, ctx->saved_data["target_sizes"], ctx->saved_data["target_dtype"])
-                        : at::Tensor(),
-            at::Tensor(), at::Tensor()};
+    // (kl_none_backward returns an empty tensor for a gradient not asked for.)
+    grad_input = want_input ? reduce_to(grad_input, ctx->saved_data["input_sizes"], ctx->saved_data["input_dtype"])
+                            : at::Tensor();
+    grad_target = want_target
+                      ? reduce_to(grad_target, ctx->saved_data["target_sizes"], ctx->saved_data["target_dtype"])
+                      : at::Tensor();
+    return {once_differentiable(grad_input), once_differentiable(grad_target), at::Tensor(), at::Tensor()};
   }
 };
 

@@ -35,19 +35,30 @@ void check_pair(const at::Tensor& input, const at::Tensor& target) {
 }
 
 std::vector<int64_t> broadcast_shape(const at::Tensor& input, const at::Tensor& target) {
-  auto shape = at::infer_size_dimvector(input.sizes(), target.sizes());
-  return std::vector<int64_t>(shape.begin(), shape.end());
+  const auto a = input.sizes(), b = target.sizes();
+  const size_t ndim = std::max(a.size(), b.size());
+  std::vector<int64_t> shape(ndim);
+  for (size_t i = 0; i < ndim; ++i) {
+    const int64_t da = i < ndim - a.size() ? 1 : a[i - (ndim - a.size())];
+    const int64_t db = i < ndim - b.size() ? 1 : b[i - (ndim - b.size())];
+    TORCH_CHECK_VALUE(da == db || da == 1 || db == 1, "batchkl.kl: 'input' of shape ", a, " and 'target' of shape ", b,
+                      " do not broadcast: dim ", static_cast<int64_t>(i) - static_cast<int64_t>(ndim), " is ", da,
+                      " in input and ", db, " in target");
+    shape[i] = da == 1 ? db : da;
+  }
+  return shape;
 }
 
-// Output of reduction='none' laid out exactly as F.kl_div lays out its
-// result: TensorIterator's choice for these two inputs (a transposed input
-// gives a transposed output, as in PyTorch). The fake kernel mirrors this
-// with `torch.empty_like(input + target)`.
+// Output of reduction='none' laid out as F.kl_div lays out its result:
+// TensorIterator's choice for (target, input) in that order, since PyTorch's
+// formula starts from the target (xlogy(t, t) - t * x, exp(t) * (t - x)), so
+// a transposed target gives a transposed output. The fake kernel mirrors this
+// with `torch.empty_like(target + input)`.
 at::Tensor empty_like_elementwise(const at::Tensor& input, const at::Tensor& target, at::ScalarType dtype) {
   auto iter = at::TensorIteratorConfig()
                   .add_owned_output(at::Tensor())
-                  .add_const_input(input)
                   .add_const_input(target)
+                  .add_const_input(input)
                   .check_all_same_dtype(false)
                   .declare_static_dtype(dtype)
                   .build();
@@ -272,6 +283,7 @@ std::tuple<at::Tensor, at::Tensor> kl_none_backward_impl(const at::Tensor& grad,
 }
 
 void kl_scale_impl(at::Tensor& grad, const at::Tensor& scale, Scaler scaler) {
+  if (grad.numel() == 0) return;  // nothing to scale (also: no rows to count when the last dim is 0)
   TORCH_CHECK(grad.is_contiguous(), "batchkl.kl_scale_: 'grad' must be contiguous, got sizes ", grad.sizes(),
               " and strides ", grad.strides());
   TORCH_CHECK(grad.device() == scale.device(), "batchkl.kl_scale_: 'scale' must be on ", grad.device(), ", got ",
@@ -279,7 +291,6 @@ void kl_scale_impl(at::Tensor& grad, const at::Tensor& scale, Scaler scaler) {
   const int64_t rows = grad.dim() == 0 ? 1 : grad.numel() / std::max<int64_t>(grad.size(-1), 1);
   TORCH_CHECK(scale.numel() == 1 || scale.numel() == rows, "batchkl.kl_scale_: 'scale' must have 1 or ", rows,
               " elements, got ", scale.numel());
-  if (grad.numel() == 0) return;
   const c10::DeviceGuard device_guard(grad.device());
   scaler(grad, scale.to(grad.scalar_type()).contiguous());
 }

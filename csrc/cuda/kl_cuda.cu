@@ -80,29 +80,53 @@ struct TileRunner {
     return sum;
   }
 
-  // Vector path over `nvec` 16-byte vectors starting at element `j0`, all
-  // operands unit-stride and 16-byte aligned there.
-  __device__ __forceinline__ acc_t vector(scalar_t* const (&ptr)[kNumOperands], int64_t j0, int64_t nvec,
+  // Element i*N + e of a run starting at `base` (N = elements per 16 bytes):
+  // one 16-byte access where the run is unit-stride and aligned (kVec),
+  // N strided scalar accesses otherwise. Either way lane l holds the same
+  // elements, so the loss is summed in the same order.
+  template <bool kVec>
+  __device__ __forceinline__ static Vec<scalar_t> load(const scalar_t* base, int64_t i, int64_t stride) {
+    if constexpr (kVec) {
+      return reinterpret_cast<const Vec<scalar_t>*>(base)[i];
+    } else {
+      Vec<scalar_t> v;
+#pragma unroll
+      for (int e = 0; e < Vec<scalar_t>::kSize; ++e) v.v[e] = base[(i * Vec<scalar_t>::kSize + e) * stride];
+      return v;
+    }
+  }
+  template <bool kVec>
+  __device__ __forceinline__ static void store(scalar_t* base, int64_t i, int64_t stride, const Vec<scalar_t>& v) {
+    if constexpr (kVec) {
+      reinterpret_cast<Vec<scalar_t>*>(base)[i] = v;
+    } else {
+#pragma unroll
+      for (int e = 0; e < Vec<scalar_t>::kSize; ++e) base[(i * Vec<scalar_t>::kSize + e) * stride] = v.v[e];
+    }
+  }
+
+  // `nvec` groups of N consecutive elements from element `j0`; lane l takes
+  // groups l, l + 32, l + 64, ... and adds a group's elements in order.
+  template <bool kVec>
+  __device__ __forceinline__ acc_t groups(scalar_t* const (&ptr)[kNumOperands],
+                                          const int64_t (&stride)[kNumOperands], int64_t j0, int64_t nvec,
                                           int lane) const {
     using V = Vec<scalar_t>;
     constexpr int N = V::kSize;
-    const V* x = reinterpret_cast<const V*>(ptr[kInput] + j0);
-    const V* t = reinterpret_cast<const V*>(ptr[kTarget] + j0);
-    const V* g = kMode == Mode::kBackward ? reinterpret_cast<const V*>(ptr[kOut] + j0) : nullptr;
-    V* out = kMode == Mode::kElementwise ? reinterpret_cast<V*>(ptr[kOut] + j0) : nullptr;
-    V* ogx = gx ? reinterpret_cast<V*>(ptr[kGradInput] + j0) : nullptr;
-    V* ogt = gt ? reinterpret_cast<V*>(ptr[kGradTarget] + j0) : nullptr;
+    scalar_t* at[kNumOperands];
+#pragma unroll
+    for (int k = 0; k < kNumOperands; ++k) at[k] = ptr[k] ? ptr[k] + j0 * stride[k] : nullptr;
     acc_t sum = 0;
     for (int64_t base = 0; base < nvec; base += 32 * kUnroll) {
       V xv[kUnroll], tv[kUnroll], gv[kUnroll];
-      // All loads first: kUnroll independent 16-byte loads per operand in flight.
+      // All loads first: kUnroll independent accesses per operand in flight.
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t i = base + u * 32 + lane;
         if (i < nvec) {
-          xv[u] = x[i];
-          tv[u] = t[i];
-          if constexpr (kMode == Mode::kBackward) gv[u] = g[i];
+          xv[u] = load<kVec>(at[kInput], i, stride[kInput]);
+          tv[u] = load<kVec>(at[kTarget], i, stride[kTarget]);
+          if constexpr (kMode == Mode::kBackward) gv[u] = load<kVec>(at[kOut], i, stride[kOut]);
         }
       }
 #pragma unroll
@@ -111,19 +135,19 @@ struct TileRunner {
         if (i >= nvec) continue;
         V o, a, b;
 #pragma unroll
-        for (int k = 0; k < N; ++k) {
+        for (int e = 0; e < N; ++e) {
           acc_t s = scale;
-          if constexpr (kMode == Mode::kBackward) s = static_cast<acc_t>(gv[u].v[k]);
-          const Element<acc_t, kMode, kLog> e(static_cast<acc_t>(xv[u].v[k]), static_cast<acc_t>(tv[u].v[k]), s,
-                                              gx, gt);
-          if constexpr (kMode == Mode::kReduce) sum += e.out;
-          o.v[k] = static_cast<scalar_t>(e.out);
-          a.v[k] = static_cast<scalar_t>(e.grad_input);
-          b.v[k] = static_cast<scalar_t>(e.grad_target);
+          if constexpr (kMode == Mode::kBackward) s = static_cast<acc_t>(gv[u].v[e]);
+          const Element<acc_t, kMode, kLog> el(static_cast<acc_t>(xv[u].v[e]), static_cast<acc_t>(tv[u].v[e]), s,
+                                               gx, gt);
+          if constexpr (kMode == Mode::kReduce) sum += el.out;
+          o.v[e] = static_cast<scalar_t>(el.out);
+          a.v[e] = static_cast<scalar_t>(el.grad_input);
+          b.v[e] = static_cast<scalar_t>(el.grad_target);
         }
-        if constexpr (kMode == Mode::kElementwise) out[i] = o;
-        if (gx) ogx[i] = a;
-        if (gt) ogt[i] = b;
+        if constexpr (kMode == Mode::kElementwise) store<kVec>(at[kOut], i, stride[kOut], o);
+        if (gx) store<kVec>(at[kGradInput], i, stride[kGradInput], a);
+        if (gt) store<kVec>(at[kGradTarget], i, stride[kGradTarget], b);
       }
     }
     return sum;
@@ -139,7 +163,7 @@ struct TileRunner {
     const int64_t n = g.chunk < g.cols - col0 ? g.chunk : g.cols - col0;
     scalar_t* ptr[kNumOperands];
     int64_t stride[kNumOperands];
-    bool unit = true, aligned = true;
+    bool unit = true, aligned = true, same_mis = true;
     uintptr_t mis = 0;
     bool first = true;
 #pragma unroll
@@ -150,20 +174,32 @@ struct TileRunner {
       if (base) {
         unit &= stride[k] == 1;
         const uintptr_t m = reinterpret_cast<uintptr_t>(ptr[k]) % 16;
-        aligned &= first || m == mis;
+        aligned &= m == 0;
+        same_mis &= first || m == mis;
         mis = m;
         first = false;
       }
     }
-    if (!unit || !aligned || mis % sizeof(scalar_t) != 0) return scalar(ptr, stride, 0, n, lane);
-    // Peel the unaligned head so that every operand is 16-byte aligned.
     constexpr int N = Vec<scalar_t>::kSize;
-    const int64_t align_head = static_cast<int64_t>((16 - mis) % 16 / sizeof(scalar_t));
-    const int64_t head = align_head < n ? align_head : n;
-    const int64_t nvec = (n - head) / N;
-    acc_t sum = scalar(ptr, stride, 0, head, lane);
-    sum += vector(ptr, head, nvec, lane);
-    sum += scalar(ptr, stride, head + nvec * N, n - head - nvec * N, lane);
+    if constexpr (kMode != Mode::kReduce) {
+      // Nothing is summed, so the order is free: peel an unaligned head so
+      // that a misaligned view (x[:, 1:]) still streams with 16-byte accesses.
+      if (unit && !aligned && same_mis && mis % sizeof(scalar_t) == 0) {
+        const int64_t align_head = static_cast<int64_t>((16 - mis) % 16 / sizeof(scalar_t));
+        const int64_t head = align_head < n ? align_head : n;
+        const int64_t nvec = (n - head) / N;
+        scalar(ptr, stride, 0, head, lane);
+        groups<true>(ptr, stride, head, nvec, lane);
+        scalar(ptr, stride, head + nvec * N, n - head - nvec * N, lane);
+        return 0;
+      }
+    }
+    // The loss is summed in one order for every tile of a given width,
+    // whatever its alignment and strides: a row's result does not depend on
+    // where it sits in memory or in the batch.
+    const int64_t nvec = n / N;
+    acc_t sum = unit && aligned ? groups<true>(ptr, stride, 0, nvec, lane) : groups<false>(ptr, stride, 0, nvec, lane);
+    sum += scalar(ptr, stride, nvec * N, n - nvec * N, lane);
     return sum;
   }
 };
@@ -267,20 +303,40 @@ void launch_cuda(const KLLaunch& p) {
   });
 }
 
-// grad[r, :] *= scale[r] (or scale[0] for all rows). A row whose scale is
-// exactly 1 is not touched, so `loss.backward()` costs one tiny launch and no
-// pass over the gradient, and no host sync to find that out.
+// grad[r, :] *= scale[r] (or scale[0] for all rows), a warp per tile of a
+// row, 16-byte accesses. A tile whose scale is exactly 1 is not touched, so
+// `loss.backward()` costs one tiny launch and no pass over the gradient, and
+// no host sync to find that out.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) scale_kernel(scalar_t* __restrict__ grad, int64_t rows, int64_t cols,
+                                                         int64_t chunk, int64_t chunks_per_row,
                                                          const scalar_t* __restrict__ scale, bool per_row) {
-  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
-    const scalar_t s = scale[per_row ? r : 0];
-    if (s == scalar_t(1)) continue;
-    scalar_t* row = grad + r * cols;
-    for (int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; j < cols;
-         j += static_cast<int64_t>(gridDim.x) * kThreads) {
-      row[j] = row[j] * s;
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = Vec<scalar_t>;
+  constexpr int N = V::kSize;
+  const int lane = threadIdx.x & 31;
+  const int64_t ntiles = rows * chunks_per_row;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; t < ntiles; t += warps) {
+    const int64_t r = t / chunks_per_row;
+    const acc_t s = static_cast<acc_t>(scale[per_row ? r : 0]);
+    if (s == acc_t(1)) continue;
+    const int64_t c0 = (t - r * chunks_per_row) * chunk;
+    const int64_t n = chunk < cols - c0 ? chunk : cols - c0;
+    scalar_t* q = grad + r * cols + c0;
+    const int64_t align_head = static_cast<int64_t>((16 - reinterpret_cast<uintptr_t>(q) % 16) % 16 / sizeof(scalar_t));
+    const int64_t head = align_head < n ? align_head : n;
+    const int64_t nvec = (n - head) / N;
+    const auto mul = [s](scalar_t& v) { v = static_cast<scalar_t>(static_cast<acc_t>(v) * s); };
+    for (int64_t j = lane; j < head; j += 32) mul(q[j]);
+    V* qv = reinterpret_cast<V*>(q + head);
+    for (int64_t i = lane; i < nvec; i += 32) {
+      V v = qv[i];
+#pragma unroll
+      for (int e = 0; e < N; ++e) mul(v.v[e]);
+      qv[i] = v;
     }
+    for (int64_t j = head + nvec * N + lane; j < n; j += 32) mul(q[j]);
   }
 }
 
@@ -288,14 +344,14 @@ void scale_cuda(at::Tensor& grad, const at::Tensor& scale) {
   const bool per_row = scale.numel() > 1;
   const int64_t rows = per_row ? scale.numel() : 1;
   const int64_t cols = grad.numel() / rows;
+  const int64_t chunk = chunk_for(cols);
+  const int64_t chunks_per_row = (cols + chunk - 1) / chunk;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t max_blocks = static_cast<int64_t>(sms) * 8;
-  const int64_t by = std::min<int64_t>(rows, 65535);
-  const int64_t bx = std::max<int64_t>(1, std::min<int64_t>((cols + kThreads - 1) / kThreads, max_blocks / by));
-  const dim3 grid(static_cast<unsigned>(bx), static_cast<unsigned>(by));
+  const int64_t blocks =
+      std::max<int64_t>(1, std::min<int64_t>((rows * chunks_per_row + kWarps - 1) / kWarps, sms * 8));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "batchkl_scale_cuda", [&] {
-    scale_kernel<scalar_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        grad.data_ptr<scalar_t>(), rows, cols, scale.const_data_ptr<scalar_t>(), per_row);
+    scale_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        grad.data_ptr<scalar_t>(), rows, cols, chunk, chunks_per_row, scale.const_data_ptr<scalar_t>(), per_row);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
