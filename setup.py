@@ -89,7 +89,11 @@ def _extension():
     use_cuda = _want_cuda()
     simd = os.environ.get("BATCHKL_CPU_SIMD", "avx2" if _cpu_has_avx2() else "default")
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is a header template that runs serially
+    # unless the including code is compiled with OpenMP; libgomp itself is the
+    # one torch already loaded.
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
+    link = ["-fopenmp"]
     if simd == "avx2":
         # ATen's Vectorized picks its implementation from these macros: AVX2
         # with SLEEF's vectorised exp/log, which libtorch_cpu exports.
@@ -98,14 +102,15 @@ def _extension():
         f.write("# Written by setup.py: how the extension in this folder was built.\n")
         f.write(f"CUDA = {use_cuda!r}\nCPU_SIMD = {simd!r}\n")
     if not use_cuda:
-        return CppExtension("batchkl_ext._C", sources, extra_compile_args={"cxx": cxx})
+        return CppExtension("batchkl_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr", "-DBATCHKL_WITH_CUDA"]
     return CUDAExtension(
         "batchkl_ext._C", sources,
         include_dirs=_extra_cuda_includes(),
-        extra_compile_args={"cxx": cxx + ["-DBATCHKL_WITH_CUDA"], "nvcc": nvcc})
+        extra_compile_args={"cxx": cxx + ["-DBATCHKL_WITH_CUDA"], "nvcc": nvcc},
+        extra_link_args=link)
 
 
 setup(

@@ -150,6 +150,14 @@ class KLFunction : public torch::autograd::Function<KLFunction> {
 
 at::Tensor kl_autograd(const at::Tensor& input, const at::Tensor& target, c10::string_view reduction,
                        bool log_target) {
+  if (!at::GradMode::is_enabled() || !(input.requires_grad() || target.requires_grad())) {
+    // Nothing will be differentiated: the loss alone, no gradients written.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("batchkl::kl", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, bool)>();
+    return op.call(input, target, reduction, log_target);
+  }
   return KLFunction::apply(input, target, std::string(reduction), log_target)[0];
 }
 

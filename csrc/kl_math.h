@@ -61,9 +61,8 @@ struct MathOps<double> {
 // NaN there (0 * inf), which is the limit-free answer but the wrong one: the
 // limit of p log p as p -> 0 is 0. A NaN in t is not a zero probability and
 // still propagates.
-template <bool kLogTarget, typename T>
+template <bool kLogTarget, typename T, typename Ops = MathOps<T>>
 struct KLTerm {
-  using Ops = MathOps<T>;
   T prob;      // p
   T log_prob;  // log p
   typename Ops::Mask zero;

@@ -43,7 +43,7 @@ struct TileWorker {
         IO::load(t + j, tv);
         if constexpr (kMode == Mode::kBackward) IO::load(ptr[kOut] + j, gv);
         for (int v = 0; v < IO::kVecs; ++v) {
-          const KLTerm<kLog, Acc> term(tv[v]);
+          const KLTerm<kLog, Acc, VecOpsFor<scalar_t>> term(tv[v]);
           if constexpr (kMode == Mode::kElementwise) {
             ox[v] = term.loss(xv[v]);
           } else {
