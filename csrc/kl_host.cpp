@@ -77,6 +77,25 @@ bool mergeable(const Dim& outer, const Dim& inner) {
   return true;
 }
 
+// What both entry points start from: the arguments promoted to one dtype
+// and expanded (not copied) to the broadcast shape.
+struct Operands {
+  at::ScalarType dtype;
+  std::vector<int64_t> shape;
+  at::TensorOptions opts;
+  std::array<at::Tensor, kNumOperands> ops;
+};
+
+Operands promote_and_broadcast(const at::Tensor& input, const at::Tensor& target) {
+  Operands o;
+  o.dtype = at::result_type(input, target);
+  o.shape = broadcast_shape(input, target);
+  o.opts = input.options().dtype(o.dtype);
+  o.ops[kInput] = input.to(o.dtype).expand(o.shape);
+  o.ops[kTarget] = target.to(o.dtype).expand(o.shape);
+  return o;
+}
+
 }  // namespace
 
 Reduction parse_reduction(c10::string_view reduction) {
@@ -196,18 +215,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_fused_impl(const at::Tensor& i
   TORCH_CHECK_VALUE(red != Reduction::kRow || std::max(input.dim(), target.dim()) >= 1,
                     "batchkl.kl: reduction='row' needs tensors with at least one dimension (the distribution "
                     "dim), got input of shape ", input.sizes(), " and target of shape ", target.sizes());
-  const auto dtype = at::result_type(input, target);
-  const auto shape = broadcast_shape(input, target);
-  const auto opts = input.options().dtype(dtype);
+  auto [dtype, shape, opts, ops] = promote_and_broadcast(input, target);
   const int64_t numel = c10::multiply_integers(shape);
 
   KLLaunch plan;
   plan.reduction = red;
   plan.log_target = log_target;
   plan.dtype = dtype;
-  std::array<at::Tensor, kNumOperands> ops;
-  ops[kInput] = input.to(dtype).expand(shape);
-  ops[kTarget] = target.to(dtype).expand(shape);
 
   if (red == Reduction::kNone) {
     plan.mode = Mode::kElementwise;
@@ -253,22 +267,17 @@ std::tuple<at::Tensor, at::Tensor> kl_none_backward_impl(const at::Tensor& grad,
   check_pair(input, target);
   check_float(grad, "grad");
   const c10::DeviceGuard device_guard(input.device());
-  const auto dtype = at::result_type(input, target);
-  const auto shape = broadcast_shape(input, target);
+  auto [dtype, shape, opts, ops] = promote_and_broadcast(input, target);
   TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef(shape), "batchkl.kl: 'grad' must have the broadcast shape ",
                     shape, ", got ", grad.sizes());
   TORCH_CHECK(grad.device() == input.device(), "batchkl.kl: 'grad' must be on ", input.device(), ", got ",
               grad.device());
-  const auto opts = input.options().dtype(dtype);
   KLLaunch plan;
   plan.mode = Mode::kBackward;
   plan.log_target = log_target;
   plan.dtype = dtype;
   plan.want_grad_input = want_grad_input;
   plan.want_grad_target = want_grad_target;
-  std::array<at::Tensor, kNumOperands> ops;
-  ops[kInput] = input.to(dtype).expand(shape);
-  ops[kTarget] = target.to(dtype).expand(shape);
   ops[kOut] = grad.to(dtype);
   // Gradients follow grad_output's layout, as PyTorch's elementwise backward does.
   const auto grad_or_empty = [&](bool want) {

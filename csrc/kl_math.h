@@ -28,24 +28,25 @@ enum class Reduction : int { kNone = 0, kSum = 1, kMean = 2, kBatchMean = 3, kRo
 template <typename T>
 struct MathOps;
 
-template <>
-struct MathOps<float> {
+// What float and double share; each adds its own log/exp (logf/expf, log/exp).
+template <typename T>
+struct ScalarMathOps {
   using Mask = bool;
-  static C10_HOST_DEVICE inline float log(float v) { return ::logf(v); }
-  static C10_HOST_DEVICE inline float exp(float v) { return ::expf(v); }
-  static C10_HOST_DEVICE inline float select(bool m, float a, float b) { return m ? a : b; }
-  static C10_HOST_DEVICE inline bool eq(float a, float b) { return a == b; }
-  static C10_HOST_DEVICE inline float splat(float v) { return v; }
+  static C10_HOST_DEVICE inline T select(bool m, T a, T b) { return m ? a : b; }
+  static C10_HOST_DEVICE inline bool eq(T a, T b) { return a == b; }
+  static C10_HOST_DEVICE inline T splat(T v) { return v; }
 };
 
 template <>
-struct MathOps<double> {
-  using Mask = bool;
+struct MathOps<float> : ScalarMathOps<float> {
+  static C10_HOST_DEVICE inline float log(float v) { return ::logf(v); }
+  static C10_HOST_DEVICE inline float exp(float v) { return ::expf(v); }
+};
+
+template <>
+struct MathOps<double> : ScalarMathOps<double> {
   static C10_HOST_DEVICE inline double log(double v) { return ::log(v); }
   static C10_HOST_DEVICE inline double exp(double v) { return ::exp(v); }
-  static C10_HOST_DEVICE inline double select(bool m, double a, double b) { return m ? a : b; }
-  static C10_HOST_DEVICE inline bool eq(double a, double b) { return a == b; }
-  static C10_HOST_DEVICE inline double splat(double v) { return v; }
 };
 
 // The loss term of one element and its two partial derivatives.
