@@ -1,28 +1,20 @@
-"""The ```python code blocks of README.md run as written (CPU)."""
-import os
+"""The README's Python examples run as written (on the CPU)."""
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+README = Path(__file__).resolve().parent.parent / "README.md"
+BLOCKS = re.findall(r"^```python[ \t]*\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.S | re.M)
 
 
-def _python_blocks():
-    if not os.path.exists(README):
-        return []
-    with open(README, encoding="utf-8") as f:
-        text = f.read()
-    return re.findall(r"^```(?:python|py)[ \t]*\n(.*?)^```", text, flags=re.S | re.M)
+def test_readme_has_examples():
+    assert BLOCKS, "README.md lost its Python examples"
 
 
-BLOCKS = _python_blocks()
-
-
-@pytest.mark.skipif(not BLOCKS, reason="README.md has no python code blocks")
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_python_block(index, capsys):
-    code = BLOCKS[index]
+def test_readme_example_runs(index):
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        exec(compile(code, f"README.md[python block {index}]", "exec"), {"__name__": "__readme__"})
+        warnings.simplefilter("error")  # an example must not trigger warnings either
+        exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), {"__name__": "__readme__"})
