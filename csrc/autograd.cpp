@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/ExpandUtils.h>
 #include <ATen/FunctionalTensorWrapper.h>
+#include <ATen/SavedTensorHooks.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
@@ -30,10 +31,11 @@ at::Tensor reduce_to(const at::Tensor& grad, const c10::IValue& sizes, const c10
 // The saved gradients are private to this node, so when the graph is freed
 // after this backward (no retain_graph) they can be scaled in place: no new
 // N x V allocation, and on CUDA no pass at all when grad_output is 1. Not
-// while tracing (fake / functional tensors, Python modes): there the
-// out-of-place product is what the compiler should see.
-bool scale_in_place_ok(const at::Tensor& saved_grad, const at::Tensor& g) {
-  if (torch::autograd::get_current_graph_task_keep_graph()) return false;
+// when saved-tensor hooks saw them at forward time (a pack hook may have kept
+// a reference), and not while tracing (fake / functional tensors, Python
+// modes): there the out-of-place product is what the compiler should see.
+bool scale_in_place_ok(const at::Tensor& saved_grad, const at::Tensor& g, bool hooked) {
+  if (hooked || torch::autograd::get_current_graph_task_keep_graph()) return false;
   if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python)) return false;
   for (const auto* t : {&saved_grad, &g}) {
     if (!(t->is_cpu() || t->is_cuda()) || t->layout() != at::kStrided) return false;
@@ -84,6 +86,7 @@ class KLFunction : public torch::autograd::Function<KLFunction> {
     ctx->saved_data["none"] = none;
     ctx->saved_data["row"] = parse_reduction(reduction) == Reduction::kRow;
     ctx->saved_data["log_target"] = log_target;
+    ctx->saved_data["hooked"] = at::SavedTensorDefaultHooks::get_hooks().has_value();
     ctx->saved_data["input_sizes"] = input.sym_sizes();
     ctx->saved_data["target_sizes"] = target.sym_sizes();
     ctx->saved_data["input_dtype"] = static_cast<int64_t>(input.scalar_type());
@@ -125,7 +128,7 @@ class KLFunction : public torch::autograd::Function<KLFunction> {
       // 'row': one grad_output per row, broadcast along the distribution dim.
       const bool row = ctx->saved_data["row"].toBool();
       const auto scale_saved = [&](const at::Tensor& saved_grad) -> at::Tensor {
-        if (scale_in_place_ok(saved_grad, g)) {
+        if (scale_in_place_ok(saved_grad, g, ctx->saved_data["hooked"].toBool())) {
           static auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("batchkl::kl_scale_", "")
                                .typed<void(at::Tensor&, const at::Tensor&)>();

@@ -24,6 +24,8 @@ JOBS="${JOBS:-2}"
 log() { printf '[cmake_build_test] %s\n' "$*"; }
 die() { printf '[cmake_build_test] ERROR: %s\n' "$*" >&2; exit 1; }
 
+command -v cmake >/dev/null 2>&1 || die "cmake (>= 3.25) is not on PATH: install it (apt-get install cmake, or pip install cmake)"
+
 case "$(cd "$(dirname "$BUILD_DIR")" 2>/dev/null && pwd)/" in
   "$ROOT"/*) die "build dir $BUILD_DIR is inside the repository; use one outside it" ;;
 esac

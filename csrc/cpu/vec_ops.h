@@ -32,11 +32,19 @@ struct MathOps<at::vec::Vectorized<double>> : VecMathOps<double> {};
 
 // For half and bfloat16 inputs: ATen's exp_u20 (a few float32 ulp, far below
 // what a 16-bit input can resolve) at about half the cost of SLEEF's u10.
-// exp_u20 clamps its argument, so NaN, and overflow to +inf, are restored here.
+// exp_u20 clamps its argument: NaN and overflow to +inf are restored here, and
+// between -inf and ln(FLT_MIN) (where it flushes to 0 but the true value is a
+// float32 denormal, and 0 * -inf would turn into NaN) the rare vector falls
+// back to u10.
 struct ReducedFloatVecOps : MathOps<at::vec::Vectorized<float>> {
   static inline V exp(const V& v) {
-    const V overflow = v > V(88.72283905206835f);  // ln(FLT_MAX): exp overflows past it
-    return V::blendv(V::blendv(v.exp_u20(), V(std::numeric_limits<float>::infinity()), overflow), v, v.isnan());
+    constexpr float kLnFltMax = 88.72283905206835f;
+    constexpr float kLnFltMin = -87.33654475055310f;
+    const V overflow = v > V(kLnFltMax);
+    V e = V::blendv(V::blendv(v.exp_u20(), V(std::numeric_limits<float>::infinity()), overflow), v, v.isnan());
+    const V tiny = (v < V(kLnFltMin)) & (v != V(-std::numeric_limits<float>::infinity()));  // exp(-inf) = 0 is exact
+    if (tiny.zero_mask() != (1 << V::size()) - 1) e = V::blendv(e, v.exp(), tiny);
+    return e;
   }
 };
 

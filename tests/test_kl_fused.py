@@ -1,0 +1,123 @@
+"""The fused design (one launch forward, scaling-only backward), its in-place
+shortcut, 64-bit offsets, and the fast 16-bit exp's edge range."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from conftest import REDUCTIONS, kl_op, make_logprobs, make_target
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _op_names(fn):
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events()]
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean", "row"])
+@pytest.mark.parametrize("grad_output_one", [True, False], ids=["g1", "g"])
+def test_forward_writes_grads_backward_only_scales(reduction, grad_output_one):
+    x = make_logprobs((16, 300)).requires_grad_()
+    t = make_target((16, 300), False).requires_grad_()
+    fwd = {}
+
+    def forward():
+        fwd["loss"] = kl_op(x, t, reduction, False)
+
+    names = _op_names(forward)
+    assert names.count("batchkl::kl_fused") == 1, names
+    loss = fwd["loss"]
+    g = torch.ones_like(loss) if grad_output_one else torch.rand_like(loss) + 0.5
+    names = _op_names(lambda: loss.backward(g))
+    # No kernel over the inputs in the backward: no fused op again, nothing
+    # elementwise of the KL itself (log, exp, xlogy, ...).
+    assert not [n for n in names if n.startswith("batchkl::kl_fused") or n.startswith("batchkl::kl_none")], names
+    assert not [n for n in names if n in ("aten::log", "aten::exp", "aten::xlogy", "aten::sub")], names
+    assert "batchkl::kl_scale_" in names, names  # the in-place scaling of the saved gradients
+    expected_gx = -t.detach() * (g.unsqueeze(-1) if reduction == "row" else g)
+    if reduction == "mean":
+        expected_gx = expected_gx / x.numel()
+    elif reduction == "batchmean":
+        expected_gx = expected_gx / x.shape[0]
+    torch.testing.assert_close(x.grad, expected_gx)
+
+
+def test_grad_output_one_skips_the_multiply_on_cpu():
+    x = make_logprobs((16, 300)).requires_grad_()
+    t = make_target((16, 300), False)
+    loss = kl_op(x, t, "batchmean", False)
+    names = _op_names(loss.backward)
+    assert not [n for n in names if n.startswith("aten::mul")], names
+
+
+def test_retain_graph_keeps_the_saved_gradient_intact():
+    x = make_logprobs((8, 50)).requires_grad_()
+    t = make_target((8, 50), False)
+    loss = kl_op(x, t, "sum", False)
+    (g1,) = torch.autograd.grad(loss * 3, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss * 5, x)
+    torch.testing.assert_close(g1 / 3, g2 / 5)
+    torch.testing.assert_close(g2, -5 * t)
+
+
+def test_saved_tensor_hooks_see_an_unchanged_gradient():
+    # A pack hook may keep a reference to what autograd saves: the in-place
+    # scaling must not change it behind the hook's back.
+    x = make_logprobs((8, 50)).requires_grad_()
+    t = make_target((8, 50), False)
+    kept = []
+
+    def pack(tensor):
+        kept.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = kl_op(x, t, "sum", False)
+    snapshot = [k.clone() for k in kept]
+    (loss * 2).backward()
+    for before, after in zip(snapshot, kept):
+        assert torch.equal(before, after)
+    torch.testing.assert_close(x.grad, -2 * t)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_exp_underflow_range_matches_torch(dtype, device):
+    # log-targets between -104 and ln(FLT_MIN) have float32-denormal
+    # probabilities; with input -inf the term is +inf in PyTorch (NaN only
+    # where the probability itself underflows to 0) and must be the same in
+    # every lane, body or tail of the SIMD loop.
+    V = 40
+    t = torch.linspace(-104.0, -86.0, V).to(dtype)
+    for x_value in (-math.inf, -50.0):
+        x = torch.full((3, V), x_value, dtype=dtype)
+        x, tt = x.to(device), t.to(device).expand(3, V)
+        ours = kl_op(x, tt, "none", True).float().cpu()
+        theirs = F.kl_div(x.float(), tt.float(), reduction="none", log_target=True).cpu()
+        assert torch.equal(ours.isnan(), theirs.isnan())
+        assert torch.equal(ours.isinf(), theirs.isinf())
+        finite = theirs.isfinite()
+        torch.testing.assert_close(ours[finite], theirs[finite].to(dtype).float(), atol=1e-37, rtol=1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_more_than_2_pow_31_elements(device):
+    # 2**21 + 1 rows of 1024 bf16 values (4 GiB): the last rows start past
+    # element 2**31, so their offsets only fit in 64 bits.
+    rows, cols = 2**21 + 1, 1024
+    if device == "cuda" and torch.cuda.mem_get_info()[0] < 12 * 2**30:
+        pytest.skip("needs about 12 GiB of free GPU memory")
+    x = torch.full((rows, cols), -7.0, dtype=torch.bfloat16, device=device)
+    x[-1] = -3.0
+    t = torch.full((cols,), 1.0 / cols, dtype=torch.bfloat16, device=device)
+    assert x.numel() > 2**31
+    per_row = kl_op(x, t, "row", False)
+    p = float(t[0])
+    assert per_row.shape == (rows,)
+    torch.testing.assert_close(per_row[0].item(), cols * p * (math.log(p) + 7.0), rtol=1e-2, atol=0)
+    torch.testing.assert_close(per_row[-1].item(), cols * p * (math.log(p) + 3.0), rtol=1e-2, atol=0)
+    torch.testing.assert_close(per_row[-2].item(), per_row[0].item(), rtol=0, atol=0)
