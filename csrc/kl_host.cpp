@@ -6,6 +6,7 @@
 #include <ATen/TensorIterator.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/irange.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <numeric>
@@ -302,6 +303,31 @@ void kl_scale_impl(at::Tensor& grad, const at::Tensor& scale, Scaler scaler) {
               " elements, got ", scale.numel());
   const c10::DeviceGuard device_guard(grad.device());
   scaler(grad, scale.to(grad.scalar_type()).contiguous());
+}
+
+}  // namespace batchkl
+
+namespace batchkl {
+namespace {
+
+[[noreturn]] void unsupported_device(const at::Tensor& input) {
+  TORCH_CHECK(false, "batchkl.kl: only CPU and CUDA tensors are supported, got tensors on ", input.device());
+}
+
+}  // namespace
+
+// Every backend without a kernel of its own (XPU, MPS, PrivateUse1, ...) lands
+// here and gets an error naming its device instead of the dispatcher's
+// generic "could not run" about an internal op. Meta has its own (fake) kernel.
+TORCH_LIBRARY_IMPL(batchkl, CompositeExplicitAutograd, m) {
+  m.impl("kl", [](const at::Tensor& input, const at::Tensor&, c10::string_view, bool) -> at::Tensor {
+    unsupported_device(input);
+  });
+  m.impl("kl_fused", [](const at::Tensor& input, const at::Tensor&, c10::string_view, bool, bool,
+                        bool) -> std::tuple<at::Tensor, at::Tensor, at::Tensor> { unsupported_device(input); });
+  m.impl("kl_none_backward", [](const at::Tensor&, const at::Tensor& input, const at::Tensor&, bool, bool,
+                                bool) -> std::tuple<at::Tensor, at::Tensor> { unsupported_device(input); });
+  m.impl("kl_scale_", [](at::Tensor& grad, const at::Tensor&) { unsupported_device(grad); });
 }
 
 }  // namespace batchkl

@@ -444,3 +444,21 @@ def test_deterministic_algorithms_mode():
             assert caught == []
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+def test_devices_without_a_kernel_get_an_error_naming_the_device():
+    # XPU, MPS, PrivateUse1, ... have no batchkl kernel and fall through to the
+    # catch-all CompositeExplicitAutograd kernel; no such device exists here,
+    # so call that kernel directly (it names whatever device it was given).
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    x = torch.randn(3, 4).log_softmax(-1)
+    t = torch.rand(3, 4)
+    calls = [
+        (torch.ops.batchkl.kl.default, (x, t, "sum", False)),
+        (torch.ops.batchkl.kl_fused.default, (x, t, "sum", False, True, False)),
+        (torch.ops.batchkl.kl_none_backward.default, (torch.ones(3, 4), x, t, False, True, True)),
+        (torch.ops.batchkl.kl_scale_.default, (torch.ones(3, 4), torch.tensor(2.0))),
+    ]
+    for op, args in calls:
+        with pytest.raises(RuntimeError, match=r"only CPU and CUDA tensors are supported, got tensors on cpu"):
+            op.redispatch(keys, *args)

@@ -262,3 +262,21 @@ def test_export_row_dynamic_and_roundtrip(tmp_path):
     out = loaded.module()(aa, tt)
     assert out.shape == (9,)
     torch.testing.assert_close(out, m(aa, tt), rtol=1e-6, atol=1e-7)
+
+
+def test_export_run_decompositions_keeps_the_op():
+    # The catch-all kernel must not make export decompose (and so call) it.
+    class Loss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.loss = batchkl_ext.KLDivLoss(reduction="batchmean", log_target=True)
+
+        def forward(self, x, t):
+            return self.loss(x, t)
+
+    x = torch.randn(3, 7).log_softmax(-1)
+    t = torch.randn(3, 7).log_softmax(-1)
+    ep = torch.export.export(Loss(), (x, t)).run_decompositions()
+    targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert torch.ops.batchkl.kl.default in targets
+    torch.testing.assert_close(ep.module()(x, t), Loss()(x, t))
