@@ -30,9 +30,12 @@ void check_pair(const at::Tensor& input, const at::Tensor& target) {
   TORCH_CHECK(input.device() == target.device(),
               "batchkl.kl: 'input' and 'target' must be on the same device, got input on ", input.device(),
               " and target on ", target.device());
-  const auto dev = input.device().type();
-  TORCH_CHECK(dev == at::kCPU || dev == at::kCUDA,
-              "batchkl.kl: only CPU and CUDA tensors are supported, got tensors on ", input.device());
+}
+
+// Devices other than CPU and CUDA never reach check_pair: they have no
+// backend kernel and land in the catch-all registered at the end of this file.
+[[noreturn]] void unsupported_device(const at::Tensor& input) {
+  TORCH_CHECK(false, "batchkl.kl: only CPU and CUDA tensors are supported, got tensors on ", input.device());
 }
 
 std::vector<int64_t> broadcast_shape(const at::Tensor& input, const at::Tensor& target) {
@@ -304,17 +307,6 @@ void kl_scale_impl(at::Tensor& grad, const at::Tensor& scale, Scaler scaler) {
   const c10::DeviceGuard device_guard(grad.device());
   scaler(grad, scale.to(grad.scalar_type()).contiguous());
 }
-
-}  // namespace batchkl
-
-namespace batchkl {
-namespace {
-
-[[noreturn]] void unsupported_device(const at::Tensor& input) {
-  TORCH_CHECK(false, "batchkl.kl: only CPU and CUDA tensors are supported, got tensors on ", input.device());
-}
-
-}  // namespace
 
 // Every backend without a kernel of its own (XPU, MPS, PrivateUse1, ...) lands
 // here and gets an error naming its device instead of the dispatcher's

@@ -141,11 +141,8 @@ void launch_cpu(const KLLaunch& p) {
 void scale_cpu(at::Tensor& grad, const at::Tensor& scale) {
   // Reading the scale is free on the CPU: skip the pass when it is all ones.
   if (scale.eq(1).all().item<bool>()) return;
-  if (scale.numel() == 1) {
-    grad.mul_(scale.reshape({}));
-  } else {
-    grad.view({scale.numel(), -1}).mul_(scale.view({-1, 1}));
-  }
+  // One scale per row of the view (a single row when the scale is a scalar).
+  grad.view({scale.numel(), -1}).mul_(scale.view({-1, 1}));
 }
 
 }  // namespace
