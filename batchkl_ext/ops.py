@@ -1,12 +1,16 @@
 """Python layer of ``torch.ops.batchkl``: fake kernels and the front doors.
 
-The kernels and the autograd formula are registered in C++ (csrc/); this
+The kernels and the autograd formulas are registered in C++ (csrc/); this
 module adds what only Python can: the fake (meta) kernels that let
-``torch.compile`` and ``torch.export`` trace the ops, and the drop-in
-``kl_div`` / ``KLDivLoss`` API of ``torch.nn.functional.kl_div``.
+``torch.compile`` and ``torch.export`` trace the ops, the drop-in
+``kl_div`` / ``KLDivLoss`` API of ``torch.nn.functional.kl_div``, and the
+distillation front doors ``kl_div_with_logits`` / ``jsd_with_logits`` /
+``kl_divergence``.
 """
+import math
+import numbers
 import warnings
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -83,6 +87,82 @@ def _kl_scale_fake(grad, scale):
     return None
 
 
+_LOGITS_OP = "batchkl.kl_with_logits"
+_LOGITS_REDUCTIONS = ("none", "sum", "mean", "batchmean")
+
+
+def _check_logits_args(input, target, beta, temperature, reduction, mask, num_items_in_batch, probs, dtype):
+    for name, t in (("input", input), ("target", target)):
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{_LOGITS_OP}: argument '{name}' must have a floating-point dtype "
+                            f"(float32, float64, float16 or bfloat16), got {t.dtype}")
+    if input.device != target.device:
+        raise RuntimeError(f"{_LOGITS_OP}: 'input' and 'target' must be on the same device, got input on "
+                           f"{input.device} and target on {target.device}")
+    if input.dim() < 1:
+        raise ValueError(f"{_LOGITS_OP}: 'input' and 'target' must have at least one dimension (the "
+                         f"distribution dim), got shape {tuple(input.shape)}")
+    if input.shape != target.shape:
+        raise ValueError(f"{_LOGITS_OP}: 'input' and 'target' must have the same shape, got "
+                         f"{tuple(input.shape)} and {tuple(target.shape)}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"{_LOGITS_OP}: argument 'beta' must be in [0, 1], got {beta}")
+    if not (temperature > 0.0 and math.isfinite(temperature)):
+        raise ValueError(f"{_LOGITS_OP}: argument 'temperature' must be a finite number > 0, got {temperature}")
+    if reduction not in _LOGITS_REDUCTIONS:
+        raise ValueError(f"{_LOGITS_OP}: argument 'reduction' must be one of 'none', 'sum', 'mean', "
+                         f"'batchmean' ('none' gives one value per row), got '{reduction}'")
+    if probs and temperature != 1.0:
+        raise ValueError(f"{_LOGITS_OP}: probs=True needs temperature=1.0, got {temperature}")
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"{_LOGITS_OP}: argument 'mask' must be a bool tensor, got {mask.dtype}")
+        if mask.shape != input.shape[:-1]:
+            raise ValueError(f"{_LOGITS_OP}: argument 'mask' must have the row shape "
+                             f"{tuple(input.shape[:-1])} (input.shape[:-1]), got {tuple(mask.shape)}")
+        if mask.device != input.device:
+            raise RuntimeError(f"{_LOGITS_OP}: argument 'mask' must be on {input.device}, got {mask.device}")
+    if num_items_in_batch is not None:
+        n = num_items_in_batch
+        if n.numel() != 1 or n.dim() > 1:
+            raise ValueError(f"{_LOGITS_OP}: argument 'num_items_in_batch' must be a single number, got a "
+                             f"tensor of shape {tuple(n.shape)}")
+        if n.dtype.is_complex or n.dtype == torch.bool:
+            raise TypeError(f"{_LOGITS_OP}: argument 'num_items_in_batch' must be a real number, got {n.dtype}")
+        if n.device.type != "cpu" and n.device != input.device:
+            raise RuntimeError(f"{_LOGITS_OP}: argument 'num_items_in_batch' must be on the CPU or on "
+                               f"{input.device}, got {n.device}")
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(f"{_LOGITS_OP}: argument 'dtype' must be a floating-point dtype, got {dtype}")
+    return torch.result_type(input, target)
+
+
+def _fake_logits_loss(input, target, beta, temperature, reduction, mask, num_items_in_batch, probs, dtype):
+    promoted = _check_logits_args(input, target, beta, temperature, reduction, mask, num_items_in_batch, probs,
+                                  dtype)
+    shape = input.shape[:-1] if reduction == "none" and num_items_in_batch is None else ()
+    return input.new_empty(shape, dtype=dtype or promoted), promoted
+
+
+@torch.library.register_fake("batchkl::kl_with_logits")
+def _kl_with_logits_fake(input, target, beta=0.0, temperature=1.0, reduction="batchmean", mask=None,
+                         num_items_in_batch=None, probs=False, dtype=None):
+    return _fake_logits_loss(input, target, beta, temperature, reduction, mask, num_items_in_batch, probs, dtype)[0]
+
+
+@torch.library.register_fake("batchkl::kl_with_logits_fused")
+def _kl_with_logits_fused_fake(input, target, beta, temperature, reduction, mask, num_items_in_batch, probs,
+                               grad_input, grad_target, dtype=None):
+    loss, promoted = _fake_logits_loss(input, target, beta, temperature, reduction, mask, num_items_in_batch,
+                                       probs, dtype)
+
+    def grad(want):
+        # Dense (contiguous) in the inputs' shape and promoted dtype, as the kernel allocates them.
+        return input.new_empty(input.shape if want else (0,), dtype=promoted)
+
+    return loss, grad(grad_input), grad(grad_target)
+
+
 # --- front doors -----------------------------------------------------------
 
 def _legacy_reduction(size_average: Optional[bool], reduce: Optional[bool]) -> str:
@@ -134,3 +214,118 @@ class KLDivLoss(_Loss):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return kl_div(input, target, reduction=self.reduction, log_target=self.log_target)
+
+
+# --- distillation front doors ---------------------------------------------
+
+def _num_items_tensor(num_items_in_batch) -> Optional[Tensor]:
+    """The op takes a tensor: a Python number becomes a CPU float64 scalar."""
+    if num_items_in_batch is None or isinstance(num_items_in_batch, Tensor):
+        return num_items_in_batch
+    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real):
+        raise TypeError(f"{_LOGITS_OP}: argument 'num_items_in_batch' must be an int, a float or a 0-d tensor, "
+                        f"got {type(num_items_in_batch).__name__}")
+    if not num_items_in_batch > 0:
+        raise ValueError(f"{_LOGITS_OP}: argument 'num_items_in_batch' must be > 0, got {num_items_in_batch}")
+    return torch.tensor(float(num_items_in_batch), dtype=torch.float64)
+
+
+def _check_tensors(fn: str, **tensors):
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"batchkl_ext.{fn}: argument '{name}' must be a tensor, got {type(t).__name__}")
+
+
+def kl_div_with_logits(input: Tensor, target: Tensor, *, temperature: float = 1.0, reduction: str = "batchmean",
+                       mask: Optional[Tensor] = None,
+                       num_items_in_batch: Union[int, float, Tensor, None] = None) -> Tensor:
+    """KL(softmax(target / T) || softmax(input / T)) per row, fused.
+
+    ``input`` are the student's logits and ``target`` the teacher's, both
+    ``(..., V)``. For ``'sum'``, ``'mean'`` and ``'batchmean'`` the result equals
+    ``F.kl_div(F.log_softmax(input / T, -1), F.log_softmax(target / T, -1),
+    reduction=reduction, log_target=True)``; ``'none'`` gives one value per
+    row (shape ``input.shape[:-1]``). No ``T**2`` factor is applied: multiply
+    by it yourself where your recipe wants it.
+
+    ``mask`` (bool, ``input.shape[:-1]``) drops rows: they contribute 0 loss
+    and 0 gradient whatever they hold; ``'batchmean'`` then divides by the
+    number of kept rows (at least 1) and ``'mean'`` by that times V.
+    ``num_items_in_batch`` (a number or a 0-d tensor, e.g. the token count of
+    a gradient-accumulation step) makes the result the sum over kept rows
+    divided by it, whatever ``reduction`` says.
+
+    A ``-inf`` logit (a masked vocabulary entry) has probability 0 and
+    contributes 0. The log-softmax of both inputs is computed inside the
+    kernel: the only N x V memory is the gradient it returns.
+    """
+    _check_tensors("kl_div_with_logits", input=input, target=target)
+    return torch.ops.batchkl.kl_with_logits(input, target, 0.0, float(temperature), reduction, mask,
+                                            _num_items_tensor(num_items_in_batch))
+
+
+def jsd_with_logits(input: Tensor, target: Tensor, *, beta: float = 0.5, temperature: float = 1.0,
+                    reduction: str = "batchmean", mask: Optional[Tensor] = None,
+                    num_items_in_batch: Union[int, float, Tensor, None] = None) -> Tensor:
+    """The generalized Jensen-Shannon divergence of GKD, from logits, fused.
+
+    With P = softmax(target / T) (teacher) and Q = softmax(input / T)
+    (student): ``beta = 0`` is KL(P || Q), ``beta = 1`` is KL(Q || P), and in
+    between ``beta * KL(P || M) + (1 - beta) * KL(Q || M)`` with
+    ``M = beta * P + (1 - beta) * Q`` -- the convention and results of TRL's
+    ``GKDTrainer.generalized_jsd_loss`` (its ``labels != -100`` is ``mask``
+    here). As there, ``'batchmean'`` is the mean over rows (tokens): the sum
+    over kept rows divided by their number, with or without a mask. (TRL's
+    ``B * T`` for its 3-D inputs; the number of rows of a 2-D input, where TRL
+    would divide by N * V.) ``'none'`` gives one value per row where TRL
+    returns elementwise ones. ``mask`` and ``num_items_in_batch`` as in
+    :func:`kl_div_with_logits`.
+    """
+    _check_tensors("jsd_with_logits", input=input, target=target)
+    num_items = _num_items_tensor(num_items_in_batch)
+    if reduction == "batchmean" and mask is None and num_items is None and input.dim() > 2:
+        # TRL's unmasked 'batchmean' is per token (B * T rows), where
+        # F.kl_div's, which the op follows, divides by input.size(0) alone.
+        num_items = torch.tensor(float(input.numel() // max(input.shape[-1], 1)), dtype=torch.float64)
+    return torch.ops.batchkl.kl_with_logits(input, target, float(beta), float(temperature), reduction, mask,
+                                            num_items)
+
+
+_KINDS = ("probs", "log_probs", "logits")
+
+
+def kl_divergence(p: Tensor, q: Tensor, *, kind: str = "probs", dim: int = -1) -> Tensor:
+    """KL(p || q) of each distribution along ``dim``: the answer to "KL
+    divergence between two batches of distributions", with no N x K temporary.
+
+    ``kind`` says what ``p`` and ``q`` hold:
+
+    * ``"probs"``: probabilities, normalised per row first, so unnormalised
+      counts work and exact zeros are fine (0 log 0 = 0, no epsilon, no NaN);
+    * ``"log_probs"``: log-probabilities (used as given);
+    * ``"logits"``: unnormalised log-probabilities, softmax-ed per row.
+
+    The result has ``p``'s shape without ``dim``; gradients flow to both.
+    """
+    _check_tensors("kl_divergence", p=p, q=q)
+    if kind not in _KINDS:
+        raise ValueError(f"batchkl_ext.kl_divergence: argument 'kind' must be one of 'probs', 'log_probs', "
+                         f"'logits', got {kind!r}")
+    for name, t in (("p", p), ("q", q)):
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"batchkl_ext.kl_divergence: argument '{name}' must have a floating-point dtype "
+                            f"(float32, float64, float16 or bfloat16), got {t.dtype}")
+    if p.shape != q.shape:
+        raise ValueError(f"batchkl_ext.kl_divergence: 'p' and 'q' must have the same shape, got "
+                         f"{tuple(p.shape)} and {tuple(q.shape)}")
+    if p.dim() == 0:
+        raise ValueError("batchkl_ext.kl_divergence: 'p' and 'q' must have at least one dimension (the "
+                         f"distribution dim), got shape {tuple(p.shape)}")
+    if not -p.dim() <= dim < p.dim():
+        raise IndexError(f"batchkl_ext.kl_divergence: argument 'dim' must be in [{-p.dim()}, {p.dim() - 1}] "
+                         f"for tensors of shape {tuple(p.shape)}, got {dim}")
+    # A view: the kernels take any strides.
+    p, q = p.movedim(dim, -1), q.movedim(dim, -1)
+    if kind == "log_probs":
+        return torch.ops.batchkl.kl(q, p, "row", True)
+    return torch.ops.batchkl.kl_with_logits(q, p, 0.0, 1.0, "none", None, None, kind == "probs")

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "kl.h"
+#include "kl_logits.h"
 
 namespace batchkl {
 namespace {
@@ -47,7 +48,25 @@ bool scale_in_place_ok(const at::Tensor& saved_grad, const at::Tensor& g, bool h
       return false;
     }
   }
-  return saved_grad.is_contiguous() && g.dtype() == saved_grad.dtype();
+  // A grad_output of another dtype (a float32 loss of 16-bit logits under
+  // autocast) is fine on the CPU, whose scaler multiplies in float32 and
+  // rounds once, as the out-of-place product would.
+  return saved_grad.is_contiguous() && (g.dtype() == saved_grad.dtype() || saved_grad.is_cpu());
+}
+
+// Backward of a fused op: the gradient its forward wrote, times grad_output
+// `g` (a scalar, or one value per row when `per_row`). In place when that is
+// safe (scale_in_place_ok), which on CUDA costs nothing when g is 1.
+at::Tensor scale_fused_grad(const at::Tensor& saved_grad, const at::Tensor& g, bool per_row, bool hooked) {
+  if (scale_in_place_ok(saved_grad, g, hooked)) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("batchkl::kl_scale_", "")
+                         .typed<void(at::Tensor&, const at::Tensor&)>();
+    at::Tensor grad = saved_grad;
+    op.call(grad, g);
+    return grad;
+  }
+  return saved_grad * (per_row ? g.unsqueeze(-1) : g);
 }
 
 // Nodes are held by std::shared_ptr in older torch, c10::intrusive_ptr in
@@ -66,12 +85,9 @@ NodePtr make_error_node(const char* msg) {
 // fused kernel, not out of differentiable ops). With create_graph=True the
 // returned gradients get a node that raises when differentiated, as Python's
 // @once_differentiable does, instead of silently contributing zeros.
-at::Tensor once_differentiable(at::Tensor grad) {
+at::Tensor once_differentiable(at::Tensor grad, const char* msg) {
   if (!grad.defined() || !at::GradMode::is_enabled()) return grad;
   grad = grad.detach();
-  const char* msg =
-      "batchkl.kl: second derivatives (double backward) are not supported: its gradients come out of the fused "
-      "forward kernel. Use torch.nn.functional.kl_div where higher-order gradients are needed.";
   torch::autograd::set_history(grad, make_error_node(msg));
   return grad;
 }
@@ -127,17 +143,8 @@ class KLFunction : public torch::autograd::Function<KLFunction> {
     } else {
       // 'row': one grad_output per row, broadcast along the distribution dim.
       const bool row = ctx->saved_data["row"].toBool();
-      const auto scale_saved = [&](const at::Tensor& saved_grad) -> at::Tensor {
-        if (scale_in_place_ok(saved_grad, g, ctx->saved_data["hooked"].toBool())) {
-          static auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("batchkl::kl_scale_", "")
-                               .typed<void(at::Tensor&, const at::Tensor&)>();
-          at::Tensor grad = saved_grad;
-          op.call(grad, g);
-          return grad;
-        }
-        return saved_grad * (row ? g.unsqueeze(-1) : g);
-      };
+      const bool hooked = ctx->saved_data["hooked"].toBool();
+      const auto scale_saved = [&](const at::Tensor& saved_grad) { return scale_fused_grad(saved_grad, g, row, hooked); };
       if (want_input) grad_input = scale_saved(saved[0]);
       if (want_target) grad_target = scale_saved(saved[1]);
     }
@@ -147,7 +154,10 @@ class KLFunction : public torch::autograd::Function<KLFunction> {
     grad_target = want_target
                       ? reduce_to(grad_target, ctx->saved_data["target_sizes"], ctx->saved_data["target_dtype"])
                       : at::Tensor();
-    return {once_differentiable(grad_input), once_differentiable(grad_target), at::Tensor(), at::Tensor()};
+    constexpr const char* msg =
+        "batchkl.kl: second derivatives (double backward) are not supported: its gradients come out of the fused "
+        "forward kernel. Use torch.nn.functional.kl_div where higher-order gradients are needed.";
+    return {once_differentiable(grad_input, msg), once_differentiable(grad_target, msg), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -164,8 +174,76 @@ at::Tensor kl_autograd(const at::Tensor& input, const at::Tensor& target, c10::s
   return KLFunction::apply(input, target, std::string(reduction), log_target)[0];
 }
 
+
+class KLWithLogitsFunction : public torch::autograd::Function<KLWithLogitsFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target, double beta,
+                               double temperature, const std::string& reduction,
+                               const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& num_items,
+                               bool probs, std::optional<at::ScalarType> dtype) {
+    ctx->saved_data["per_row"] = reduction == "none" && !num_items.has_value();
+    ctx->saved_data["hooked"] = at::SavedTensorDefaultHooks::get_hooks().has_value();
+    ctx->saved_data["input_sizes"] = input.sym_sizes();
+    ctx->saved_data["target_sizes"] = target.sym_sizes();
+    ctx->saved_data["input_dtype"] = static_cast<int64_t>(input.scalar_type());
+    ctx->saved_data["target_dtype"] = static_cast<int64_t>(target.scalar_type());
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("batchkl::kl_with_logits_fused", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                             const at::Tensor&, const at::Tensor&, double, double, c10::string_view,
+                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, bool, bool,
+                             std::optional<at::ScalarType>)>();
+    auto [loss, grad_input, grad_target] = op.call(input, target, beta, temperature, reduction, mask, num_items, probs,
+                                                   input.requires_grad(), target.requires_grad(), dtype);
+    ctx->save_for_backward({grad_input, grad_target});
+    return {loss};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto& g = grad_outputs[0];
+    const auto saved = ctx->get_saved_variables();
+    const bool per_row = ctx->saved_data["per_row"].toBool();
+    const bool hooked = ctx->saved_data["hooked"].toBool();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    constexpr const char* msg =
+        "batchkl.kl_with_logits: second derivatives (double backward) are not supported: its gradients come out of "
+        "the fused forward kernel.";
+    at::Tensor grad_input, grad_target;
+    // (The shapes match; reduce_to only casts back from a promoted dtype.)
+    if (ctx->needs_input_grad(0)) {
+      grad_input = reduce_to(scale_fused_grad(saved[0], g, per_row, hooked), ctx->saved_data["input_sizes"],
+                             ctx->saved_data["input_dtype"]);
+    }
+    if (ctx->needs_input_grad(1)) {
+      grad_target = reduce_to(scale_fused_grad(saved[1], g, per_row, hooked), ctx->saved_data["target_sizes"],
+                              ctx->saved_data["target_dtype"]);
+    }
+    return {once_differentiable(grad_input, msg), once_differentiable(grad_target, msg), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor kl_with_logits_autograd(const at::Tensor& input, const at::Tensor& target, double beta, double temperature,
+                                   c10::string_view reduction, const std::optional<at::Tensor>& mask,
+                                   const std::optional<at::Tensor>& num_items, bool probs,
+                                   std::optional<at::ScalarType> dtype) {
+  if (!at::GradMode::is_enabled() || !(input.requires_grad() || target.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("batchkl::kl_with_logits", "")
+                         .typed<KLWithLogitsSig>();
+    return op.call(input, target, beta, temperature, reduction, mask, num_items, probs, dtype);
+  }
+  return KLWithLogitsFunction::apply(input, target, beta, temperature, std::string(reduction), mask, num_items, probs,
+                                     dtype)[0];
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(batchkl, Autograd, m) { m.impl("kl", kl_autograd); }
+TORCH_LIBRARY_IMPL(batchkl, Autograd, m) {
+  m.impl("kl", kl_autograd);
+  m.impl("kl_with_logits", kl_with_logits_autograd);
+}
 
 }  // namespace batchkl

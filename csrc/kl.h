@@ -115,4 +115,8 @@ std::tuple<at::Tensor, at::Tensor> kl_none_backward_impl(const at::Tensor& grad,
 
 Reduction parse_reduction(c10::string_view reduction);
 
+// Shared argument checks: `op` names the op in the message.
+void check_float(const at::Tensor& t, const char* op, const char* name);
+[[noreturn]] void unsupported_device(const char* op, const at::Tensor& t);
+
 }  // namespace batchkl

@@ -3,6 +3,7 @@
 // the CPU and CUDA backends only run kernels.
 #include <ATen/ATen.h>
 #include <ATen/ExpandUtils.h>
+#include <ATen/OpMathType.h>
 #include <ATen/TensorIterator.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/irange.h>
@@ -14,28 +15,29 @@
 #include "kl.h"
 
 namespace batchkl {
-namespace {
 
-void check_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), "batchkl.kl: argument '", name, "' is an undefined tensor");
+void check_float(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.defined(), op, ": argument '", name, "' is an undefined tensor");
   TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()),
-                   "batchkl.kl: argument '", name,
+                   op, ": argument '", name,
                    "' must have a floating-point dtype (float32, float64, float16 or bfloat16), got ",
                    t.scalar_type());
 }
 
+// Devices other than CPU and CUDA never reach the argument checks: they have
+// no backend kernel and land in the catch-alls (CompositeExplicitAutograd).
+void unsupported_device(const char* op, const at::Tensor& t) {
+  TORCH_CHECK(false, op, ": only CPU and CUDA tensors are supported, got tensors on ", t.device());
+}
+
+namespace {
+
 void check_pair(const at::Tensor& input, const at::Tensor& target) {
-  check_float(input, "input");
-  check_float(target, "target");
+  check_float(input, "batchkl.kl", "input");
+  check_float(target, "batchkl.kl", "target");
   TORCH_CHECK(input.device() == target.device(),
               "batchkl.kl: 'input' and 'target' must be on the same device, got input on ", input.device(),
               " and target on ", target.device());
-}
-
-// Devices other than CPU and CUDA never reach check_pair: they have no
-// backend kernel and land in the catch-all registered at the end of this file.
-[[noreturn]] void unsupported_device(const at::Tensor& input) {
-  TORCH_CHECK(false, "batchkl.kl: only CPU and CUDA tensors are supported, got tensors on ", input.device());
 }
 
 std::vector<int64_t> broadcast_shape(const at::Tensor& input, const at::Tensor& target) {
@@ -269,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor> kl_none_backward_impl(const at::Tensor& grad,
                                                          bool want_grad_input, bool want_grad_target,
                                                          Launcher launch) {
   check_pair(input, target);
-  check_float(grad, "grad");
+  check_float(grad, "batchkl.kl", "grad");
   const c10::DeviceGuard device_guard(input.device());
   auto [dtype, shape, opts, ops] = promote_and_broadcast(input, target);
   TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef(shape), "batchkl.kl: 'grad' must have the broadcast shape ",
@@ -305,7 +307,10 @@ void kl_scale_impl(at::Tensor& grad, const at::Tensor& scale, Scaler scaler) {
   TORCH_CHECK(scale.numel() == 1 || scale.numel() == rows, "batchkl.kl_scale_: 'scale' must have 1 or ", rows,
               " elements, got ", scale.numel());
   const c10::DeviceGuard device_guard(grad.device());
-  scaler(grad, scale.to(grad.scalar_type()).contiguous());
+  // The CPU multiplies in the gradient's math type (float32 for 16-bit), so
+  // the product is rounded once; the CUDA scaler takes the gradient's dtype.
+  const auto scale_type = grad.is_cpu() ? at::toOpMathType(grad.scalar_type()) : grad.scalar_type();
+  scaler(grad, scale.to(scale_type).contiguous());
 }
 
 // Every backend without a kernel of its own (XPU, MPS, PrivateUse1, ...) lands
@@ -313,13 +318,13 @@ void kl_scale_impl(at::Tensor& grad, const at::Tensor& scale, Scaler scaler) {
 // generic "could not run" about an internal op. Meta has its own (fake) kernel.
 TORCH_LIBRARY_IMPL(batchkl, CompositeExplicitAutograd, m) {
   m.impl("kl", [](const at::Tensor& input, const at::Tensor&, c10::string_view, bool) -> at::Tensor {
-    unsupported_device(input);
+    unsupported_device("batchkl.kl", input);
   });
   m.impl("kl_fused", [](const at::Tensor& input, const at::Tensor&, c10::string_view, bool, bool,
-                        bool) -> std::tuple<at::Tensor, at::Tensor, at::Tensor> { unsupported_device(input); });
+                        bool) -> std::tuple<at::Tensor, at::Tensor, at::Tensor> { unsupported_device("batchkl.kl", input); });
   m.impl("kl_none_backward", [](const at::Tensor&, const at::Tensor& input, const at::Tensor&, bool, bool,
-                                bool) -> std::tuple<at::Tensor, at::Tensor> { unsupported_device(input); });
-  m.impl("kl_scale_", [](at::Tensor& grad, const at::Tensor&) { unsupported_device(grad); });
+                                bool) -> std::tuple<at::Tensor, at::Tensor> { unsupported_device("batchkl.kl", input); });
+  m.impl("kl_scale_", [](at::Tensor& grad, const at::Tensor&) { unsupported_device("batchkl.kl", grad); });
 }
 
 }  // namespace batchkl

@@ -94,4 +94,75 @@ struct KLTerm {
   }
 };
 
+// ---------------------------------------------------------------------------
+// kl_with_logits: divergences between the softmax distributions of two rows.
+//
+// P is the teacher (target), Q the student (input). Which divergence, in the
+// convention of TRL's GKDTrainer.generalized_jsd_loss:
+//   kForward  beta = 0:  KL(P || Q)
+//   kReverse  beta = 1:  KL(Q || P)
+//   kJSD      else:      beta KL(P || M) + (1 - beta) KL(Q || M), M = beta P + (1 - beta) Q
+enum class Divergence : int { kForward = 0, kReverse = 1, kJSD = 2 };
+
+// One element of a row, given the normalised log-probabilities and
+// probabilities of both distributions (the kernel gets them from the row's
+// log-normaliser). Produces the element's share of the divergence and the
+// derivatives of the row's divergence D w.r.t. log q_j and log p_j *as free
+// variables*:
+//   gq = dD/dlog q_j,  gp = dD/dlog p_j.
+// The gradient w.r.t. the logits then follows from the softmax Jacobian,
+//   dD/da_j = gq_j - q_j * sum_k gq_k     (and the same for b with gp, p),
+// where the row sums are -1 a priori for the distribution a divergence only
+// reads through log (Q in kForward, P in kReverse) and otherwise come out of
+// the kernel's accumulation sweep. (The vector types of a backend plug in
+// through MathOps, as for KLTerm; these also need max, min and log1p.)
+//
+// Zero-probability rule, as in KLTerm: an entry whose probability is exactly
+// 0 (a -inf logit, or an underflow) contributes 0 to the divergence and to
+// the derivatives, where the naive formula gives 0 * inf = NaN. A NaN
+// probability is not 0 and propagates.
+template <typename T>
+struct JSDWeights {
+  T beta, one_minus_beta;          // of P and Q in M
+  T log_beta, log_one_minus_beta;  // their logs, for M in log space
+};
+
+template <Divergence kDiv, typename T, typename Ops = MathOps<T>>
+struct LogitsTerm {
+  T loss, gq, gp;
+
+  C10_HOST_DEVICE inline LogitsTerm(T log_q, T q, T log_p, T p, const JSDWeights<T>& w) {
+    if constexpr (kDiv != Divergence::kJSD) {
+      *this = LogitsTerm(log_p - log_q, q, p);
+    } else {
+      // log m = logsumexp(log p + log beta, log q + log(1 - beta)), in log
+      // space so that m never underflows where p or q does not. (Where both
+      // are -inf this is NaN, but then p = q = 0 and both terms select 0.)
+      const T zero = Ops::splat(0.f);
+      const T lp = log_p + w.log_beta, lq = log_q + w.log_one_minus_beta;
+      const T hi = Ops::max(lp, lq);
+      const T log_m = hi + Ops::log1p(Ops::exp(Ops::min(lp, lq) - hi));
+      gp = w.beta * Ops::select(Ops::eq(p, zero), zero, p * (log_p - log_m));
+      gq = w.one_minus_beta * Ops::select(Ops::eq(q, zero), zero, q * (log_q - log_m));
+      loss = gp + gq;
+    }
+  }
+
+  // The two KLs read log p and log q only through log p - log q, which a
+  // kernel may have cheaper (and more exactly) than the two terms.
+  C10_HOST_DEVICE inline LogitsTerm(T log_p_minus_log_q, T q, T p) {
+    static_assert(kDiv != Divergence::kJSD, "JSD needs log p and log q");
+    const T zero = Ops::splat(0.f);
+    if constexpr (kDiv == Divergence::kForward) {
+      loss = Ops::select(Ops::eq(p, zero), zero, p * log_p_minus_log_q);
+      gq = zero - p;
+      gp = loss + p;
+    } else {
+      loss = Ops::select(Ops::eq(q, zero), zero, q * (zero - log_p_minus_log_q));
+      gq = loss + q;
+      gp = zero - q;
+    }
+  }
+};
+
 }  // namespace batchkl

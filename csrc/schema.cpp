@@ -24,4 +24,24 @@ TORCH_LIBRARY(batchkl, m) {
       "kl_none_backward(Tensor grad, Tensor input, Tensor target, bool log_target, bool grad_input, "
       "bool grad_target) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  // The distillation op: a divergence between softmax(target / T) (teacher P)
+  // and softmax(input / T) (student Q), rows along the last dim. beta picks
+  // it as in TRL's generalized_jsd_loss: 0 = KL(P || Q), 1 = KL(Q || P),
+  // otherwise the generalized JSD. 'none' gives one value per row. probs=True
+  // reads the rows as unnormalised probabilities instead of logits. dtype:
+  // of the result (default: the inputs' promoted dtype); the kernel
+  // accumulates in float32 or wider whatever it is.
+  m.def(
+      "kl_with_logits(Tensor input, Tensor target, float beta=0.0, float temperature=1.0, "
+      "str reduction=\"batchmean\", Tensor? mask=None, Tensor? num_items_in_batch=None, bool probs=False, "
+      "ScalarType? dtype=None) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // Its forward launch: the loss and the gradients w.r.t. input / target
+  // (already scaled by the reduction) where asked, an empty tensor where not.
+  m.def(
+      "kl_with_logits_fused(Tensor input, Tensor target, float beta, float temperature, str reduction, "
+      "Tensor? mask, Tensor? num_items_in_batch, bool probs, bool grad_input, bool grad_target, "
+      "ScalarType? dtype=None) "
+      "-> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
 }

@@ -10,6 +10,7 @@
 
 #include "../kl.h"
 #include "../register_backend.h"
+#include "prefault.h"
 #include "vec_ops.h"
 
 namespace batchkl {
@@ -96,6 +97,17 @@ void run_cpu(const KLLaunch& p) {
   // About 32k elements per task: enough to amortise the scheduling.
   const int64_t grain = std::max<int64_t>(1, 32768 / g.chunk);
   at::parallel_for(0, ntiles, grain, [&](int64_t begin, int64_t end) {
+    // The outputs this call allocated (never grad_output, kOut of kBackward)
+    // are dense in tile order: this chunk of tiles writes one span of each.
+    for (const int k : {int(kGradInput), int(kGradTarget), kMode == Mode::kElementwise ? int(kOut) : -1}) {
+      if (k < 0 || p.ptr[k] == nullptr) continue;
+      auto* base = static_cast<scalar_t*>(p.ptr[k]);
+      const int64_t first = begin / g.chunks_per_row, last = (end - 1) / g.chunks_per_row;
+      scalar_t* from = base + g.row_offset(k, first) + (begin - first * g.chunks_per_row) * g.chunk * g.col_stride[k];
+      const int64_t last_col0 = (end - 1 - last * g.chunks_per_row) * g.chunk;
+      scalar_t* to = base + g.row_offset(k, last) + (std::min(g.cols, last_col0 + g.chunk) - 1) * g.col_stride[k] + 1;
+      if (to > from) populate_for_write(from, (to - from) * sizeof(scalar_t));
+    }
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t row = tile / g.chunks_per_row;
       const int64_t col0 = (tile - row * g.chunks_per_row) * g.chunk;

@@ -23,6 +23,9 @@ struct VecMathOps {
   static inline V select(const Mask& m, const V& a, const V& b) { return V::blendv(b, a, m); }
   static inline Mask eq(const V& a, const V& b) { return a == b; }
   static inline V splat(T v) { return V(v); }
+  static inline V log1p(const V& v) { return v.log1p(); }
+  static inline V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  static inline V min(const V& a, const V& b) { return at::vec::minimum(a, b); }
 };
 
 template <>

@@ -5,7 +5,9 @@
 //   (b) autograd from C++ (the autograd Function registered at the Autograd key);
 //   (c) the zero-probability rule (target 0 -> loss 0 and gradients 0, not NaN);
 //   (d) a bad reduction string throws c10::ValueError;
-//   (e) CUDA vs CPU, when CUDA is available and the CUDA kernels were built.
+//   (e) CUDA vs CPU, when CUDA is available and the CUDA kernels were built;
+//   (f) `batchkl::kl_with_logits`: forward KL, reverse KL and JSD against ATen's
+//       log_softmax formula, its gradients from C++, a mask, and a bad temperature.
 // Prints every failed check and returns non-zero if there was one.
 //
 // Env: BATCHKL_REQUIRE_CUDA=1 makes a skipped CUDA part a failure.
@@ -17,7 +19,9 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -409,6 +413,66 @@ bool test_cuda() {
   return true;
 }
 
+using LogitsSig = at::Tensor(const at::Tensor&, const at::Tensor&, double, double, c10::string_view,
+                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
+                            std::optional<at::ScalarType>);
+
+at::Tensor kl_with_logits(const at::Tensor& input, const at::Tensor& target, double beta, double temperature,
+                          std::string_view reduction, const std::optional<at::Tensor>& mask = std::nullopt) {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("batchkl::kl_with_logits", "").typed<LogitsSig>();
+  return op.call(input, target, beta, temperature, reduction, mask, std::nullopt, false, std::nullopt);
+}
+
+// Per-row generalized JSD (TRL's convention) with ATen ops, in double.
+at::Tensor logits_reference(const at::Tensor& input, const at::Tensor& target, double beta, double temperature) {
+  const auto lq = at::log_softmax(input.to(at::kDouble) / temperature, -1);
+  const auto lp = at::log_softmax(target.to(at::kDouble) / temperature, -1);
+  const auto kl_rows = [](const at::Tensor& la, const at::Tensor& lb) { return (la.exp() * (la - lb)).sum(-1); };
+  if (beta == 0.0) return kl_rows(lp, lq);
+  if (beta == 1.0) return kl_rows(lq, lp);
+  const auto lm = at::logsumexp(at::stack({lp + std::log(beta), lq + std::log1p(-beta)}), 0);
+  return beta * kl_rows(lp, lm) + (1 - beta) * kl_rows(lq, lm);
+}
+
+void test_logits() {
+  for (double beta : {0.0, 1.0, 0.3}) {
+    const std::string what = str("kl_with_logits beta=", beta);
+    try {
+      auto x = at::randn({3, 4, 37}, at::kDouble).requires_grad_();
+      auto t = at::randn({3, 4, 37}, at::kDouble).requires_grad_();
+      auto rows = kl_with_logits(x, t, beta, 2.0, "none");
+      check_close(rows, logits_reference(x, t, beta, 2.0), 1e-10, 1e-12, what + " 'none'");
+      // Gradients of both arguments through the C++ autograd Function.
+      auto w = at::rand({3, 4}, at::kDouble);
+      (rows * w).sum().backward();
+      auto xr = x.detach().clone().requires_grad_(), tr = t.detach().clone().requires_grad_();
+      (logits_reference(xr, tr, beta, 2.0) * w).sum().backward();
+      check(x.grad().defined() && t.grad().defined(), what + ": gradient not defined");
+      if (x.grad().defined() && t.grad().defined()) {
+        check_close(x.grad(), xr.grad(), 1e-9, 1e-12, what + " grad input");
+        check_close(t.grad(), tr.grad(), 1e-9, 1e-12, what + " grad target");
+      }
+      // A mask drops rows; 'batchmean' divides by the rows kept.
+      auto mask = at::rand({3, 4}) > 0.3;
+      const double kept = std::max<double>(1.0, mask.sum().item<double>());
+      check_close(kl_with_logits(x.detach(), t.detach(), beta, 1.0, "batchmean", mask),
+                  (logits_reference(x, t, beta, 1.0) * mask).sum() / kept, 1e-10, 1e-12, what + " masked batchmean");
+    } catch (const std::exception& e) {
+      check(false, what + ": threw " + e.what());
+    }
+  }
+  try {
+    kl_with_logits(at::randn({2, 5}), at::randn({2, 5}), 0.0, 0.0, "batchmean");
+    check(false, "kl_with_logits: temperature 0: no exception");
+  } catch (const c10::ValueError& e) {
+    check(std::string(e.what()).find("temperature") != std::string::npos,
+          str("kl_with_logits: temperature 0: message does not name the argument: ", e.what()));
+  } catch (const std::exception& e) {
+    check(false, str("kl_with_logits: temperature 0: not a c10::ValueError: ", e.what()));
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -425,6 +489,7 @@ int main() {
   test_autograd();
   test_zero_probability();
   test_errors();
+  test_logits();
   const bool cuda_ran = test_cuda();
   if (!cuda_ran && require_cuda && std::string(require_cuda) == "1") {
     check(false, "BATCHKL_REQUIRE_CUDA=1 but the CUDA-vs-CPU checks were skipped");
