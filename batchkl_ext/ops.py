@@ -23,14 +23,18 @@ _REDUCTIONS = ("none", "sum", "mean", "batchmean", "row")
 # They mirror csrc/kl_host.cpp: output shapes, dtypes and layouts, and the
 # argument errors that can be told from metadata alone.
 
-def _check_args(input: Tensor, target: Tensor, reduction: str):
+def _check_pair(op: str, input: Tensor, target: Tensor):
     for name, t in (("input", input), ("target", target)):
         if not t.dtype.is_floating_point:
-            raise TypeError(f"batchkl.kl: argument '{name}' must have a floating-point dtype "
+            raise TypeError(f"{op}: argument '{name}' must have a floating-point dtype "
                             f"(float32, float64, float16 or bfloat16), got {t.dtype}")
     if input.device != target.device:
-        raise RuntimeError(f"batchkl.kl: 'input' and 'target' must be on the same device, got input on "
+        raise RuntimeError(f"{op}: 'input' and 'target' must be on the same device, got input on "
                            f"{input.device} and target on {target.device}")
+
+
+def _check_args(input: Tensor, target: Tensor, reduction: str):
+    _check_pair("batchkl.kl", input, target)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"batchkl.kl: argument 'reduction' must be one of 'none', 'sum', 'mean', "
                          f"'batchmean', 'row', got '{reduction}'")
@@ -92,13 +96,7 @@ _LOGITS_REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
 
 def _check_logits_args(input, target, beta, temperature, reduction, mask, num_items_in_batch, probs, dtype):
-    for name, t in (("input", input), ("target", target)):
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{_LOGITS_OP}: argument '{name}' must have a floating-point dtype "
-                            f"(float32, float64, float16 or bfloat16), got {t.dtype}")
-    if input.device != target.device:
-        raise RuntimeError(f"{_LOGITS_OP}: 'input' and 'target' must be on the same device, got input on "
-                           f"{input.device} and target on {target.device}")
+    _check_pair(_LOGITS_OP, input, target)
     if input.dim() < 1:
         raise ValueError(f"{_LOGITS_OP}: 'input' and 'target' must have at least one dimension (the "
                          f"distribution dim), got shape {tuple(input.shape)}")

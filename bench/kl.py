@@ -133,7 +133,10 @@ IMPLS = ("batchkl", "eager", "compile")  # batchkl first: the others' speedups d
 # (shape, dtype) configurations. QUICK is the smoke test; BASE runs everywhere;
 # CUDA_EXTRA only on a GPU, where these sizes take milliseconds, not seconds.
 QUICK: list[tuple[Shape, torch.dtype]] = [((128, 32000), torch.float32), ((32, 128256), torch.bfloat16)]
-BASE: list[tuple[Shape, torch.dtype]] = [((1024, 32000), torch.float32), ((256, 128256), torch.bfloat16)]
+# The last one: small rows (as a policy's action space or a VAE's categories),
+# where per-row overhead, not the exps, decides.
+BASE: list[tuple[Shape, torch.dtype]] = [((1024, 32000), torch.float32), ((256, 128256), torch.bfloat16),
+                                         ((262144, 128), torch.float32)]
 CUDA_EXTRA: list[tuple[Shape, torch.dtype]] = [
     (shape, dtype)
     for shape in ((8192, 32000), (8192, 128256), (4096, 256000), (65536, 512))

@@ -22,11 +22,23 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Sums a gradient computed in the broadcast shape down to an argument's shape
-// and dtype (SymInt-aware, so AOTAutograd can trace it with dynamic shapes).
-at::Tensor reduce_to(const at::Tensor& grad, const c10::IValue& sizes, const c10::IValue& dtype) {
+// What a backward needs to know of the two arguments besides the saved
+// gradients: their shapes and dtypes, and whether saved-tensor hooks ran.
+void save_arguments(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target) {
+  ctx->saved_data["hooked"] = at::SavedTensorDefaultHooks::get_hooks().has_value();
+  ctx->saved_data["input_sizes"] = input.sym_sizes();
+  ctx->saved_data["target_sizes"] = target.sym_sizes();
+  ctx->saved_data["input_dtype"] = static_cast<int64_t>(input.scalar_type());
+  ctx->saved_data["target_dtype"] = static_cast<int64_t>(target.scalar_type());
+}
+
+// Sums a gradient computed in the broadcast shape down to argument `arg`'s
+// ("input" or "target") shape and dtype (SymInt-aware, so AOTAutograd can
+// trace it with dynamic shapes).
+at::Tensor reduce_to(const at::Tensor& grad, AutogradContext* ctx, const std::string& arg) {
   if (!grad.defined()) return grad;
-  return at::sum_to(grad, sizes.toSymIntVector()).to(static_cast<at::ScalarType>(dtype.toInt()));
+  return at::sum_to(grad, ctx->saved_data[arg + "_sizes"].toSymIntVector())
+      .to(static_cast<at::ScalarType>(ctx->saved_data[arg + "_dtype"].toInt()));
 }
 
 // The saved gradients are private to this node, so when the graph is freed
@@ -102,11 +114,7 @@ class KLFunction : public torch::autograd::Function<KLFunction> {
     ctx->saved_data["none"] = none;
     ctx->saved_data["row"] = parse_reduction(reduction) == Reduction::kRow;
     ctx->saved_data["log_target"] = log_target;
-    ctx->saved_data["hooked"] = at::SavedTensorDefaultHooks::get_hooks().has_value();
-    ctx->saved_data["input_sizes"] = input.sym_sizes();
-    ctx->saved_data["target_sizes"] = target.sym_sizes();
-    ctx->saved_data["input_dtype"] = static_cast<int64_t>(input.scalar_type());
-    ctx->saved_data["target_dtype"] = static_cast<int64_t>(target.scalar_type());
+    save_arguments(ctx, input, target);
 
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
@@ -149,11 +157,8 @@ class KLFunction : public torch::autograd::Function<KLFunction> {
       if (want_target) grad_target = scale_saved(saved[1]);
     }
     // (kl_none_backward returns an empty tensor for a gradient not asked for.)
-    grad_input = want_input ? reduce_to(grad_input, ctx->saved_data["input_sizes"], ctx->saved_data["input_dtype"])
-                            : at::Tensor();
-    grad_target = want_target
-                      ? reduce_to(grad_target, ctx->saved_data["target_sizes"], ctx->saved_data["target_dtype"])
-                      : at::Tensor();
+    grad_input = want_input ? reduce_to(grad_input, ctx, "input") : at::Tensor();
+    grad_target = want_target ? reduce_to(grad_target, ctx, "target") : at::Tensor();
     constexpr const char* msg =
         "batchkl.kl: second derivatives (double backward) are not supported: its gradients come out of the fused "
         "forward kernel. Use torch.nn.functional.kl_div where higher-order gradients are needed.";
@@ -182,11 +187,7 @@ class KLWithLogitsFunction : public torch::autograd::Function<KLWithLogitsFuncti
                                const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& num_items,
                                bool probs, std::optional<at::ScalarType> dtype) {
     ctx->saved_data["per_row"] = reduction == "none" && !num_items.has_value();
-    ctx->saved_data["hooked"] = at::SavedTensorDefaultHooks::get_hooks().has_value();
-    ctx->saved_data["input_sizes"] = input.sym_sizes();
-    ctx->saved_data["target_sizes"] = target.sym_sizes();
-    ctx->saved_data["input_dtype"] = static_cast<int64_t>(input.scalar_type());
-    ctx->saved_data["target_dtype"] = static_cast<int64_t>(target.scalar_type());
+    save_arguments(ctx, input, target);
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("batchkl::kl_with_logits_fused", "")
@@ -212,12 +213,10 @@ class KLWithLogitsFunction : public torch::autograd::Function<KLWithLogitsFuncti
     at::Tensor grad_input, grad_target;
     // (The shapes match; reduce_to only casts back from a promoted dtype.)
     if (ctx->needs_input_grad(0)) {
-      grad_input = reduce_to(scale_fused_grad(saved[0], g, per_row, hooked), ctx->saved_data["input_sizes"],
-                             ctx->saved_data["input_dtype"]);
+      grad_input = reduce_to(scale_fused_grad(saved[0], g, per_row, hooked), ctx, "input");
     }
     if (ctx->needs_input_grad(1)) {
-      grad_target = reduce_to(scale_fused_grad(saved[1], g, per_row, hooked), ctx->saved_data["target_sizes"],
-                              ctx->saved_data["target_dtype"]);
+      grad_target = reduce_to(scale_fused_grad(saved[1], g, per_row, hooked), ctx, "target");
     }
     return {once_differentiable(grad_input, msg), once_differentiable(grad_target, msg), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
