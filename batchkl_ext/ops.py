@@ -23,14 +23,14 @@ _REDUCTIONS = ("none", "sum", "mean", "batchmean", "row")
 # They mirror csrc/kl_host.cpp: output shapes, dtypes and layouts, and the
 # argument errors that can be told from metadata alone.
 
-def _check_pair(op: str, input: Tensor, target: Tensor):
-    for name, t in (("input", input), ("target", target)):
+def _check_pair(op: str, input: Tensor, target: Tensor, names=("input", "target")):
+    for name, t in zip(names, (input, target)):
         if not t.dtype.is_floating_point:
             raise TypeError(f"{op}: argument '{name}' must have a floating-point dtype "
                             f"(float32, float64, float16 or bfloat16), got {t.dtype}")
     if input.device != target.device:
-        raise RuntimeError(f"{op}: 'input' and 'target' must be on the same device, got input on "
-                           f"{input.device} and target on {target.device}")
+        raise RuntimeError(f"{op}: '{names[0]}' and '{names[1]}' must be on the same device, got "
+                           f"{names[0]} on {input.device} and {names[1]} on {target.device}")
 
 
 def _check_args(input: Tensor, target: Tensor, reduction: str):
@@ -309,10 +309,7 @@ def kl_divergence(p: Tensor, q: Tensor, *, kind: str = "probs", dim: int = -1) -
     if kind not in _KINDS:
         raise ValueError(f"batchkl_ext.kl_divergence: argument 'kind' must be one of 'probs', 'log_probs', "
                          f"'logits', got {kind!r}")
-    for name, t in (("p", p), ("q", q)):
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"batchkl_ext.kl_divergence: argument '{name}' must have a floating-point dtype "
-                            f"(float32, float64, float16 or bfloat16), got {t.dtype}")
+    _check_pair("batchkl_ext.kl_divergence", p, q, names=("p", "q"))
     if p.shape != q.shape:
         raise ValueError(f"batchkl_ext.kl_divergence: 'p' and 'q' must have the same shape, got "
                          f"{tuple(p.shape)} and {tuple(q.shape)}")
