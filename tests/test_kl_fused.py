@@ -121,3 +121,35 @@ def test_more_than_2_pow_31_elements(device):
     torch.testing.assert_close(per_row[0].item(), cols * p * (math.log(p) + 7.0), rtol=1e-2, atol=0)
     torch.testing.assert_close(per_row[-1].item(), cols * p * (math.log(p) + 3.0), rtol=1e-2, atol=0)
     torch.testing.assert_close(per_row[-2].item(), per_row[0].item(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("op", ["kl_row", "kl_batchmean", "logits_none", "logits_autocast"])
+def test_backward_scaling_touches_no_full_size_temporary_on_cpu(op, dtype):
+    """grad_output != 1 (per row or scalar, in the gradient's dtype or, under
+    autocast, float32): the CPU scales the saved gradient in place with no
+    N x V multiply, cast or copy, and the result is the product rounded once."""
+    shape = (24, 257)
+    x = make_logprobs(shape).to(dtype).requires_grad_()
+    t = make_target(shape, True).to(dtype)
+    if op == "kl_row":
+        loss = kl_op(x, t, "row", True)
+    elif op == "kl_batchmean":
+        loss = kl_op(x, t, "batchmean", True)
+    elif op == "logits_none":
+        loss = torch.ops.batchkl.kl_with_logits(x, t, 0.3, 1.0, "none")
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.ops.batchkl.kl_with_logits(x, t, 0.0, 2.0, "batchmean")
+        assert loss.dtype == torch.float32
+    g = torch.rand_like(loss) + 0.5
+    saved = torch.autograd.grad(loss, x, torch.ones_like(loss), retain_graph=True)[0].float()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss.backward(g)
+    full = [e.name for e in prof.events()
+            if any(list(s) == list(shape) for s in e.input_shapes or [] if isinstance(s, (list, tuple)))
+            and e.name in ("aten::mul", "aten::mul_", "aten::_to_copy", "aten::copy_", "aten::clone",
+                           "aten::empty_like", "aten::empty_strided", "aten::add", "aten::sum")]
+    assert not full, full
+    expected = saved * (g.unsqueeze(-1) if loss.dim() else g).float()
+    torch.testing.assert_close(x.grad, expected.to(dtype), rtol=0, atol=0)
