@@ -24,7 +24,7 @@ Divergence divergence_for(double beta) {
 
 void check_args(const at::Tensor& input, const at::Tensor& target, double beta, double temperature,
                 c10::string_view reduction, const std::optional<at::Tensor>& mask,
-                const std::optional<at::Tensor>& num_items, bool probs) {
+                const std::optional<at::Tensor>& num_items, bool probs, std::optional<at::ScalarType> out_dtype) {
   check_float(input, kOp, "input");
   check_float(target, kOp, "target");
   TORCH_CHECK(input.device() == target.device(), kOp,
@@ -46,6 +46,8 @@ void check_args(const at::Tensor& input, const at::Tensor& target, double beta, 
     // only holds untempered.
     TORCH_CHECK_VALUE(temperature == 1.0, kOp, ": probs=True needs temperature=1.0, got ", temperature);
   }
+  TORCH_CHECK_TYPE(!out_dtype.has_value() || at::isFloatingType(*out_dtype), kOp,
+                   ": argument 'dtype' must be a floating-point dtype, got ", *out_dtype);
   if (mask.has_value()) {
     const at::Tensor& m = *mask;
     TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, kOp, ": argument 'mask' must be a bool tensor, got ",
@@ -74,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_with_logits_fused_impl(
     c10::string_view reduction, const std::optional<at::Tensor>& mask,
     const std::optional<at::Tensor>& num_items_in_batch, bool probs, std::optional<at::ScalarType> out_dtype,
     bool want_grad_input, bool want_grad_target, LogitsLauncher launch) {
-  check_args(input_arg, target_arg, beta, temperature, reduction, mask, num_items_in_batch, probs);
+  check_args(input_arg, target_arg, beta, temperature, reduction, mask, num_items_in_batch, probs, out_dtype);
   const Reduction red = parse_reduction(reduction);
   const c10::DeviceGuard device_guard(input_arg.device());
 
@@ -100,8 +102,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_with_logits_fused_impl(
   plan.want_grad_input = want_grad_input;
   plan.want_grad_target = want_grad_target;
 
-  TORCH_CHECK_TYPE(!out_dtype.has_value() || at::isFloatingType(*out_dtype), kOp,
-                   ": argument 'dtype' must be a floating-point dtype, got ", *out_dtype);
   const bool scalar = red != Reduction::kNone || num_items_in_batch.has_value();
   // The kernel sums in float64; the result is rounded once, here.
   const at::TensorOptions out_opts = opts.dtype(out_dtype.value_or(dtype));

@@ -96,27 +96,36 @@ void run_cpu(const KLLaunch& p) {
   const TileWorker<scalar_t, kMode, kLog> worker{p, static_cast<acc_t>(1.0 / p.divisor)};
   // About 32k elements per task: enough to amortise the scheduling.
   const int64_t grain = std::max<int64_t>(1, 32768 / g.chunk);
+  // A tile's place in the rows x cols walk, and where it starts in operand k.
+  struct Tile {
+    int64_t row, col0, n;
+  };
+  const auto tile_at = [&](int64_t tile) {
+    const int64_t row = tile / g.chunks_per_row;
+    const int64_t col0 = (tile - row * g.chunks_per_row) * g.chunk;
+    return Tile{row, col0, std::min(g.chunk, g.cols - col0)};
+  };
+  const auto start = [&](int k, const Tile& t) -> scalar_t* {
+    auto* base = static_cast<scalar_t*>(p.ptr[k]);
+    return base ? base + g.row_offset(k, t.row) + t.col0 * g.col_stride[k] : nullptr;
+  };
   at::parallel_for(0, ntiles, grain, [&](int64_t begin, int64_t end) {
     // The outputs this call allocated (never grad_output, kOut of kBackward)
     // are dense in tile order: this chunk of tiles writes one span of each.
+    const Tile first = tile_at(begin), last = tile_at(end - 1);
     for (const int k : {int(kGradInput), int(kGradTarget), kMode == Mode::kElementwise ? int(kOut) : -1}) {
       if (k < 0 || p.ptr[k] == nullptr) continue;
-      auto* base = static_cast<scalar_t*>(p.ptr[k]);
-      const int64_t first = begin / g.chunks_per_row, last = (end - 1) / g.chunks_per_row;
-      scalar_t* from = base + g.row_offset(k, first) + (begin - first * g.chunks_per_row) * g.chunk * g.col_stride[k];
-      const int64_t last_col0 = (end - 1 - last * g.chunks_per_row) * g.chunk;
-      scalar_t* to = base + g.row_offset(k, last) + (std::min(g.cols, last_col0 + g.chunk) - 1) * g.col_stride[k] + 1;
+      scalar_t* from = start(k, first);
+      scalar_t* to = start(k, last) + (last.n - 1) * g.col_stride[k] + 1;
       if (to > from) populate_for_write(from, (to - from) * sizeof(scalar_t));
     }
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t row = tile / g.chunks_per_row;
-      const int64_t col0 = (tile - row * g.chunks_per_row) * g.chunk;
-      const int64_t n = std::min(g.chunk, g.cols - col0);
+      const Tile t = tile_at(tile);
+      const int64_t n = t.n;
       scalar_t* ptr[kNumOperands];
       int64_t stride[kNumOperands];
       for (int k = 0; k < kNumOperands; ++k) {
-        auto* base = static_cast<scalar_t*>(p.ptr[k]);
-        ptr[k] = base ? base + g.row_offset(k, row) + col0 * g.col_stride[k] : nullptr;
+        ptr[k] = start(k, t);
         stride[k] = g.col_stride[k];
       }
       const acc_t s = worker.run(ptr, stride, n);
@@ -161,7 +170,7 @@ void scale_rows(scalar_t* grad, int64_t rows, int64_t cols, const at::opmath_typ
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const auto s = scale[per_row ? r : 0];
-      if (s == 1) continue;
+      if (s == 1) continue;  // the usual loss.backward(): no pass at all
       scalar_t* g = grad + r * cols;
       int64_t j = 0;
       for (; j + IO::kWidth <= cols; j += IO::kWidth) {
@@ -175,8 +184,6 @@ void scale_rows(scalar_t* grad, int64_t rows, int64_t cols, const at::opmath_typ
 }
 
 void scale_cpu(at::Tensor& grad, const at::Tensor& scale) {
-  // Reading the scale is free on the CPU: skip the pass when it is all ones.
-  if (scale.eq(1).all().item<bool>()) return;
   // One scale per row of the last dim, or one for all (kl_scale_impl checked which).
   const int64_t cols = grad.dim() == 0 ? 1 : std::max<int64_t>(grad.size(-1), 1);
   const int64_t rows = grad.numel() / cols;

@@ -288,8 +288,10 @@ struct RowKernel {
         }
       }
       sums.loss += hsum(s_loss);
-      sums.gq += hsum(s_gq);
-      sums.gp += hsum(s_gp);
+      if constexpr (!kWrite) {
+        sums.gq += hsum(s_gq);
+        sums.gp += hsum(s_gp);
+      }
     }
     return sums;
   }
