@@ -37,8 +37,13 @@ void save_arguments(AutogradContext* ctx, const at::Tensor& input, const at::Ten
 // trace it with dynamic shapes).
 at::Tensor reduce_to(const at::Tensor& grad, AutogradContext* ctx, const std::string& arg) {
   if (!grad.defined()) return grad;
-  return at::sum_to(grad, ctx->saved_data[arg + "_sizes"].toSymIntVector())
-      .to(static_cast<at::ScalarType>(ctx->saved_data[arg + "_dtype"].toInt()));
+  // Summing over broadcast dims happens in the wider of the two dtypes: a
+  // float32 target broadcast against float16 input gets its thousands of
+  // float16 gradient elements summed in float32, not rounded to (or
+  // overflowing) float16 first. Where nothing is summed this is one cast.
+  const auto dtype = static_cast<at::ScalarType>(ctx->saved_data[arg + "_dtype"].toInt());
+  const auto wide = at::promote_types(grad.scalar_type(), dtype);
+  return at::sum_to(grad.to(wide), ctx->saved_data[arg + "_sizes"].toSymIntVector()).to(dtype);
 }
 
 // The saved gradients are private to this node, so when the graph is freed

@@ -13,6 +13,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 step() { echo "== $* ($(date +%T))"; }
 
 step environment
+# Wheels carried in .whl/ (liger-kernel for the benchmark's baseline; the
+# machine reaches no package index) go to a private target on the path.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/env.txt"
 $PY -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])" | tee -a "$OUT/env.txt"
 
@@ -35,7 +41,7 @@ for tool in memcheck racecheck; do
 done
 
 step pytest
-timeout ${PYTEST_TIMEOUT:-900} $PY -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-tests} > "$OUT/pytest.log" 2>&1
+BATCHKL_HUGE_TESTS=1 timeout ${PYTEST_TIMEOUT:-900} $PY -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:-tests} > "$OUT/pytest.log" 2>&1
 echo "pytest exit $?" | tee -a "$OUT/checks.log"
 tail -15 "$OUT/pytest.log"
 

@@ -15,7 +15,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --upgrade "pip>=23" setuptools wheel
-"$VENV/bin/python" -m pip install -q "$TORCH_SPEC" ninja pybind11 pytest numpy expecttest
+"$VENV/bin/python" -m pip install -q "$TORCH_SPEC" ninja pybind11 pytest numpy expecttest hypothesis matplotlib
 
 # MAX_JOBS: torch's ninja build would otherwise start one nvcc per core and
 # more; two at a time is what a 2-core, 24 GiB machine takes comfortably.

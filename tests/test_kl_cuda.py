@@ -12,6 +12,7 @@ import torch
 
 import batchkl_ext
 from conftest import (FLOAT_DTYPES, REDUCTIONS, apply_layout, assert_bitwise_equal, assert_close_scaled,
+                      assert_same_under_deterministic_algorithms,
                       check_against_reference, kl_op, leaf, make_logprobs, make_target, ref_grads, ref_kl,
                       run_and_grad, torch_kl)
 
@@ -276,6 +277,80 @@ def test_cuda_uses_current_stream(reduction):
     assert_close_scaled(out[1], rgx, mgx, what="grad_input on side stream")
     assert_close_scaled(out[2], rgt, mgt, what="grad_target on side stream")
     torch.cuda.synchronize()
+
+
+def _weights(reduction, shape):
+    """A fixed upstream gradient (not 1) for 'none' / 'row', None otherwise."""
+    if reduction not in ("none", "row"):
+        return None
+    shape = shape if reduction == "none" else shape[:-1]
+    return (torch.arange(math.prod(shape), device=DEV) % 3 + 0.5).reshape(shape)
+
+
+def _fwd_bwd(x, t, reduction, log_target):
+    return run_and_grad(lambda a, b: kl_op(a, b, reduction, log_target), x, t, reduction,
+                        _weights(reduction, torch.broadcast_shapes(x.shape, t.shape)))
+
+
+@pytest.mark.parametrize("log_target", [False, True], ids=["prob", "logt"])
+def test_cuda_several_streams_at_once(log_target):
+    """One job per side stream (each held busy first, so that their kernels
+    overlap), launched interleaved, three times over: every loss and gradient
+    is bitwise what the default stream gives."""
+    jobs = [(*cuda_pair((32, 4099), dtype, log_target), reduction)
+            for dtype, reduction in ((torch.float32, "batchmean"), (torch.bfloat16, "row"), (torch.float32, "none"),
+                                     (torch.float16, "sum"), (torch.float64, "mean"))]
+    serial = [_fwd_bwd(x, t, r, log_target) for x, t, r in jobs]
+    streams = [torch.cuda.Stream() for _ in jobs]
+    for _ in range(3):
+        results = []
+        for stream, (x, t, r) in zip(streams, jobs):
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                torch.cuda._sleep(2_000_000)
+                results.append(_fwd_bwd(x, t, r, log_target))
+        for stream in streams:
+            stream.synchronize()
+        for k, (got, want) in enumerate(zip(results, serial)):
+            for a, b, what in zip(got, want, ("loss", "grad_input", "grad_target")):
+                assert_bitwise_equal(a, b, f"{what} of job {k} on a side stream")
+
+
+def test_cuda_deterministic_algorithms_mode():
+    """Not refused and no warning under torch.use_deterministic_algorithms(True),
+    and bitwise the same results as without it."""
+    x, t = cuda_pair((64, 4099), torch.float32, False)
+    xb, tb = cuda_pair((8, 3, 1001), torch.bfloat16, True, layout="transposed")
+    cases = [(x, t, r, False) for r in REDUCTIONS] + [(xb, tb, r, True) for r in REDUCTIONS]
+    def run_all():
+        out = [_fwd_bwd(*c) for c in cases]
+        torch.cuda.synchronize()
+        return out
+
+    assert_same_under_deterministic_algorithms(run_all)
+
+
+def test_cuda_memory_flat_over_thousands_of_calls():
+    """3000 forward + backward calls (every reduction, both log_target): the
+    allocated device memory is back to exactly where it was."""
+    pairs = [cuda_pair((64, 1001), torch.float32, False), cuda_pair((16, 3, 257), torch.bfloat16, True)]
+
+    def step():
+        for (x, t), log_target in zip(pairs, (False, True)):
+            for reduction in ("batchmean", "row", "none"):
+                _fwd_bwd(x, t, reduction, log_target)
+
+    for _ in range(20):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    base, peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+    for _ in range(500):
+        step()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == base
+    assert torch.cuda.max_memory_allocated() == peak
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

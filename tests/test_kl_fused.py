@@ -104,6 +104,7 @@ def test_exp_underflow_range_matches_torch(dtype, device):
         torch.testing.assert_close(ours[finite], theirs[finite].to(dtype).float(), atol=1e-37, rtol=1e-2)
 
 
+@pytest.mark.huge
 @pytest.mark.parametrize("device", DEVICES)
 def test_more_than_2_pow_31_elements(device):
     # 2**21 + 1 rows of 1024 bf16 values (4 GiB): the last rows start past

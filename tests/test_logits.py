@@ -53,9 +53,10 @@ def op(x, t, **kw):
 # float64 references
 # --------------------------------------------------------------------------
 
-def _kl_terms(la, lb):
-    """exp(la) * (la - lb) elementwise, 0 where la == -inf; autograd-safe."""
-    zero = la == NEG_INF
+def _kl_terms(la, lb, floor=NEG_INF):
+    """exp(la) * (la - lb) elementwise, 0 where la <= floor (-inf: where the
+    probability is exactly 0); autograd-safe."""
+    zero = la <= floor
     z = torch.zeros_like(la)
     las = torch.where(zero, z, la)
     lbs = torch.where(zero, z, lb)
@@ -72,13 +73,13 @@ def _mixture(lq, lp, beta):
     return torch.where(both, torch.full_like(lm, NEG_INF), lm)
 
 
-def _jsd_elem(lq, lp, beta):
+def _jsd_elem(lq, lp, beta, floor=NEG_INF):
     if beta == 0:
-        return _kl_terms(lp, lq), None
+        return _kl_terms(lp, lq, floor), None
     if beta == 1:
-        return _kl_terms(lq, lp), None
+        return _kl_terms(lq, lp, floor), None
     lm = _mixture(lq, lp, beta)
-    return beta * _kl_terms(lp, lm) + (1 - beta) * _kl_terms(lq, lm), lm
+    return beta * _kl_terms(lp, lm, floor) + (1 - beta) * _kl_terms(lq, lm, floor), lm
 
 
 def _fin_abs(v):
@@ -90,10 +91,12 @@ class Ref:
 
 
 def ref_logits(x, t, *, beta=0.0, temperature=1.0, reduction="batchmean", mask=None, num_items=None,
-               w=None, gscale=1.0):
+               w=None, gscale=1.0, prob_floor=NEG_INF):
     """float64 reference of kl_with_logits: loss, gradients of the objective
     (loss * gscale for a scalar result, (loss * w).sum() for per-row results)
-    w.r.t. input and target, and the magnitudes of all three."""
+    w.r.t. input and target, and the magnitudes of all three. prob_floor: a
+    log-probability at or below which a probability counts as 0 (where it
+    underflows in the kernel's working precision)."""
     T = float(temperature)
     x64 = x.detach().to(torch.float64).requires_grad_()
     t64 = t.detach().to(torch.float64).requires_grad_()
@@ -109,7 +112,7 @@ def ref_logits(x, t, *, beta=0.0, temperature=1.0, reduction="batchmean", mask=N
         ts = torch.where(k, t64, torch.zeros_like(t64))
     lq = F.log_softmax(xs / T, dim=-1)
     lp = F.log_softmax(ts / T, dim=-1)
-    elem, lm = _jsd_elem(lq, lp, beta)
+    elem, lm = _jsd_elem(lq, lp, beta, prob_floor)
     if keep is not None:
         elem = torch.where(keep.unsqueeze(-1), elem, torch.zeros_like(elem))
     rows = elem.sum(-1)
@@ -132,7 +135,7 @@ def ref_logits(x, t, *, beta=0.0, temperature=1.0, reduction="batchmean", mask=N
         obj = (loss * wr).sum()
     else:
         loss = rows.sum() / div
-        wr = torch.full(rows.shape, gscale / div, dtype=torch.float64)
+        wr = torch.full(rows.shape, gscale / div if div else math.inf, dtype=torch.float64)  # 0 rows: 1/0
         obj = loss * gscale
     gx, gt = torch.autograd.grad(obj, (x64, t64), allow_unused=True)
     r = Ref()
@@ -151,7 +154,12 @@ def ref_logits(x, t, *, beta=0.0, temperature=1.0, reduction="batchmean", mask=N
         rmag = emag.sum(-1)
         r.loss_mag = rmag if per_row else rmag.sum() / div
         gmag = (wr.abs() / T).unsqueeze(-1) * (P + Q) * (A + rmag.unsqueeze(-1))
-        r.gx_mag = r.gt_mag = gmag
+        # A probability is exp() of a difference of terms of size ~A, so it
+        # carries a relative rounding error ~eps * A (the float64 reference as
+        # well), and so does each gradient element: visible on tiny elements
+        # of rows with logits in the thousands.
+        r.gx_mag = gmag if gx is None else gmag + _fin_abs(gx) * A
+        r.gt_mag = gmag if gt is None else gmag + _fin_abs(gt) * A
     return r
 
 

@@ -69,7 +69,10 @@ struct TileWorker {
         for (int64_t l = 0; l < Acc::size(); ++l) total += lanes[l];
       }
     }
-    // The tail of a unit-stride tile, or all of a strided one.
+    // The tail of a unit-stride tile, or all of a strided one. A strided
+    // tile is thousands of elements summed one by one, so it accumulates in
+    // double: in float32 the running sum's rounding grows with the tile.
+    double scalar_total = 0;
     for (; j < n; ++j) {
       const acc_t x = static_cast<acc_t>(ptr[kInput][j * stride[kInput]]);
       const KLTerm<kLog, acc_t> term(static_cast<acc_t>(ptr[kTarget][j * stride[kTarget]]));
@@ -78,12 +81,12 @@ struct TileWorker {
       } else {
         acc_t s = scale;
         if constexpr (kMode == Mode::kBackward) s = static_cast<acc_t>(ptr[kOut][j * stride[kOut]]);
-        if constexpr (kMode == Mode::kReduce) total += term.loss(x);
+        if constexpr (kMode == Mode::kReduce) scalar_total += static_cast<double>(term.loss(x));
         if (gx) ptr[kGradInput][j * stride[kGradInput]] = static_cast<scalar_t>(term.grad_input() * s);
         if (gt) ptr[kGradTarget][j * stride[kGradTarget]] = static_cast<scalar_t>(term.grad_target(x) * s);
       }
     }
-    return total;
+    return total + static_cast<acc_t>(scalar_total);
   }
 };
 
