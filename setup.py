@@ -3,7 +3,8 @@
 CUDA kernels are compiled when a CUDA build of torch and nvcc are both present.
 Environment:
   BATCHKL_CUDA=1 / 0        force the CUDA kernels on / off (default: auto)
-  BATCHKL_CPU_SIMD=avx2 / default   CPU vector ISA (default: avx2 when this CPU has it)
+  BATCHKL_CPU_SIMD=avx512 / avx2 / default   CPU vector ISA (default: the widest this CPU has;
+                            the build is for this machine's CPU, as torch.compile's code is)
   TORCH_CUDA_ARCH_LIST      GPU targets (default "8.0;9.0+PTX")
   CUDA_HOME                 the CUDA toolkit (found from nvcc when unset)
 """
@@ -66,13 +67,19 @@ def _want_cuda():
     return torch.version.cuda is not None and _cuda_home is not None
 
 
-def _cpu_has_avx2():
+def _native_simd():
+    """The widest vector ISA of this CPU that ATen's Vectorized implements."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            line = next((l for l in f if l.startswith("flags")), "")
     except OSError:
-        return False
-    return " avx2 " in flags.replace("\n", " ") and " fma " in flags.replace("\n", " ") and " f16c " in flags.replace("\n", " ")
+        return "default"
+    flags = set(line.split())
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= flags:
+        return "avx512"
+    if {"avx2", "fma", "f16c"} <= flags:
+        return "avx2"
+    return "default"
 
 
 def _extra_cuda_includes():
@@ -87,17 +94,22 @@ def _extra_cuda_includes():
 
 def _extension():
     use_cuda = _want_cuda()
-    simd = os.environ.get("BATCHKL_CPU_SIMD", "avx2" if _cpu_has_avx2() else "default")
+    simd = os.environ.get("BATCHKL_CPU_SIMD") or _native_simd()
+    if simd not in ("avx512", "avx2", "default"):
+        sys.exit(f"BATCHKL_CPU_SIMD must be avx512, avx2 or default, got {simd!r}")
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp: at::parallel_for is a header template that runs serially
     # unless the including code is compiled with OpenMP; libgomp itself is the
     # one torch already loaded.
     cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
     link = ["-fopenmp"]
+    # ATen's Vectorized picks its implementation from these macros, with
+    # SLEEF's vectorised exp/log, which libtorch_cpu exports for both ISAs.
     if simd == "avx2":
-        # ATen's Vectorized picks its implementation from these macros: AVX2
-        # with SLEEF's vectorised exp/log, which libtorch_cpu exports.
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    elif simd == "avx512":
+        cxx += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
     with open(os.path.join(ROOT, "batchkl_ext", "_build_config.py"), "w") as f:
         f.write("# Written by setup.py: how the extension in this folder was built.\n")
         f.write(f"CUDA = {use_cuda!r}\nCPU_SIMD = {simd!r}\n")
