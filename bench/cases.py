@@ -39,6 +39,9 @@ class Case:
     # Builds Liger's loss; None where Liger has no equivalent. A factory so
     # that Liger is imported only when it is benchmarked.
     liger: Optional[Callable[[], LossFn]] = None
+    # N x V temporaries eager PyTorch holds at its peak (measured on the CPU),
+    # to skip configurations that would not fit on a GPU.
+    eager_temporaries: int = 3
 
 
 JSD_BETA = 0.5
@@ -93,7 +96,7 @@ CASES: dict[str, Case] = {
         Case("none", "drop-in: reduction='none' (elementwise), probability targets",
              lambda x, t: batchkl_ext.kl_div(x, t, reduction="none"),
              lambda x, t: F.kl_div(x, t, reduction="none"),
-             PROBS_TARGET, ELEMENTWISE, _liger_kl("none", False)),
+             PROBS_TARGET, ELEMENTWISE, _liger_kl("none", False), eager_temporaries=4),
         Case("row", "per-row KL: reduction='row' vs F.kl_div(reduction='none').sum(-1)",
              lambda x, t: batchkl_ext.kl_div(x, t, reduction="row"),
              lambda x, t: F.kl_div(x, t, reduction="none").sum(-1),
@@ -101,13 +104,13 @@ CASES: dict[str, Case] = {
         Case("logits_kl", "kl_div_with_logits (batchmean) vs F.kl_div(log_softmax(x), log_softmax(t), log_target=True)",
              lambda x, t: batchkl_ext.kl_div_with_logits(x, t, reduction="batchmean"),
              lambda x, t: _composite_logits_kl(x, t, "batchmean"),
-             LOGITS, SCALAR, _liger_kl("batchmean", True, logits=True)),
+             LOGITS, SCALAR, _liger_kl("batchmean", True, logits=True), eager_temporaries=5),
         Case("logits_kl_row", "kl_div_with_logits (reduction='none': per row) vs the composite formula summed per row",
              lambda x, t: batchkl_ext.kl_div_with_logits(x, t, reduction="none"),
              lambda x, t: _composite_logits_kl(x, t, "none").sum(-1),
-             LOGITS, PER_ROW),
+             LOGITS, PER_ROW, eager_temporaries=5),
         Case("logits_jsd", f"jsd_with_logits (beta={JSD_BETA}, batchmean) vs TRL's generalized_jsd_loss formula",
              lambda x, t: batchkl_ext.jsd_with_logits(x, t, beta=JSD_BETA, reduction="batchmean"),
-             _trl_jsd, LOGITS, SCALAR, _liger_jsd),
+             _trl_jsd, LOGITS, SCALAR, _liger_jsd, eager_temporaries=12),
     )
 }

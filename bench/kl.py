@@ -13,7 +13,8 @@ gradient in one pass). The base shapes run for every case; two sweeps show the
 scaling: over V at a fixed number of elements N·V, and over N at a fixed V.
 
 All implementations of a configuration run in the same process on the same
-tensors, one after the other, so they see the same machine state. The
+tensors, timed round by round (each round times each once, in a rotating
+order), so a slow phase of a shared machine hits them all alike. The
 machine's copy bandwidth is measured first in the same run. A Markdown table
 goes to stdout; every figure, with a description of the machine, goes to a
 JSON file (default ``bench/results/<device-name-slug>-<date>[-quick].json``),
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import re
 import statistics
 import sys
@@ -36,7 +38,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .cases import CASES, ELEMENTWISE, LOGITS, LOG_PROBS, PER_ROW, Case, LossFn
+from .cases import CASES, ELEMENTWISE, LOGITS, LOG_PROBS, PER_ROW, PROBS_TARGET, Case, LossFn
 from .measure import GIB, REPO, Step, copy_bandwidth, machine_info, peak_extra_mib, time_ms
 from .report import dtype_name, markdown_table, summary_lines
 
@@ -109,6 +111,8 @@ def plan(device: torch.device, quick: bool, cases: list[str], modes: list[str], 
     out = [Config(CASES[c], shape, dtype, mode, BASE_SWEEP)
            for c in cases for mode in modes for shape, dtype in base]
     sweep = SWEEPS["quick" if quick else device.type]
+    if FWD_BWD not in modes:  # the sweeps are forward + backward
+        return out
     for name in (c for c in sweep.cases if c in cases):
         for dtype in sweep.dtypes:
             if V_SWEEP in sweeps:
@@ -157,15 +161,17 @@ def make_inputs(cfg: Config, device: torch.device) -> Inputs:
     return Inputs(x.requires_grad_(grad), t, upstream, grad)
 
 
-def estimate_bytes(shape: Shape, dtype: torch.dtype) -> int:
+def estimate_bytes(cfg: Config) -> int:
     """Rough peak device memory of one configuration, to skip what does not fit.
 
-    x, t, x.grad, the upstream gradient and the kept reference gradient, plus
-    up to ~5 eager temporaries of the same size, plus the float32 tensors
-    input generation goes through.
+    x, t, x.grad and the upstream gradient; the reference (eager, in float32
+    for 16-bit inputs) with its temporaries and the gradient kept; the
+    float32 tensors input generation goes through.
     """
-    elsize = torch.empty((), dtype=dtype).element_size()
-    return shape[0] * shape[1] * (10 * elsize + 8)
+    elsize = torch.empty((), dtype=cfg.dtype).element_size()
+    ref_elsize = max(elsize, 4)
+    per_element = 4 * elsize + ref_elsize * (cfg.case.eager_temporaries + 2) + 8
+    return cfg.shape[0] * cfg.shape[1] * per_element
 
 
 def minimal_bytes(cfg: Config) -> int:
@@ -199,13 +205,22 @@ def _as_rows(t: Tensor) -> Tensor:
 
 
 def _max_rel_err(out: Tensor, ref: Tensor, chunk_rows: int = 1024) -> float:
-    """max |out - ref| / max |ref|, row chunk by row chunk to bound the float32 temporaries."""
+    """max |out - ref| / max |ref| over the finite reference entries, row chunk by row chunk
+    to bound the float32 temporaries; inf where the shapes differ or where out is not finite
+    exactly where ref is not (a NaN is an error, never a zero)."""
+    if out.shape != ref.shape:
+        return math.inf
     out, ref = _as_rows(out), _as_rows(ref)
     err = scale = 0.0
     for i in range(0, ref.shape[0], chunk_rows):
         o, r = out[i:i + chunk_rows].float(), ref[i:i + chunk_rows].float()
-        err = max(err, (o - r).abs().max().item())
-        scale = max(scale, r.abs().max().item())
+        fin = r.isfinite()
+        same_specials = torch.equal(o.isnan(), r.isnan()) and torch.equal(o[~fin & ~r.isnan()], r[~fin & ~r.isnan()])
+        if not same_specials or not o[fin].isfinite().all():
+            return math.inf
+        if fin.any():
+            err = max(err, (o[fin] - r[fin]).abs().max().item())
+            scale = max(scale, r[fin].abs().max().item())
     return err / scale if scale else err
 
 
@@ -240,46 +255,76 @@ def loss_fns(case: Case, liger: bool) -> dict[str, LossFn]:
     return fns
 
 
-def measure_impl(step: Step, inp: Inputs, ref: tuple[Tensor, Optional[Tensor]], device: torch.device,
-                 warmup: int, repeats: int) -> dict:
-    """Warm up (torch.compile compiles here), check, time, measure memory."""
-    def reset() -> None:
-        inp.x.grad = None
-
+def _warm_and_check(step: Step, inp: Inputs, ref: tuple[Tensor, Optional[Tensor]], warmup: int) -> dict:
+    """Warm up (torch.compile compiles here), then compare one result with the reference."""
     for _ in range(warmup):
-        reset()
+        inp.x.grad = None
         step()
-    reset()
+    inp.x.grad = None
     loss = step()
     errs = {"rel_err_loss": _max_rel_err(loss, ref[0]),
             "rel_err_grad": _max_rel_err(inp.x.grad, ref[1]) if ref[1] is not None else None}
-    del loss
+    inp.x.grad = None
+    return errs
+
+
+def measure(steps: dict[str, Step], inp: Inputs, ref: tuple[Tensor, Optional[Tensor]], device: torch.device,
+            warmup: int, repeats: int) -> dict[str, dict]:
+    """Warm up and check each implementation, then time them round by round, then measure memory.
+
+    Timing is interleaved: each round times every implementation once, the
+    order rotating from round to round, so a slow phase of a shared machine
+    lands on all of them instead of on whichever happened to be running.
+    An implementation that fails gets an "error" instead of figures.
+    """
+    def reset() -> None:
+        inp.x.grad = None
+
+    out: dict[str, dict] = {}
+    for impl, step in steps.items():
+        try:
+            out[impl] = _warm_and_check(step, inp, ref, warmup)
+        except Exception as e:  # one broken implementation must not lose the others' figures
+            out[impl] = {"error": _one_line(e)}
+    live = [impl for impl in steps if "error" not in out[impl]]
+    times: dict[str, list[float]] = {impl: [] for impl in live}
     # Any recompilation past this point would be timed: make it an error instead.
     with torch._dynamo.config.patch(error_on_recompile=True):
-        times = time_ms(step, reset, device, repeats)
-        peak = peak_extra_mib(step, reset, device)
+        for k in range(repeats):
+            for impl in live[k % len(live):] + live[:k % len(live)] if live else []:
+                if "error" in out[impl]:
+                    continue
+                try:
+                    times[impl] += time_ms(steps[impl], reset, device, 1)
+                except Exception as e:
+                    out[impl] = {"error": _one_line(e)}
+        for impl in live:
+            if "error" in out[impl]:
+                continue
+            t = times[impl]
+            out[impl].update({"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "times_ms": t,
+                              "peak_extra_mib": peak_extra_mib(steps[impl], reset, device)})
     reset()
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-            "times_ms": times, "peak_extra_mib": peak, **errs}
+    return out
 
 
 def run_config(cfg: Config, device: torch.device, warmup: int, repeats: int, liger: bool) -> list[dict]:
     """All implementations of one configuration: one result row each."""
-    inp = make_inputs(cfg, device)
-    ref = reference(cfg.case, inp)
+    try:
+        inp = make_inputs(cfg, device)
+        ref = reference(cfg.case, inp)
+    except Exception as e:  # e.g. out of memory: the run goes on with the next configuration
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return [{**cfg.key(), "impl": "batchkl", "error": f"inputs or reference: {_one_line(e)}"}]
     rows = []
     try:
         fns = loss_fns(cfg.case, liger)
     except Exception as e:  # Liger present but broken: the others still run
         fns = loss_fns(cfg.case, False)
         rows.append({**cfg.key(), "impl": "liger", "error": _one_line(e)})
-    for impl, fn in fns.items():
-        row = {**cfg.key(), "impl": impl}
-        try:
-            row.update(measure_impl(make_step(fn, inp), inp, ref, device, warmup, repeats))
-        except Exception as e:  # one broken implementation must not lose the others' figures
-            row["error"] = _one_line(e)
-        rows.append(row)
+    figures = measure({impl: make_step(fn, inp) for impl, fn in fns.items()}, inp, ref, device, warmup, repeats)
+    rows += [{**cfg.key(), "impl": impl, **figures[impl]} for impl in fns]
     torch._dynamo.reset()
     return rows
 
@@ -304,16 +349,31 @@ def annotate(rows: list[dict], cfg: Config, copy_gbps: Optional[float]) -> None:
         r["agrees_with_reference"] = r["rel_err_loss"] <= tol and (r["rel_err_grad"] or 0.0) <= tol
 
 
-def fits(shape: Shape, dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
+def fits(cfg: Config, device: torch.device) -> tuple[bool, str]:
     """Whether a configuration fits comfortably (80 % of free memory) on the device."""
     if device.type != "cuda":
         return True, ""
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
-    need = estimate_bytes(shape, dtype)
+    need = estimate_bytes(cfg)
     if need <= 0.8 * free:
         return True, ""
     return False, f"needs ~{need / GIB:.1f} GiB, {free / GIB:.1f} GiB free"
+
+
+def unsupported(case: Case, device: torch.device) -> Optional[str]:
+    """None when batchkl runs the case on the device, else its error (one line).
+
+    kl_with_logits has no CUDA kernel yet: its cases are skipped there, with
+    this line, rather than timing only the baselines.
+    """
+    x = torch.randn(2, 8, device=device)
+    t = x.softmax(-1) if case.inputs == PROBS_TARGET else x.log_softmax(-1)
+    try:
+        case.batchkl_fn(x.log_softmax(-1) if case.inputs != LOGITS else x, t)
+    except Exception as e:
+        return _one_line(e)
+    return None
 
 
 def liger_status(device: torch.device) -> Optional[str]:
@@ -411,6 +471,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Run the suite; 0 when every batchkl configuration that ran measured, 1 otherwise."""
     args = parse_args(argv)
     device = torch.device(args.device)
     info = machine_info(device)
@@ -418,53 +479,62 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     liger_skip = liger_status(device)
     print(liger_skip or f"Liger-Kernel {info['liger_kernel_version']}: benchmarked where it has an equivalent")
+    skipped_cases = {c: why for c in args.cases if (why := unsupported(CASES[c], device))}
+    for c, why in skipped_cases.items():
+        print(f"case {c} skipped: batchkl cannot run it on {device.type}: {why}")
     copy = copy_bandwidth(device, args.repeats)
     print(f"{device.type} copy_ bandwidth: {copy['gbps']:.1f} GB/s ({copy['bytes'] / GIB:.1f} GiB, read + write)")
 
-    configs = plan(device, args.quick, args.cases, args.modes, args.sweeps)
-    progress = Progress(len(configs))
+    cases = [c for c in args.cases if c not in skipped_cases]
+    configs = plan(device, args.quick, cases, args.modes, args.sweeps)
+    settings = {"device": args.device, "quick": args.quick, "repeats": args.repeats,
+                "warmup": args.warmup, "modes": args.modes, "sweeps": args.sweeps,
+                "cases": {c: CASES[c].title for c in args.cases}, "skipped_cases": skipped_cases,
+                "liger": liger_skip or "benchmarked",
+                "seed": SEED, "tolerance": {dtype_name(k): v for k, v in TOLERANCE.items()},
+                "timing": "median wall time of one call, the implementations timed round by round in a rotating order"
+                          + (" (cuda events, synchronized)" if device.type == "cuda" else " (perf_counter)"),
+                "peak_memory": "cuda max_memory_allocated minus allocated before the step"
+                               if device.type == "cuda" else
+                               "approximate: peak RSS growth sampled from /proc/self/statm",
+                "bandwidth": "minimal bytes (read input and target, write the gradient; elementwise loss: "
+                             "write it, read its upstream gradient) / median time"}
     rows: list[dict] = []
+
+    def write(complete: bool) -> None:
+        # Written after every configuration, so a run cut short (a time
+        # limit, a crash) keeps what it measured; "complete" says which.
+        result = {"machine": info, "settings": settings, "copy_bandwidth": copy, "results": rows,
+                  "summary": summary_lines(rows), "complete": complete,
+                  "date": datetime.datetime.now().isoformat(timespec="seconds")}
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=2) + "\n")
+
+    progress = Progress(len(configs))
     for cfg in configs:
         progress.show(cfg.label)
-        ok, why = fits(cfg.shape, cfg.dtype, device)
+        ok, why = fits(cfg, device)
         if ok:
             config_rows = run_config(cfg, device, args.warmup, args.repeats, liger_skip is None)
             annotate(config_rows, cfg, copy["gbps"])
             rows += config_rows
         else:
             rows.append({**cfg.key(), "impl": "batchkl", "skipped": why})
+        write(complete=False)
         progress.step()
     progress.close()
+    write(complete=True)
 
     print()
     print(markdown_table(rows, device))
     print()
-    summaries = summary_lines(rows)
-    print("\n".join(summaries))
+    print("\n".join(summary_lines(rows)))
     if any(r.get("agrees_with_reference") is False for r in rows):
         print("(!) marks results whose loss or gradient differs from the reference (eager PyTorch, in float32 for "
               "16-bit inputs) beyond tolerance; see the JSON.")
-
-    result = {
-        "machine": info,
-        "settings": {"device": args.device, "quick": args.quick, "repeats": args.repeats,
-                     "warmup": args.warmup, "modes": args.modes, "sweeps": args.sweeps,
-                     "cases": {c: CASES[c].title for c in args.cases},
-                     "liger": liger_skip or "benchmarked",
-                     "seed": SEED, "tolerance": {dtype_name(k): v for k, v in TOLERANCE.items()},
-                     "timing": "median wall time of one call"
-                               + (" (cuda events, synchronized)" if device.type == "cuda" else " (perf_counter)"),
-                     "peak_memory": "cuda max_memory_allocated minus allocated before the step"
-                                    if device.type == "cuda" else
-                                    "approximate: peak RSS growth sampled from /proc/self/statm",
-                     "bandwidth": "minimal bytes (read input and target, write the gradient; elementwise loss: "
-                                  "write it, read its upstream gradient) / median time"},
-        "copy_bandwidth": copy,
-        "results": rows,
-        "summary": summaries,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-    }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out_path}")
-    return 0
+    failed = [r for r in rows if r["impl"] == "batchkl" and ("error" in r or r.get("agrees_with_reference") is False)]
+    for r in failed:
+        print(f"batchkl failed: {r['case']} {r['mode']} {r['shape']} {r['dtype']}: "
+              f"{r.get('error', 'disagrees with the reference')}", file=sys.stderr)
+    return 1 if failed else 0

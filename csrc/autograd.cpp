@@ -38,9 +38,10 @@ void save_arguments(AutogradContext* ctx, const at::Tensor& input, const at::Ten
 at::Tensor reduce_to(const at::Tensor& grad, AutogradContext* ctx, const std::string& arg) {
   if (!grad.defined()) return grad;
   // Summing over broadcast dims happens in the wider of the two dtypes: a
-  // float32 target broadcast against float16 input gets its thousands of
-  // float16 gradient elements summed in float32, not rounded to (or
-  // overflowing) float16 first. Where nothing is summed this is one cast.
+  // float32 0-d target (which does not promote the result) broadcast against
+  // float16 input gets its thousands of float16 gradient elements summed in
+  // float32, not rounded to (or overflowing) float16 first. Elsewhere the
+  // dtypes agree or nothing is summed, and this is at most one cast.
   const auto dtype = static_cast<at::ScalarType>(ctx->saved_data[arg + "_dtype"].toInt());
   const auto wide = at::promote_types(grad.scalar_type(), dtype);
   return at::sum_to(grad.to(wide), ctx->saved_data[arg + "_sizes"].toSymIntVector()).to(dtype);

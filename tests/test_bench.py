@@ -153,3 +153,30 @@ def test_liger_baseline_wiring(case, monkeypatch):
         by_impl = {r["impl"]: r for r in rows}
         assert set(by_impl) == {"batchkl", "eager", "compile", "liger"}
         assert by_impl["liger"]["agrees_with_reference"], by_impl["liger"]
+
+
+def test_agreement_check_flags_nan_shape_and_infinities():
+    ref = torch.tensor([[1.0, 2.0], [3.0, float("inf")]])
+    assert kl._max_rel_err(ref.clone(), ref) == 0.0
+    bad_nan = ref.clone()
+    bad_nan[0, 0] = float("nan")
+    assert kl._max_rel_err(bad_nan, ref) == math.inf
+    bad_inf = ref.clone()
+    bad_inf[1, 1] = 5.0
+    assert kl._max_rel_err(bad_inf, ref) == math.inf
+    assert kl._max_rel_err(torch.tensor(float("nan")), torch.tensor(1.0)) == math.inf
+    assert kl._max_rel_err(torch.ones(3), torch.tensor(1.0)) == math.inf      # shapes differ
+    assert kl._max_rel_err(torch.tensor([1.0, 2.1]), torch.tensor([1.0, 2.0])) == pytest.approx(0.05)
+
+
+def test_cases_batchkl_cannot_run_are_skipped_with_their_error():
+    from dataclasses import replace
+
+    def broken(x, t):
+        raise RuntimeError("batchkl.kl_with_logits: no kernel for tensors on cuda\nmore text")
+
+    case = replace(CASES["logits_kl"], batchkl_fn=broken)
+    assert kl.unsupported(case, torch.device("cpu")) == "RuntimeError: batchkl.kl_with_logits: no kernel for tensors on cuda"
+    assert all(kl.unsupported(c, torch.device("cpu")) is None for c in CASES.values())
+    # Forward-only runs have no sweeps (the sweeps are forward + backward).
+    assert {c.sweep for c in kl.plan(torch.device("cpu"), False, list(CASES), ["fwd"], ["V", "N"])} == {"base"}
