@@ -33,12 +33,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from .cases import CASES, ELEMENTWISE, LOGITS, LOG_PROBS, PER_ROW, PROBS_TARGET, Case, LossFn
+from .cases import CASES, ELEMENTWISE, LOGITS, LOG_PROBS, PER_ROW, Case, LossFn
 from .measure import GIB, REPO, Step, copy_bandwidth, machine_info, peak_extra_mib, time_ms
 from .report import dtype_name, markdown_table, summary_lines
 
@@ -168,7 +168,7 @@ def estimate_bytes(cfg: Config) -> int:
     for 16-bit inputs) with its temporaries and the gradient kept; the
     float32 tensors input generation goes through.
     """
-    elsize = torch.empty((), dtype=cfg.dtype).element_size()
+    elsize = cfg.dtype.itemsize
     ref_elsize = max(elsize, 4)
     per_element = 4 * elsize + ref_elsize * (cfg.case.eager_temporaries + 2) + 8
     return cfg.shape[0] * cfg.shape[1] * per_element
@@ -185,7 +185,7 @@ def minimal_bytes(cfg: Config) -> int:
         units += 2 if cfg.mode == FWD_BWD else 1
     if cfg.mode == FWD_BWD:
         units += 1
-    return units * cfg.shape[0] * cfg.shape[1] * torch.empty((), dtype=cfg.dtype).element_size()
+    return units * cfg.shape[0] * cfg.shape[1] * cfg.dtype.itemsize
 
 
 # --- one configuration -------------------------------------------------------
@@ -255,16 +255,17 @@ def loss_fns(case: Case, liger: bool) -> dict[str, LossFn]:
     return fns
 
 
-def _warm_and_check(step: Step, inp: Inputs, ref: tuple[Tensor, Optional[Tensor]], warmup: int) -> dict:
+def _warm_and_check(step: Step, reset: Callable[[], None], inp: Inputs, ref: tuple[Tensor, Optional[Tensor]],
+                    warmup: int) -> dict:
     """Warm up (torch.compile compiles here), then compare one result with the reference."""
     for _ in range(warmup):
-        inp.x.grad = None
+        reset()
         step()
-    inp.x.grad = None
+    reset()
     loss = step()
     errs = {"rel_err_loss": _max_rel_err(loss, ref[0]),
             "rel_err_grad": _max_rel_err(inp.x.grad, ref[1]) if ref[1] is not None else None}
-    inp.x.grad = None
+    reset()
     return errs
 
 
@@ -283,25 +284,23 @@ def measure(steps: dict[str, Step], inp: Inputs, ref: tuple[Tensor, Optional[Ten
     out: dict[str, dict] = {}
     for impl, step in steps.items():
         try:
-            out[impl] = _warm_and_check(step, inp, ref, warmup)
+            out[impl] = _warm_and_check(step, reset, inp, ref, warmup)
         except Exception as e:  # one broken implementation must not lose the others' figures
             out[impl] = {"error": _one_line(e)}
-    live = [impl for impl in steps if "error" not in out[impl]]
-    times: dict[str, list[float]] = {impl: [] for impl in live}
+    times: dict[str, list[float]] = {impl: [] for impl in steps if "error" not in out[impl]}
     # Any recompilation past this point would be timed: make it an error instead.
     with torch._dynamo.config.patch(error_on_recompile=True):
         for k in range(repeats):
-            for impl in live[k % len(live):] + live[:k % len(live)] if live else []:
-                if "error" in out[impl]:
-                    continue
+            live = list(times)
+            if not live:
+                break
+            for impl in live[k % len(live):] + live[:k % len(live)]:
                 try:
                     times[impl] += time_ms(steps[impl], reset, device, 1)
                 except Exception as e:
                     out[impl] = {"error": _one_line(e)}
-        for impl in live:
-            if "error" in out[impl]:
-                continue
-            t = times[impl]
+                    del times[impl]
+        for impl, t in times.items():
             out[impl].update({"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "times_ms": t,
                               "peak_extra_mib": peak_extra_mib(steps[impl], reset, device)})
     reset()
@@ -367,10 +366,9 @@ def unsupported(case: Case, device: torch.device) -> Optional[str]:
     kl_with_logits has no CUDA kernel yet: its cases are skipped there, with
     this line, rather than timing only the baselines.
     """
-    x = torch.randn(2, 8, device=device)
-    t = x.softmax(-1) if case.inputs == PROBS_TARGET else x.log_softmax(-1)
+    inp = make_inputs(Config(case, (2, 8), torch.float32, FWD, BASE_SWEEP), device)
     try:
-        case.batchkl_fn(x.log_softmax(-1) if case.inputs != LOGITS else x, t)
+        case.batchkl_fn(inp.x, inp.t)
     except Exception as e:
         return _one_line(e)
     return None
