@@ -363,8 +363,9 @@ def fits(cfg: Config, device: torch.device) -> tuple[bool, str]:
 def unsupported(case: Case, device: torch.device) -> Optional[str]:
     """None when batchkl runs the case on the device, else its error (one line).
 
-    kl_with_logits has no CUDA kernel yet: its cases are skipped there, with
-    this line, rather than timing only the baselines.
+    A case whose op has no kernel on the device (a build without CUDA
+    kernels) is skipped there, with this line, rather than timing only the
+    baselines.
     """
     inp = make_inputs(Config(case, (2, 8), torch.float32, FWD, BASE_SWEEP), device)
     try:

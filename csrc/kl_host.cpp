@@ -27,7 +27,12 @@ void check_float(const at::Tensor& t, const char* op, const char* name) {
 // Devices other than CPU and CUDA never reach the argument checks: they have
 // no backend kernel and land in the catch-alls (CompositeExplicitAutograd).
 void unsupported_device(const char* op, const at::Tensor& t) {
+#ifdef BATCHKL_WITH_CUDA
   TORCH_CHECK(false, op, ": only CPU and CUDA tensors are supported, got tensors on ", t.device());
+#else
+  TORCH_CHECK(false, op, ": only CPU tensors are supported (this build of batchkl has no CUDA kernels), got tensors on ",
+              t.device());
+#endif
 }
 
 namespace {

@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <type_traits>
 
 #include "kl.h"
 
@@ -45,6 +46,24 @@ struct LogitsLaunch {
 };
 
 using LogitsLauncher = void (*)(const LogitsLaunch&);
+
+// Calls f(divergence, probs) with both as compile-time constants
+// (std::integral_constant), so a backend instantiates one kernel body per
+// combination instead of branching per element.
+template <typename F>
+void dispatch_logits(const LogitsLaunch& p, F&& f) {
+  const auto with_probs = [&](auto div) {
+    p.probs ? f(div, std::true_type{}) : f(div, std::false_type{});
+  };
+  switch (p.div) {
+    case Divergence::kForward:
+      return with_probs(std::integral_constant<Divergence, Divergence::kForward>{});
+    case Divergence::kReverse:
+      return with_probs(std::integral_constant<Divergence, Divergence::kReverse>{});
+    case Divergence::kJSD:
+      return with_probs(std::integral_constant<Divergence, Divergence::kJSD>{});
+  }
+}
 
 // The public op's C++ signature, for calls through the dispatcher.
 using KLWithLogitsSig = at::Tensor(const at::Tensor&, const at::Tensor&, double, double, c10::string_view,

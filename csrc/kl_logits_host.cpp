@@ -115,9 +115,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_with_logits_fused_impl(
     mask_rows = mask->reshape({rows}).contiguous();
     plan.mask = mask_rows.const_data_ptr<bool>();
   }
-  if (num_items_in_batch.has_value()) {
-    // Kept on the device (no host sync); a CPU number is copied over.
-    num_items = num_items_in_batch->to(input_arg.device(), at::kDouble).reshape({});
+  if (num_items_in_batch.has_value() && num_items_in_batch->is_cpu()) {
+    // A CPU number (a Python int through the front doors) is read here: a
+    // copy to the GPU would make the host wait for the stream.
+    plan.divisor = num_items_in_batch->item<double>();
+  } else if (num_items_in_batch.has_value()) {
+    // On the device: the kernel reads it there, no host sync.
+    num_items = num_items_in_batch->to(at::kDouble).reshape({});
     plan.num_items = num_items.const_data_ptr<double>();
   } else if (red == Reduction::kMean) {
     plan.divisor = static_cast<double>(cols) * (mask.has_value() ? 1.0 : static_cast<double>(rows));
@@ -166,20 +170,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_with_logits_fused_impl(
   return {out.to(out_opts.dtype()), grad_input, grad_target};
 }
 
-// Devices without a kernel (for now every one but the CPU) get an error
-// naming the device instead of the dispatcher's generic "could not run".
+// Devices without a kernel get an error naming the device instead of the
+// dispatcher's generic "could not run".
 TORCH_LIBRARY_IMPL(batchkl, CompositeExplicitAutograd, m) {
   m.impl("kl_with_logits", [](const at::Tensor& input, const at::Tensor&, double, double, c10::string_view,
                               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
-                              std::optional<at::ScalarType>) -> at::Tensor {
-    TORCH_CHECK(false, kOp, ": no kernel for tensors on ", input.device(), " (this release has the CPU kernel)");
-  });
+                              std::optional<at::ScalarType>) -> at::Tensor { unsupported_device(kOp, input); });
   m.impl("kl_with_logits_fused",
          [](const at::Tensor& input, const at::Tensor&, double, double, c10::string_view,
             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, bool, bool,
             std::optional<at::ScalarType>) -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
-           TORCH_CHECK(false, kOp, ": no kernel for tensors on ", input.device(),
-                       " (this release has the CPU kernel)");
+           unsupported_device(kOp, input);
          });
 }
 

@@ -35,18 +35,23 @@ struct ScalarMathOps {
   static C10_HOST_DEVICE inline T select(bool m, T a, T b) { return m ? a : b; }
   static C10_HOST_DEVICE inline bool eq(T a, T b) { return a == b; }
   static C10_HOST_DEVICE inline T splat(T v) { return v; }
+  // NaN-propagating, as at::vec::maximum / minimum are.
+  static C10_HOST_DEVICE inline T max(T a, T b) { return a != a ? a : (a > b ? a : b); }
+  static C10_HOST_DEVICE inline T min(T a, T b) { return a != a ? a : (a < b ? a : b); }
 };
 
 template <>
 struct MathOps<float> : ScalarMathOps<float> {
   static C10_HOST_DEVICE inline float log(float v) { return ::logf(v); }
   static C10_HOST_DEVICE inline float exp(float v) { return ::expf(v); }
+  static C10_HOST_DEVICE inline float log1p(float v) { return ::log1pf(v); }
 };
 
 template <>
 struct MathOps<double> : ScalarMathOps<double> {
   static C10_HOST_DEVICE inline double log(double v) { return ::log(v); }
   static C10_HOST_DEVICE inline double exp(double v) { return ::exp(v); }
+  static C10_HOST_DEVICE inline double log1p(double v) { return ::log1p(v); }
 };
 
 // The loss term of one element and its two partial derivatives.

@@ -1,10 +1,14 @@
-"""Quick CUDA self-check of torch.ops.batchkl.kl, also the workload run under
-compute-sanitizer (memcheck / racecheck): every mode, dtype and layout family
-once, compared with a float64 CPU reference. Exits non-zero on any mismatch.
+"""Quick CUDA self-check of torch.ops.batchkl.kl and kl_with_logits, also the
+workload run under compute-sanitizer (memcheck / racecheck): every mode,
+dtype and layout family once, and for kl_with_logits every launch shape (a
+warp per row, a CTA per row staged in shared memory or streamed, a cluster
+of CTAs per row), compared with a float64 CPU reference. Exits non-zero on
+any mismatch.
 
   python scripts/cuda_check.py [--small]
 """
 import argparse
+import math
 import sys
 import warnings
 
@@ -64,6 +68,75 @@ def layouts(n, v, dtype, log_target):
     yield "transposed", x.t(), t.t()
 
 
+def ref_logits(x, t, beta, temperature, mask):
+    """Per-row divergence of softmax(t / T) (P) and softmax(x / T) (Q) in float64, 0 where p = 0 or q = 0."""
+    lq = torch.log_softmax(x.double().cpu() / temperature, -1)
+    lp = torch.log_softmax(t.double().cpu() / temperature, -1)
+
+    def kl(la, lb):
+        return torch.where(la == float("-inf"), torch.zeros_like(la), la.exp() * (la - lb)).sum(-1)
+
+    if beta == 0:
+        rows = kl(lp, lq)
+    elif beta == 1:
+        rows = kl(lq, lp)
+    else:
+        lm = torch.logsumexp(torch.stack([lp + math.log(beta), lq + math.log1p(-beta)]), 0)
+        rows = beta * kl(lp, lm) + (1 - beta) * kl(lq, lm)
+    if mask is not None:
+        rows = torch.where(mask.cpu(), rows, torch.zeros_like(rows))
+    return rows
+
+
+def check_logits(small):
+    """kl_with_logits against float64: per-row values, and the gradients of
+    the per-row values weighted by w."""
+    shapes = [(5, 37), (2, 5000), (2, 40000)] if small else [(64, 37), (9, 2048), (5, 2049), (7, 5000), (3, 40000),
+                                                             (3, 128256), (2, 256000)]
+    checks = failures = 0
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        for n, v in shapes:
+            x = (torch.randn(n, v + 1, device="cuda") * 3).to(dtype)
+            t = (torch.randn(n, v + 1, device="cuda") * 3).to(dtype)
+            for layout in ("contiguous", "misaligned"):
+                xs, ts = (x[:, :v].contiguous(), t[:, :v].contiguous()) if layout == "contiguous" else (x[:, 1:], t[:, 1:])
+                mask = torch.arange(n, device="cuda") % 3 != 1
+                for beta in (0.0, 0.5, 1.0):
+                    for m in (None, mask):
+                        xg = xs.detach().clone().requires_grad_()
+                        tg = ts.detach().clone().requires_grad_()
+                        out = torch.ops.batchkl.kl_with_logits(xg, tg, beta, 2.0, "none", m)
+                        w = torch.randn_like(out)
+                        (out * w).sum().backward()
+                        xr = xs.detach().cpu().double().requires_grad_()
+                        tr = ts.detach().cpu().double().requires_grad_()
+                        r = ref_logits(xr, tr, beta, 2.0, m)
+                        (r * w.cpu().double()).sum().backward()
+                        errs = [rel_err(out, r), rel_err(xg.grad, xr.grad), rel_err(tg.grad, tr.grad)]
+                        checks += 1
+                        if not all(e <= 2 * TOL[dtype] for e in errs):
+                            failures += 1
+                            print(f"FAIL kl_with_logits {dtype} {n}x{v} {layout} beta={beta} "
+                                  f"mask={m is not None}: rel err loss/gx/gt = {errs}")
+    # Determinism and batch invariance of the per-row values and gradients.
+    x = torch.randn(16, 40000, device="cuda")
+    t = torch.randn(16, 40000, device="cuda")
+    for beta in (0.0, 0.5):
+        a = torch.ops.batchkl.kl_with_logits_fused(x, t, beta, 1.0, "none", None, None, False, True, True)
+        b = torch.ops.batchkl.kl_with_logits_fused(x, t, beta, 1.0, "none", None, None, False, True, True)
+        c = torch.ops.batchkl.kl_with_logits_fused(x[5:6], t[5:6], beta, 1.0, "none", None, None, False, True, True)
+        s1 = torch.ops.batchkl.kl_with_logits(x, t, beta, 1.0, "sum")
+        s2 = torch.ops.batchkl.kl_with_logits(x, t, beta, 1.0, "sum")
+        for name, ok in ((f"logits beta={beta} deterministic", all(torch.equal(u, v) for u, v in zip(a, b))),
+                         (f"logits beta={beta} batch-invariant", all(torch.equal(u[5:6], v) for u, v in zip(a, c))),
+                         (f"logits beta={beta} sum deterministic", torch.equal(s1, s2))):
+            checks += 1
+            if not ok:
+                failures += 1
+                print("FAIL", name)
+    return checks, failures
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="small shapes (for compute-sanitizer)")
@@ -110,6 +183,9 @@ def main():
     if rel_err(batchkl_ext.kl_div(x, t, reduction="batchmean"), F.kl_div(x.double(), t.double(), reduction="batchmean")) > 1e-5:
         failures += 1
         print("FAIL kl_div vs F.kl_div")
+    c, f = check_logits(args.small)
+    checks += c
+    failures += f
     torch.cuda.synchronize()
     print(f"cuda_check: {checks - failures} passed, {failures} failed")
     return 1 if failures else 0

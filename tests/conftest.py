@@ -20,6 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from batchkl_ext import _build_config
+
 try:
     import batchkl_ext  # noqa: F401  (registers torch.ops.batchkl.*)
 except ModuleNotFoundError:  # `pytest tests` from a checkout with the extension built in place
@@ -83,6 +85,11 @@ except ModuleNotFoundError:  # hypothesis not installed: tests/test_fuzz.py skip
     pass
 
 HUGE_ENV = "BATCHKL_HUGE_TESTS"
+
+# What an op says on a device it has no kernel for; a build without CUDA
+# kernels says so instead of promising CUDA.
+UNSUPPORTED_DEVICE = (r"only CPU and CUDA tensors are supported" if _build_config.CUDA
+                      else r"only CPU tensors are supported \(this build of batchkl has no CUDA kernels\)")
 
 
 def pytest_configure(config):

@@ -9,7 +9,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from conftest import REDUCTIONS, kl_op, make_logprobs, make_target
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)] if torch.cuda.is_available() else [])
 
 
 def _op_names(fn):

@@ -792,27 +792,35 @@ def test_deterministic_across_runs_and_threads(shape, dtype):
 def test_batch_invariance(dtype, V, beta):
     """A row's 'none' value and gradient row are bitwise the same alone, as a
     1-D input, or anywhere in a bigger (differently shaped) batch."""
-    R = 24
-    x, t = make_logits((R, V), dtype), make_logits((R, V), dtype)
+    x, t = make_logits((24, V), dtype), make_logits((24, V), dtype)
+    torch.set_num_threads(2)
+    check_batch_invariance(x, t, beta, shuffled_shape=(4, 6))
+
+
+def check_batch_invariance(x, t, beta, shuffled_shape):
+    """A row's per-row value and gradient rows of (R, V) inputs: the same bits
+    alone, as a 1-D input, in a shuffled batch of `shuffled_shape` rows, and
+    with other rows masked (on the inputs' device)."""
+    R, V = x.shape
+    dev = x.device
 
     def per_row(a, b, mask=None):
-        w = torch.ones(a.shape[:-1], dtype=dtype)
+        w = torch.ones(a.shape[:-1], dtype=x.dtype, device=dev)
         return run_op(lambda p, q: op(p, q, beta=beta, temperature=0.5, reduction="none", mask=mask), a, b, w=w)
 
     full = per_row(x, t)
-    torch.set_num_threads(2)
-    perm = torch.randperm(R)
-    shuffled = per_row(x[perm].reshape(4, 6, V), t[perm].reshape(4, 6, V))
+    perm = torch.randperm(R, device=dev)
+    shuffled = per_row(x[perm].reshape(*shuffled_shape, V), t[perm].reshape(*shuffled_shape, V))
     inv = torch.argsort(perm)
-    masked = per_row(x, t, mask=torch.arange(R) % 3 != 1)
+    masked = per_row(x, t, mask=torch.arange(R, device=dev) % 3 != 1)
     for i in (0, 5, R - 1):
         alone = per_row(x[i:i + 1], t[i:i + 1])
         one_d = per_row(x[i], t[i])
         for k, name in enumerate(("loss", "grad_input", "grad_target")):
             assert_bitwise_equal(alone[k][0], full[k][i], f"{name} alone vs batch, row {i}")
             assert_bitwise_equal(one_d[k], full[k][i], f"{name} 1-D vs batch, row {i}")
-            assert_bitwise_equal(shuffled[k].reshape(R, *shuffled[k].shape[2:])[inv[i]], full[k][i],
-                                 f"{name} shuffled batch, row {i}")
+            assert_bitwise_equal(shuffled[k].reshape(R, *shuffled[k].shape[len(shuffled_shape):])[inv[i]],
+                                 full[k][i], f"{name} shuffled batch, row {i}")
             if i % 3 != 1:
                 assert_bitwise_equal(masked[k][i], full[k][i], f"{name} with other rows masked, row {i}")
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import batchkl_ext
-from conftest import (apply_layout, assert_bitwise_equal, assert_close_scaled,
+from conftest import (UNSUPPORTED_DEVICE, apply_layout, assert_bitwise_equal, assert_close_scaled,
                       assert_same_under_deterministic_algorithms, kl_op, leaf, make_pair)
 from test_logits import LOGIT_REDUCTIONS, TOL as LOGITS_TOL, make_logits, make_mask, op as logits_op, ref_logits, \
     run_op, torch_composite
@@ -222,14 +222,15 @@ def test_mask_and_num_items_on_another_device_error_from_cpp():
 
 
 def test_kl_with_logits_devices_without_a_kernel_name_the_device():
-    # No kl_with_logits kernel but the CPU one: every other device lands in the
-    # catch-all (CompositeExplicitAutograd) kernel, called directly here.
+    # Devices without a kl_with_logits kernel (all but the CPU and, when built
+    # with it, CUDA) land in the catch-all (CompositeExplicitAutograd) kernel,
+    # called directly here.
     keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
     x, t = make_logits((3, 4)), make_logits((3, 4))
     for op, args in [(torch.ops.batchkl.kl_with_logits.default, (x, t, 0.0, 1.0, "sum", None, None, False, None)),
                      (torch.ops.batchkl.kl_with_logits_fused.default,
                       (x, t, 0.0, 1.0, "sum", None, None, False, True, True, None))]:
-        with pytest.raises(RuntimeError, match=r"batchkl.kl_with_logits: no kernel for tensors on cpu"):
+        with pytest.raises(RuntimeError, match=r"batchkl.kl_with_logits: " + UNSUPPORTED_DEVICE + ", got tensors on cpu"):
             op.redispatch(keys, *args)
 
 
@@ -455,20 +456,26 @@ def _repeat_rows(row, rows):
 
 
 @pytest.mark.huge
-def test_kl_with_logits_more_than_2_pow_31_elements():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_kl_with_logits_more_than_2_pow_31_elements(device):
     """(2**21 + 1, 1024) bfloat16 logits, 4 GiB per input: the last row starts
     at element 2**31, past what 32-bit offsets reach. Its per-row loss and gradient rows (w.r.t. input, then
     w.r.t. target) equal the float64 reference and are bitwise those of the
     row computed alone; the 'sum' of all rows equals the sum of the per-row
     values. Peak memory about 12 GiB (two inputs and one gradient)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if device == "cuda" and torch.cuda.mem_get_info()[0] < 16 * 2**30:
+        pytest.skip("needs about 16 GiB of free GPU memory")
     rows, V = 2**21 + 1, 1024
     dtype = torch.bfloat16
     base_x, base_t = make_logits((V,), dtype), make_logits((V,), dtype)
     last_x, last_t = make_logits((V,), dtype, scale=5.0), make_logits((V,), dtype, scale=5.0)
     x, t = _repeat_rows(base_x, rows), _repeat_rows(base_t, rows)
     x[-1], t[-1] = last_x, last_t
+    x, t = x.to(device), t.to(device)
     assert x.numel() > 2**31 and x.stride(0) * (rows - 1) >= 2**31
-    w = torch.ones(rows, dtype=dtype)
+    w = torch.ones(rows, dtype=dtype, device=device)
     w[-1] = 0.75
 
     for beta, grad_of in ((0.5, "input"), (1.0, "target")):
@@ -481,13 +488,14 @@ def test_kl_with_logits_more_than_2_pow_31_elements():
         per_row = per_row.detach()
         assert per_row.shape == (rows,) and grad.shape == (rows, V)
         # the last row alone, in float64 and through the op
-        ref = ref_logits(last_x[None], last_t[None], w=w[-1:], **kw)
-        alone, agx, agt = run_op(lambda a, b: logits_op(a, b, **kw), last_x[None], last_t[None], w=w[-1:])
-        assert_close_scaled(per_row[-1:], ref.loss, ref.loss_mag, tol=LOGITS_TOL[dtype], what="last row")
+        ref = ref_logits(last_x[None], last_t[None], w=w[-1:].cpu(), **kw)
+        alone, agx, agt = run_op(lambda a, b: logits_op(a, b, **kw), last_x[None].to(device),
+                                 last_t[None].to(device), w=w[-1:])
+        assert_close_scaled(per_row[-1:].cpu(), ref.loss, ref.loss_mag, tol=LOGITS_TOL[dtype], what="last row")
         assert_bitwise_equal(per_row[-1:], alone, "last row vs alone")
         assert_bitwise_equal(per_row[:-1].unique(), per_row[:1], "the other rows")
         exp, mag, got_alone = (ref.gx, ref.gx_mag, agx) if grad_of == "input" else (ref.gt, ref.gt_mag, agt)
-        assert_close_scaled(grad[-1:], exp, mag, tol=LOGITS_TOL[dtype], what=f"grad_{grad_of} last row")
+        assert_close_scaled(grad[-1:].cpu(), exp, mag, tol=LOGITS_TOL[dtype], what=f"grad_{grad_of} last row")
         assert_bitwise_equal(grad[-1:], got_alone, f"grad_{grad_of} last row vs alone")
         assert_bitwise_equal(grad[-2], grad[0], f"grad_{grad_of} row -2 vs row 0")
         del grad

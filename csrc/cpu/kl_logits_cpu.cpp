@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "../kl_logits.h"
+#include "../register_backend.h"
 #include "prefault.h"
 #include "vec_ops.h"
 
@@ -419,43 +420,14 @@ void run_logits_cpu(const LogitsLaunch& p) {
 }
 
 void launch_logits_cpu(const LogitsLaunch& p) {
-  const auto with_probs = [&](auto div) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "batchkl_kl_with_logits_cpu", [&] {
-      if (p.probs) {
-        run_logits_cpu<scalar_t, decltype(div)::value, true>(p);
-      } else {
-        run_logits_cpu<scalar_t, decltype(div)::value, false>(p);
-      }
-    });
-  };
-  switch (p.div) {
-    case Divergence::kForward:
-      return with_probs(std::integral_constant<Divergence, Divergence::kForward>{});
-    case Divergence::kReverse:
-      return with_probs(std::integral_constant<Divergence, Divergence::kReverse>{});
-    case Divergence::kJSD:
-      return with_probs(std::integral_constant<Divergence, Divergence::kJSD>{});
-  }
+  dispatch_logits(p, [&](auto div, auto probs) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "batchkl_kl_with_logits_cpu",
+                                    [&] { run_logits_cpu<scalar_t, decltype(div)::value, decltype(probs)::value>(p); });
+  });
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(batchkl, CPU, m) {
-  m.impl("kl_with_logits", [](const at::Tensor& input, const at::Tensor& target, double beta, double temperature,
-                              c10::string_view reduction, const std::optional<at::Tensor>& mask,
-                              const std::optional<at::Tensor>& num_items, bool probs,
-                              std::optional<at::ScalarType> dtype) {
-    return std::get<0>(kl_with_logits_fused_impl(input, target, beta, temperature, reduction, mask, num_items, probs,
-                                                 dtype, false, false, launch_logits_cpu));
-  });
-  m.impl("kl_with_logits_fused",
-         [](const at::Tensor& input, const at::Tensor& target, double beta, double temperature,
-            c10::string_view reduction, const std::optional<at::Tensor>& mask,
-            const std::optional<at::Tensor>& num_items, bool probs, bool grad_input, bool grad_target,
-            std::optional<at::ScalarType> dtype) {
-           return kl_with_logits_fused_impl(input, target, beta, temperature, reduction, mask, num_items, probs, dtype,
-                                            grad_input, grad_target, launch_logits_cpu);
-         });
-}
+TORCH_LIBRARY_IMPL(batchkl, CPU, m) { register_logits_backend<launch_logits_cpu>(m); }
 
 }  // namespace batchkl

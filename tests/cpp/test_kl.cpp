@@ -28,18 +28,13 @@
 #include <utility>
 #include <vector>
 
+#include "check.h"
+
 namespace {
 
-int g_checks = 0;
-int g_failures = 0;
-
-void check(bool ok, const std::string& what) {
-  ++g_checks;
-  if (!ok) {
-    ++g_failures;
-    std::fprintf(stderr, "FAIL: %s\n", what.c_str());
-  }
-}
+using batchkl_test::check;
+using batchkl_test::g_checks;
+using batchkl_test::g_failures;
 
 using c10::str;
 

@@ -1,0 +1,138 @@
+// CUDA backend of `batchkl::kl_with_logits*`: the launcher of the kernel in
+// kl_logits_kernel.cuh (the loss and the gradients in one launch; a second,
+// tiny one counts the rows a mask keeps when the loss is divided by that).
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <torch/library.h>
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+
+#include "../register_backend.h"
+#include "kl_logits_kernel.cuh"
+
+namespace batchkl {
+namespace logits_cuda {
+namespace {
+
+// What the current GPU offers `kernel`. Clusters need an sm_90+ GPU and code
+// compiled for one: a build for sm_80 + PTX that the driver JIT-compiles on a
+// Hopper has no cluster code (kl_logits_kernel.cuh), so its rows stay in one CTA.
+template <typename Kernel>
+DeviceLimits device_limits(Kernel kernel) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  DeviceLimits dev;
+  dev.sms = prop->multiProcessorCount;
+  dev.max_smem = prop->sharedMemPerBlockOptin;
+  if (prop->major >= 9) {
+    // Asked once per device (0: not yet, 1: no, 2: yes): every kernel of this
+    // file is built for the same targets.
+    static std::array<std::atomic<int>, 64> known{};
+    const int device = at::cuda::current_device();
+    int answer = device < 64 ? known[device].load(std::memory_order_relaxed) : 0;
+    if (answer == 0) {
+      cudaFuncAttributes attr;
+      C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+      answer = attr.ptxVersion >= 90 && attr.binaryVersion >= 90 ? 2 : 1;
+      if (device < 64) known[device].store(answer, std::memory_order_relaxed);
+    }
+    dev.clusters = answer == 2;
+  }
+  return dev;
+}
+
+template <typename scalar_t, Divergence kDiv, bool kProbs>
+void launch_typed(const LogitsLaunch& p) {
+  constexpr int64_t elem = sizeof(scalar_t);
+  const RowGeometry& geo = p.geo;
+  auto* const kernel = logits_kernel<scalar_t, kDiv, kProbs>;
+  Grid grid = plan_launch(p, elem, device_limits(kernel));
+
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const auto opts = at::TensorOptions().device(at::kCUDA, at::cuda::current_device());
+  // One word for the ticket and one for the kept-row count, zeroed together.
+  const at::Tensor words = at::empty({2}, opts.dtype(at::kLong));
+  C10_CUDA_CHECK(cudaMemsetAsync(words.data_ptr(), 0, 2 * sizeof(int64_t), stream));
+  auto* const ticket = reinterpret_cast<unsigned int*>(words.data_ptr<int64_t>());
+  auto* const kept = reinterpret_cast<unsigned long long*>(words.data_ptr<int64_t>() + 1);
+  at::Tensor workspace;
+  double* row_loss = p.row_out;
+  if (row_loss == nullptr) {
+    workspace = at::empty({geo.rows}, opts.dtype(at::kDouble));
+    row_loss = workspace.data_ptr<double>();
+  }
+  if (p.divide_by_kept_rows) {
+    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((geo.rows + kThreads - 1) / kThreads, 1024));
+    count_kept_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p.mask, geo.rows, kept);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  if (grid.warp_rows) {
+    kernel<<<static_cast<unsigned>(grid.blocks), kThreads, grid.smem, stream>>>(p, grid, row_loss, ticket, kept);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  TORCH_CHECK(grid.blocks <= std::numeric_limits<int32_t>::max(), "batchkl.kl_with_logits: ", geo.rows,
+              " rows of ", geo.cols, " columns need more CTAs than one launch can have");
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(grid.blocks));
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  if (grid.cluster > 1) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(grid.cluster);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+  }
+  // The kernel's shared-memory limit is a property of the kernel, not of a
+  // launch: raised once per device to the most the GPU offers, never lowered
+  // (another thread may be launching it with a larger slice).
+  static std::array<std::atomic<bool>, 64> raised{};
+  const int device = at::cuda::current_device();
+  if (device >= 64 || !raised[device].load(std::memory_order_acquire)) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin)));
+    if (device < 64) raised[device].store(true, std::memory_order_release);
+  }
+  const auto fits = [&]() {
+    config.dynamicSmemBytes = grid.smem;
+    if (grid.cluster == 1) return true;
+    int clusters = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
+    return clusters > 0;
+  };
+  if (!fits()) {
+    // A cluster this large with this much shared memory per CTA cannot be
+    // co-resident (a GPU partitioned into small slices): stream the row
+    // twice instead of staging it. Same slices, same order, same results.
+    TORCH_CHECK(grid.stage, "batchkl.kl_with_logits: this GPU cannot run a cluster of ", grid.cluster,
+                " CTAs, which rows of ", geo.cols, " columns need");
+    grid.stage = false;
+    grid.smem = kFixedSmem;
+    TORCH_CHECK(fits(), "batchkl.kl_with_logits: this GPU cannot run a cluster of ", grid.cluster,
+                " CTAs, which rows of ", geo.cols, " columns need");
+  }
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, grid, row_loss, ticket,
+                                    static_cast<const unsigned long long*>(kept)));
+}
+
+void launch_logits_cuda(const LogitsLaunch& p) {
+  dispatch_logits(p, [&](auto div, auto probs) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "batchkl_kl_with_logits_cuda", [&] {
+      launch_typed<scalar_t, decltype(div)::value, decltype(probs)::value>(p);
+    });
+  });
+}
+
+}  // namespace
+}  // namespace logits_cuda
+
+TORCH_LIBRARY_IMPL(batchkl, CUDA, m) { register_logits_backend<logits_cuda::launch_logits_cuda>(m); }
+
+}  // namespace batchkl

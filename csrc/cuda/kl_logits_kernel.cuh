@@ -1,0 +1,603 @@
+// Device code of `batchkl::kl_with_logits` on CUDA, and the host-side choice
+// of its launch shape. Kept apart from the launcher (kl_logits_cuda.cu) so
+// that tests/cpp/test_logits_emulated.cpp can run this very code on the CPU
+// (tests/cpp/cuda_emulator.h), where no GPU is at hand.
+//
+// The picture: a row (one distribution pair, `cols` logits each) belongs to a
+// group of threads, a warp for short rows (several rows per CTA), else a CTA,
+// or on Hopper a thread-block cluster of up to 8 CTAs, each CTA owning one
+// slice of the row. A group sweeps its row
+//   1. once from global memory: both online log-sum-exps (running max and
+//      rescaled sum), keeping the slice in shared memory where it fits;
+//   2. from shared memory: the divergence and, when the gradient's row
+//      constant is known a priori (LogitsTerm in kl_math.h), the gradients;
+//   3. only when it is not (JSD, and the target gradient of forward KL, the
+//      input gradient of reverse KL): the gradients, with the row sums of 2.
+// The group's totals are combined in a fixed order (warp butterfly, warps in
+// order, cluster ranks in order; the cluster's CTAs trade them through
+// distributed shared memory), every thread ends up with the same bits, and
+// the work a thread does depends on `cols` and the dtype alone: results are
+// bitwise reproducible and a row's result does not depend on the batch
+// around it. The scalar loss is the sum of the row losses, added up in a
+// fixed order by the last CTA to finish (an integer ticket; no float atomics).
+#pragma once
+
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+
+#include "../kl_logits.h"
+#include "../kl_math.h"
+
+#if !defined(BATCHKL_CUDA_EMULATOR) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#include <cooperative_groups.h>
+#define BATCHKL_CLUSTERS 1
+#elif defined(BATCHKL_CUDA_EMULATOR)
+#define BATCHKL_CLUSTERS 1
+#endif
+
+#if defined(BATCHKL_CUDA_EMULATOR)
+// The emulator hands each emulated CTA its own buffer, and checks that every
+// 16-byte access is aligned (x86 would not fault where a GPU does).
+#define BATCHKL_DYNAMIC_SMEM(name) unsigned char* name = ::batchkl_emu::dynamic_smem()
+#define BATCHKL_CHECK_ALIGNED(p) ::batchkl_emu::check_aligned(p)
+#else
+#define BATCHKL_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define BATCHKL_CHECK_ALIGNED(p) ((void)0)
+#endif
+
+namespace batchkl {
+namespace logits_cuda {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// Rows up to this many columns get a warp each: a CTA per row would leave
+// most of its threads idle, and a short row is re-read from L1.
+constexpr int64_t kWarpRowCols = 2048;
+constexpr int kMaxCluster = 8;  // the portable cluster size
+// A CTA's slice (both operands) is aimed at this many bytes of shared
+// memory, so that several CTAs fit on an SM (the kernel's launch bounds ask
+// for two) and one streams its slice in while another computes; a longer row
+// is cut into more CTAs, up to kMaxCluster.
+constexpr int64_t kSliceBudget = 64 * 1024;
+constexpr int kUnroll = 4;  // 16-byte loads in flight per operand and thread in sweep 1
+
+// One exchange slot: up to 5 doubles (RowStats), padded to 16 bytes.
+struct alignas(16) Slot {
+  double v[6];
+};
+// Shared memory: the epilogue's block sum, then two exchange phases of
+// (kWarps warp slots + 1 CTA slot), then the staged slice.
+constexpr size_t kFinalBytes = kThreads * sizeof(double) + 16;
+constexpr size_t kExchangeBytes = 2 * (kWarps + 1) * sizeof(Slot);
+constexpr size_t kFixedSmem = kFinalBytes + kExchangeBytes;
+
+// How a call is cut up; a function of the row length, the dtype and the
+// device (plan_grid), never of the number of rows.
+struct Grid {
+  bool warp_rows = false;
+  int cluster = 1;      // CTAs per row
+  int64_t slice = 0;    // columns per CTA, a whole number of 16-byte packs
+  bool stage = false;   // the slice stays in shared memory between sweeps
+  bool vec_in = false;  // input and target rows allow 16-byte loads
+  bool vec_out = false;  // gradient rows allow 16-byte stores
+  int64_t blocks = 1;
+  size_t smem = 0;  // dynamic shared memory per CTA
+};
+
+struct DeviceLimits {
+  int sms = 1;
+  size_t max_smem = 48 * 1024;  // per CTA, opted in
+  bool clusters = false;        // sm_90+: thread-block clusters with distributed shared memory
+};
+
+inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimits& dev) {
+  Grid g;
+  const int64_t pack = 16 / elem;
+  const auto round_up = [&](int64_t v) { return (v + pack - 1) / pack * pack; };
+  if (cols <= kWarpRowCols) {
+    g.warp_rows = true;
+    g.slice = cols;
+    // Enough CTAs to fill every SM several times over; a grid-stride loop takes the rest.
+    g.blocks = std::max<int64_t>(1, std::min<int64_t>((rows + kWarps - 1) / kWarps, int64_t{dev.sms} * 8));
+    g.smem = kFinalBytes;
+    return g;
+  }
+  const int max_cluster = dev.clusters ? kMaxCluster : 1;
+  int c = 1;
+  while (c < max_cluster && 2 * round_up((cols + c - 1) / c) * elem > kSliceBudget) c *= 2;
+  g.cluster = c;
+  g.slice = round_up((cols + c - 1) / c);
+  const size_t staged = kFixedSmem + static_cast<size_t>(2 * g.slice * elem);
+  g.stage = staged <= dev.max_smem;
+  g.smem = g.stage ? staged : kFixedSmem;
+  g.blocks = rows * c;
+  return g;
+}
+
+// Whether every row of operand k starts on a 16-byte boundary and is unit-stride.
+inline bool rows_aligned(const LogitsLaunch& p, int k, int64_t elem) {
+  const RowGeometry& g = p.geo;
+  if (p.ptr[k] == nullptr) return true;
+  if (g.cols > 1 && g.col_stride[k] != 1) return false;
+  if (reinterpret_cast<uintptr_t>(p.ptr[k]) % 16 != 0) return false;
+  for (int d = 0; d < g.nlead; ++d) {
+    if (g.lead_sizes[d] > 1 && (g.lead_strides[k][d] * elem) % 16 != 0) return false;
+  }
+  return true;
+}
+
+// The launch shape of one call (what a backend's launcher then runs).
+inline Grid plan_launch(const LogitsLaunch& p, int64_t elem, const DeviceLimits& dev) {
+  Grid g = plan_grid(p.geo.rows, p.geo.cols, elem, dev);
+  g.vec_in = rows_aligned(p, kInput, elem) && rows_aligned(p, kTarget, elem);
+  g.vec_out = rows_aligned(p, kGradInput, elem) && rows_aligned(p, kGradTarget, elem);
+  return g;
+}
+
+// ---------------------------------------------------------------------------
+// Device helpers.
+
+template <typename scalar_t>
+struct alignas(16) Pack {
+  static constexpr int kSize = 16 / sizeof(scalar_t);
+  scalar_t v[kSize];
+};
+
+// exp of float: the SFU's (a few ulp; its arguments here are <= 0, and a
+// result below FLT_MIN is a probability of 0 either way). double keeps exp.
+template <typename acc_t>
+struct DeviceOps : MathOps<acc_t> {};
+template <>
+struct DeviceOps<float> : MathOps<float> {
+  static __device__ __forceinline__ float exp(float v) { return __expf(v); }
+};
+
+// Symmetric reduction steps: op(a, b) and op(b, a) give the same bits, so
+// every lane of a butterfly ends with the same value.
+struct AddOp {
+  template <int K>
+  __device__ __forceinline__ void operator()(double (&a)[K], const double* b) const {
+#pragma unroll
+    for (int k = 0; k < K; ++k) a[k] += b[k];
+  }
+};
+
+// RowStats = {max_q, sum_q, max_p, sum_p, bad}: a sum of exp(a - max) is
+// rescaled to the larger max. (kProbs: plain sums, the maxes stay 0.)
+struct StatsOp {
+  __device__ __forceinline__ static double part(double s, double m_own, double m) {
+    return m_own == m ? s : s * ::exp(m_own - m);  // exp(-inf) = 0 for an all -inf part
+  }
+  __device__ __forceinline__ void operator()(double (&a)[5], const double* b) const {
+#pragma unroll
+    for (int d = 0; d < 2; ++d) {
+      // (+ 0.0: a +0 / -0 tie gives +0 on both sides of a butterfly step)
+      const double m = (a[2 * d] > b[2 * d] ? a[2 * d] : b[2 * d]) + 0.0;
+      a[2 * d + 1] = part(a[2 * d + 1], a[2 * d], m) + part(b[2 * d + 1], b[2 * d], m);
+      a[2 * d] = m;
+    }
+    a[4] = a[4] > b[4] ? a[4] : b[4];
+  }
+};
+
+template <int K, class Op>
+__device__ __forceinline__ void warp_allreduce(double (&v)[K], Op op) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    double o[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) o[k] = __shfl_xor_sync(0xffffffffu, v[k], offset);
+    op(v, o);
+  }
+}
+
+__device__ __forceinline__ unsigned cluster_rank() {
+#if defined(BATCHKL_CUDA_EMULATOR)
+  return ::batchkl_emu::cluster_rank();
+#elif defined(BATCHKL_CLUSTERS)
+  return cooperative_groups::this_cluster().block_rank();
+#else
+  return 0;
+#endif
+}
+
+// A barrier over the cluster that also orders shared-memory writes before it
+// with reads after it from any CTA of the cluster.
+__device__ __forceinline__ void cluster_sync() {
+#if defined(BATCHKL_CUDA_EMULATOR)
+  ::batchkl_emu::cluster_sync();
+#elif defined(BATCHKL_CLUSTERS)
+  cooperative_groups::this_cluster().sync();
+#else
+  __syncthreads();  // never reached with more than one CTA per row (plan_grid)
+#endif
+}
+
+// Where cluster rank `r` keeps the object that this CTA keeps at `p`.
+template <typename T>
+__device__ __forceinline__ const T* cluster_peer(T* p, unsigned r) {
+#if defined(BATCHKL_CUDA_EMULATOR)
+  return ::batchkl_emu::cluster_peer(p, r);
+#elif defined(BATCHKL_CLUSTERS)
+  return cooperative_groups::this_cluster().map_shared_rank(p, r);
+#else
+  (void)r;
+  return p;
+#endif
+}
+
+// The same total in every thread of the CTA (and of the cluster when
+// `cluster` > 1). `slots` holds kWarps + 1 Slots, used once per row.
+template <int K, class Op>
+__device__ __forceinline__ void cta_allreduce(double (&v)[K], Op op, Slot* slots, int cluster) {
+  warp_allreduce(v, op);
+  const int warp = threadIdx.x / 32;
+  if (threadIdx.x % 32 == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) slots[warp].v[k] = v[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = slots[0].v[k];
+  for (int w = 1; w < kWarps; ++w) op(v, slots[w].v);
+  if (cluster == 1) return;
+#if !defined(BATCHKL_CLUSTERS)
+  __trap();  // code without clusters launched with them (plan_launch rules it out)
+#endif
+  Slot* mine = slots + kWarps;
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) mine->v[k] = v[k];
+  }
+  cluster_sync();
+  const Slot* first = cluster_peer(mine, 0);
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = first->v[k];
+  for (int r = 1; r < cluster; ++r) op(v, cluster_peer(mine, static_cast<unsigned>(r))->v);
+}
+
+// Pack `i` of a run of `len` elements at `base` (column stride `stride`):
+// one 16-byte access where allowed, else element by element, padded with
+// `fill`. Either way a thread sees the same values in the same order.
+template <typename scalar_t>
+__device__ __forceinline__ Pack<scalar_t> load_pack(const scalar_t* base, int64_t stride, int64_t i, int64_t len,
+                                                    bool vec, scalar_t fill) {
+  constexpr int N = Pack<scalar_t>::kSize;
+  const int64_t j0 = i * N;
+  if (vec && j0 + N <= len) {
+    BATCHKL_CHECK_ALIGNED(base + j0);
+    return reinterpret_cast<const Pack<scalar_t>*>(base)[i];
+  }
+  Pack<scalar_t> out;
+#pragma unroll
+  for (int e = 0; e < N; ++e) out.v[e] = j0 + e < len ? base[(j0 + e) * stride] : fill;
+  return out;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void store_pack(scalar_t* base, int64_t i, int64_t len, bool vec,
+                                           const Pack<scalar_t>& pk) {
+  constexpr int N = Pack<scalar_t>::kSize;
+  const int64_t j0 = i * N;
+  if (vec && j0 + N <= len) {
+    BATCHKL_CHECK_ALIGNED(base + j0);
+    reinterpret_cast<Pack<scalar_t>*>(base)[i] = pk;
+    return;
+  }
+#pragma unroll
+  for (int e = 0; e < N; ++e) {
+    if (j0 + e < len) base[j0 + e] = pk.v[e];
+  }
+}
+
+// Everything a group knows about its row after sweep 1.
+template <typename acc_t>
+struct RowConsts {
+  acc_t shift_q, shift_p;      // the maxes of x / T and y / T (logits)
+  acc_t log_sum_q, log_sum_p;  // log of the sums of exp(a - shift) (probs: of the values)
+  acc_t inv_sum_q, inv_sum_p;
+  acc_t c;  // log_sum_p - log_sum_q, for the two KLs from logits
+};
+
+template <typename scalar_t, Divergence kDiv, bool kProbs>
+struct RowWork {
+  using acc_t = at::opmath_type<scalar_t>;
+  using P = Pack<scalar_t>;
+  using Ops = DeviceOps<acc_t>;
+  using Term = LogitsTerm<kDiv, acc_t, Ops>;
+  static constexpr int N = P::kSize;
+
+  const LogitsLaunch& p;
+  const Grid& grid;
+  acc_t inv_t, scale;
+  JSDWeights<acc_t> w;
+  bool want_gx, want_gy;
+
+  __device__ __forceinline__ static scalar_t fill() {
+    // Padding that is a probability of 0 either way (contributes nothing).
+    return static_cast<scalar_t>(kProbs ? acc_t(0) : -std::numeric_limits<acc_t>::infinity());
+  }
+
+  __device__ __forceinline__ bool third_sweep() const {
+    return (want_gx && kDiv != Divergence::kForward) || (want_gy && kDiv != Divergence::kReverse);
+  }
+
+  // Sweep 1 bookkeeping of one pack of distribution d.
+  __device__ __forceinline__ void observe(const P& pk, acc_t& m, acc_t& s, bool& bad) const {
+    if constexpr (kProbs) {
+#pragma unroll
+      for (int e = 0; e < N; ++e) s += static_cast<acc_t>(pk.v[e]);
+    } else {
+      acc_t a[N];
+      acc_t pm = -std::numeric_limits<acc_t>::infinity();
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        a[e] = static_cast<acc_t>(pk.v[e]) * inv_t;
+        // NaN and +inf leave no distribution (the row becomes NaN).
+        bad |= !(a[e] < std::numeric_limits<acc_t>::infinity());
+        pm = a[e] > pm ? a[e] : pm;
+      }
+      if (pm > m) {
+        s *= Ops::exp(m - pm);  // 0 * 0 while m was -inf
+        m = pm;
+      }
+      if (m != -std::numeric_limits<acc_t>::infinity()) {
+#pragma unroll
+        for (int e = 0; e < N; ++e) s += Ops::exp(a[e] - m);
+      }
+    }
+  }
+
+  __device__ __forceinline__ Term term(acc_t x, acc_t y, const RowConsts<acc_t>& k, acc_t& q, acc_t& pr) const {
+    if constexpr (kProbs) {
+      q = x * k.inv_sum_q;
+      pr = y * k.inv_sum_p;
+      return Term(Ops::log(x) - k.log_sum_q, q, Ops::log(y) - k.log_sum_p, pr, w);
+    } else {
+      const acc_t aq = x * inv_t - k.shift_q, ap = y * inv_t - k.shift_p;
+      q = Ops::exp(aq) * k.inv_sum_q;
+      pr = Ops::exp(ap) * k.inv_sum_p;
+      if constexpr (kDiv == Divergence::kJSD) {
+        return Term(aq - k.log_sum_q, q, ap - k.log_sum_p, pr, w);
+      } else {
+        return Term(ap - aq - k.c, q, pr);
+      }
+    }
+  }
+
+  // dD / d(raw value) from dD / dlog(pr) `g` and the row constant `c` (see
+  // the CPU backend's raw_grad).
+  __device__ __forceinline__ acc_t raw_grad(acc_t g, acc_t pr, acc_t raw, acc_t c, acc_t inv_sum) const {
+    if constexpr (kProbs) {
+      return ((g == acc_t(0) ? acc_t(0) : g / raw) - c * inv_sum) * scale;
+    } else {
+      return (g - pr * c) * scale;
+    }
+  }
+
+  // One row, or one CTA's slice of it. `tid` / `group`: this thread's rank
+  // in the group and the group's size (32: a warp, reducing with shuffles
+  // alone; kThreads: the CTA); `cluster`: CTAs per row. Returns the row's
+  // loss (the same in every thread of the group).
+  __device__ double row(int64_t r, int64_t c0, int64_t len, int tid, int group, int cluster, scalar_t* stage,
+                        Slot* slots) const {
+    const RowGeometry& g = p.geo;
+    scalar_t* gx = want_gx ? static_cast<scalar_t*>(p.ptr[kGradInput]) + g.row_offset(kGradInput, r) + c0 : nullptr;
+    scalar_t* gy = want_gy ? static_cast<scalar_t*>(p.ptr[kGradTarget]) + g.row_offset(kGradTarget, r) + c0 : nullptr;
+    const int64_t npacks = len > 0 ? (len + N - 1) / N : 0;
+    const auto fill_grads = [&](acc_t v) {
+      P pk;
+#pragma unroll
+      for (int e = 0; e < N; ++e) pk.v[e] = static_cast<scalar_t>(v);
+      for (int64_t i = tid; i < npacks; i += group) {
+        if (gx) store_pack(gx, i, len, grid.vec_out, pk);
+        if (gy) store_pack(gy, i, len, grid.vec_out, pk);
+      }
+    };
+    if (p.mask != nullptr && !p.mask[r]) {
+      // Excluded: 0 loss and 0 gradient whatever the row holds.
+      fill_grads(acc_t(0));
+      return 0.0;
+    }
+    const int64_t sx = g.col_stride[kInput], sy = g.col_stride[kTarget];
+    const scalar_t* x = static_cast<const scalar_t*>(p.ptr[kInput]) + g.row_offset(kInput, r) + c0 * sx;
+    const scalar_t* y = static_cast<const scalar_t*>(p.ptr[kTarget]) + g.row_offset(kTarget, r) + c0 * sy;
+    P* const stage_x = reinterpret_cast<P*>(stage);
+    P* const stage_y = stage != nullptr ? stage_x + grid.slice / N : nullptr;
+
+    // Sweep 1.
+    acc_t m[2] = {-std::numeric_limits<acc_t>::infinity(), -std::numeric_limits<acc_t>::infinity()};
+    acc_t s[2] = {0, 0};
+    bool bad = false;
+    for (int64_t i0 = tid; i0 < npacks; i0 += int64_t{group} * kUnroll) {
+      P xs[kUnroll], ys[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = i0 + int64_t{u} * group;
+        if (i < npacks) {
+          xs[u] = load_pack(x, sx, i, len, grid.vec_in, fill());
+          ys[u] = load_pack(y, sy, i, len, grid.vec_in, fill());
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = i0 + int64_t{u} * group;
+        if (i >= npacks) continue;
+        if (stage != nullptr) {
+          BATCHKL_CHECK_ALIGNED(stage_x + i);
+          stage_x[i] = xs[u];
+          stage_y[i] = ys[u];
+        }
+        observe(xs[u], m[0], s[0], bad);
+        observe(ys[u], m[1], s[1], bad);
+      }
+    }
+    double stats[5] = {kProbs ? 0.0 : static_cast<double>(m[0]), static_cast<double>(s[0]),
+                       kProbs ? 0.0 : static_cast<double>(m[1]), static_cast<double>(s[1]), bad ? 1.0 : 0.0};
+    if (group == 32) {
+      warp_allreduce(stats, StatsOp{});
+    } else {
+      cta_allreduce(stats, StatsOp{}, slots, cluster);  // also orders the staging writes before the reads below
+    }
+    if (!kProbs && stats[4] != 0.0) {
+      // A +inf logit (or a NaN) leaves no distribution: NaN for the row and
+      // its gradients, as PyTorch gives.
+      fill_grads(std::numeric_limits<acc_t>::quiet_NaN());
+      return std::numeric_limits<double>::quiet_NaN();
+    }
+    RowConsts<acc_t> k;
+    k.shift_q = static_cast<acc_t>(stats[0]);
+    k.shift_p = static_cast<acc_t>(stats[2]);
+    k.log_sum_q = static_cast<acc_t>(::log(stats[1]));
+    k.log_sum_p = static_cast<acc_t>(::log(stats[3]));
+    k.inv_sum_q = static_cast<acc_t>(1.0 / stats[1]);
+    k.inv_sum_p = static_cast<acc_t>(1.0 / stats[3]);
+    k.c = static_cast<acc_t>(static_cast<double>(k.log_sum_p) - static_cast<double>(k.log_sum_q));
+
+    // Sweeps 2 and 3 read the slice back from shared memory when it is there.
+    const scalar_t* rx = stage != nullptr ? stage : x;
+    const scalar_t* ry = stage != nullptr ? reinterpret_cast<const scalar_t*>(stage_y) : y;
+    const int64_t rsx = stage != nullptr ? 1 : sx, rsy = stage != nullptr ? 1 : sy;
+    const bool rvec = stage != nullptr || grid.vec_in;
+    const bool third = third_sweep();
+    const acc_t minus_one(-1);
+
+    // One pass over the slice: sums the divergence and the row totals of gq
+    // and gp; with `write`, writes the gradients, given the row constants.
+    const auto sweep = [&](bool write, acc_t cq, acc_t cp, double(&sums)[3]) {
+      acc_t loss = 0, sum_gq = 0, sum_gp = 0;
+      for (int64_t i = tid; i < npacks; i += group) {
+        const P xp = load_pack(rx, rsx, i, len, rvec, fill());
+        const P yp = load_pack(ry, rsy, i, len, rvec, fill());
+        P ox, oy;
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+          const acc_t xv = static_cast<acc_t>(xp.v[e]), yv = static_cast<acc_t>(yp.v[e]);
+          acc_t q, pr;
+          const Term t = term(xv, yv, k, q, pr);
+          loss += t.loss;
+          sum_gq += t.gq;
+          sum_gp += t.gp;
+          if (write) {
+            ox.v[e] = static_cast<scalar_t>(raw_grad(t.gq, q, xv, cq, k.inv_sum_q));
+            oy.v[e] = static_cast<scalar_t>(raw_grad(t.gp, pr, yv, cp, k.inv_sum_p));
+          }
+        }
+        if (write && gx) store_pack(gx, i, len, grid.vec_out, ox);
+        if (write && gy) store_pack(gy, i, len, grid.vec_out, oy);
+      }
+      sums[0] = static_cast<double>(loss);
+      sums[1] = static_cast<double>(sum_gq);
+      sums[2] = static_cast<double>(sum_gp);
+    };
+    double sums[3];
+    sweep(!third, minus_one, minus_one, sums);
+    if (group == 32) {
+      warp_allreduce(sums, AddOp{});
+    } else {
+      cta_allreduce(sums, AddOp{}, slots + kWarps + 1, cluster);
+    }
+    if (third) {
+      double unused[3];
+      sweep(true, kDiv == Divergence::kForward ? minus_one : static_cast<acc_t>(sums[1]),
+            kDiv == Divergence::kReverse ? minus_one : static_cast<acc_t>(sums[2]), unused);
+    }
+    return sums[0];
+  }
+};
+
+// The number of rows the mask keeps (integer atomics: exact in any order).
+__global__ void __launch_bounds__(kThreads) count_kept_kernel(const bool* __restrict__ mask, int64_t rows,
+                                                              unsigned long long* __restrict__ kept) {
+  unsigned long long c = 0;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * kThreads) {
+    c += mask[r] ? 1 : 0;
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) c += __shfl_xor_sync(0xffffffffu, c, offset);
+  if (threadIdx.x % 32 == 0 && c != 0) atomicAdd(kept, c);
+}
+
+// `row_loss`: one double per row (the per-row output itself for reduction
+// 'none', else a workspace); `ticket`: zeroed; `kept`: the count_kept_kernel
+// result when p.divide_by_kept_rows.
+template <typename scalar_t, Divergence kDiv, bool kProbs>
+__global__ void __launch_bounds__(kThreads, 2)
+    logits_kernel(const __grid_constant__ LogitsLaunch p, const __grid_constant__ Grid grid,
+                  double* __restrict__ row_loss,
+                  unsigned int* __restrict__ ticket, const unsigned long long* __restrict__ kept) {
+  using Work = RowWork<scalar_t, kDiv, kProbs>;
+  using acc_t = typename Work::acc_t;
+  BATCHKL_DYNAMIC_SMEM(smem);
+  double* const final_sum = reinterpret_cast<double*>(smem);
+  bool* const last = reinterpret_cast<bool*>(smem + kThreads * sizeof(double));
+  Slot* const slots = reinterpret_cast<Slot*>(smem + kFinalBytes);
+  scalar_t* const stage = grid.stage ? reinterpret_cast<scalar_t*>(smem + kFixedSmem) : nullptr;
+
+  double divisor = p.divisor;
+  if (p.num_items != nullptr) {
+    divisor = *p.num_items;
+  } else if (p.divide_by_kept_rows) {
+    divisor *= static_cast<double>(*kept > 0 ? *kept : 1ull);
+  }
+  const double b = p.beta;
+  const Work work{p,
+                  grid,
+                  static_cast<acc_t>(p.inv_temperature),
+                  static_cast<acc_t>((kProbs ? 1.0 : p.inv_temperature) / divisor),
+                  JSDWeights<acc_t>{static_cast<acc_t>(b), static_cast<acc_t>(1.0 - b), static_cast<acc_t>(::log(b)),
+                                    static_cast<acc_t>(::log1p(-b))},
+                  p.ptr[kGradInput] != nullptr,
+                  p.ptr[kGradTarget] != nullptr};
+  const int64_t rows = p.geo.rows, cols = p.geo.cols;
+
+  if (grid.warp_rows) {
+    const int lane = threadIdx.x % 32;
+    for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; r < rows;
+         r += static_cast<int64_t>(gridDim.x) * kWarps) {
+      const double loss = work.row(r, 0, cols, lane, 32, 1, nullptr, nullptr);
+      if (lane == 0) row_loss[r] = loss;
+    }
+  } else {
+    const int cluster = grid.cluster;
+    const unsigned rank = cluster > 1 ? cluster_rank() : 0;
+    const int64_t r = static_cast<int64_t>(blockIdx.x) / cluster;
+    const int64_t c0 = static_cast<int64_t>(rank) * grid.slice;
+    const int64_t len = std::min<int64_t>(grid.slice, cols - c0);
+    const double loss = work.row(r, c0, len, threadIdx.x, kThreads, cluster, stage, slots);
+    if (rank == 0 && threadIdx.x == 0) row_loss[r] = loss;
+    // No CTA may leave (and free its shared memory) while another of its
+    // cluster still reads from it.
+    if (cluster > 1) cluster_sync();
+  }
+
+  if (p.scalar_out == nullptr) return;
+  // Last CTA in: every writer fences its row losses before its CTA takes a
+  // ticket, so the CTA holding the last ticket sees all of them.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    *last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!*last) return;
+  __threadfence();
+  double acc = 0;
+  for (int64_t i = threadIdx.x; i < rows; i += kThreads) acc += __ldcg(row_loss + i);
+  final_sum[threadIdx.x] = acc;
+  __syncthreads();
+  for (int width = kThreads / 2; width > 0; width >>= 1) {
+    if (static_cast<int>(threadIdx.x) < width) final_sum[threadIdx.x] += final_sum[threadIdx.x + width];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) *p.scalar_out = final_sum[0] / divisor;
+}
+
+}  // namespace logits_cuda
+}  // namespace batchkl

@@ -1,0 +1,244 @@
+// Runs CUDA kernel code on the CPU, for machines without a GPU: every CUDA
+// thread of a cluster (or of a CTA) is a fiber (ucontext) on the calling
+// thread, and __syncthreads, the cluster barrier and the warp shuffles are
+// barriers at which a fiber hands over to the next. Clusters run one after
+// another. Blind to what only hardware shows (speed, the weaker corners of
+// the memory model, bank conflicts), but it executes the very indexing,
+// reductions, synchronisation and distributed-shared-memory exchanges of a
+// kernel, and a barrier that not every thread reaches is reported as a
+// deadlock (on a GPU it would hang or corrupt).
+//
+// Include before the kernel's header; the kernel marks its dynamic shared
+// memory, cluster rank, cluster barrier and peer mapping with hooks that
+// resolve to batchkl_emu:: below when BATCHKL_CUDA_EMULATOR is defined.
+#pragma once
+
+#define BATCHKL_CUDA_EMULATOR 1
+
+#include <ucontext.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <algorithm>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __grid_constant__
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  dim3() = default;
+  dim3(unsigned x_, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+namespace batchkl_emu {
+
+struct Barrier {
+  unsigned expected = 0, arrived = 0;
+  uint64_t generation = 0;
+};
+
+struct Warp {
+  Barrier bar{32};
+  uint64_t slot[32] = {};
+};
+
+struct Cta {
+  Barrier bar;
+  std::vector<unsigned char> smem;
+  std::vector<Warp> warps;
+  unsigned live = 0;  // threads not yet finished
+};
+
+struct Cluster {
+  Barrier bar;
+  std::vector<std::unique_ptr<Cta>> ctas;
+};
+
+struct ThreadState {
+  dim3 thread_idx, block_idx, block_dim, grid_dim;
+  Cta* cta = nullptr;
+  Cluster* cluster = nullptr;
+  unsigned rank = 0;
+};
+
+struct Fiber {
+  ucontext_t ctx{};
+  std::unique_ptr<char[]> stack;
+  std::function<void()> body;
+  ThreadState state;
+  const Barrier* waiting = nullptr;
+  uint64_t wait_generation = 0;
+  bool done = false;
+};
+
+inline thread_local ThreadState tls;
+inline thread_local Fiber* current = nullptr;
+inline thread_local ucontext_t scheduler;
+inline thread_local std::exception_ptr failure;
+
+inline void arrive_and_wait(Barrier& b) {
+  if (++b.arrived == b.expected) {
+    b.arrived = 0;
+    ++b.generation;
+    return;
+  }
+  current->waiting = &b;
+  current->wait_generation = b.generation;
+  swapcontext(&current->ctx, &scheduler);
+}
+
+inline void fiber_main() {
+  try {
+    current->body();
+  } catch (...) {
+    if (!failure) failure = std::current_exception();
+  }
+  current->done = true;
+  // uc_link returns to the scheduler.
+}
+
+// Launches alternate between running the fibers in thread order and in
+// reverse, so that a missing barrier between a writer and a reader shows up
+// whichever of the two has the lower thread index.
+inline thread_local unsigned launches = 0;
+
+// Runs the fibers until all are done; throws on a deadlock. When the last
+// thread of a CTA finishes, its shared memory is overwritten with 0xff bytes
+// (NaN): on a GPU it is gone, and a peer of the cluster still reading it
+// would read garbage.
+inline void run(std::vector<Fiber>& fibers) {
+  const bool reverse = launches++ % 2 == 1;
+  const size_t n = fibers.size();
+  for (;;) {
+    bool progress = false, all_done = true;
+    for (size_t k = 0; k < n; ++k) {
+      Fiber& f = fibers[reverse ? n - 1 - k : k];
+      if (f.done) continue;
+      all_done = false;
+      if (f.waiting != nullptr && f.waiting->generation == f.wait_generation) continue;
+      f.waiting = nullptr;
+      tls = f.state;
+      current = &f;
+      swapcontext(&scheduler, &f.ctx);
+      progress = true;
+      if (f.done && --f.state.cta->live == 0) {
+        std::fill(f.state.cta->smem.begin(), f.state.cta->smem.end(), static_cast<unsigned char>(0xff));
+      }
+    }
+    if (all_done) break;
+    if (!progress) {
+      if (failure) break;
+      throw std::logic_error("emulated kernel deadlocked: a barrier (__syncthreads, cluster sync or shuffle) "
+                             "that not every thread reaches");
+    }
+  }
+  current = nullptr;
+  if (failure) {
+    auto e = failure;
+    failure = nullptr;
+    std::rethrow_exception(e);
+  }
+}
+
+inline unsigned char* dynamic_smem() { return tls.cta->smem.data(); }
+inline void check_aligned(const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) throw std::logic_error("misaligned 16-byte access");
+}
+inline unsigned cluster_rank() { return tls.rank; }
+inline void cluster_sync() { arrive_and_wait(tls.cluster->bar); }
+
+// The address in CTA `r`'s shared memory of what this CTA has at `p`.
+template <typename T>
+const T* cluster_peer(T* p, unsigned r) {
+  const auto* mine = tls.cta->smem.data();
+  const auto offset = reinterpret_cast<const unsigned char*>(p) - mine;
+  if (offset < 0 || static_cast<size_t>(offset) >= tls.cta->smem.size()) {
+    throw std::logic_error("cluster_peer: pointer outside this CTA's shared memory");
+  }
+  if (r >= tls.cluster->ctas.size()) throw std::logic_error("cluster_peer: rank outside the cluster");
+  return reinterpret_cast<const T*>(tls.cluster->ctas[r]->smem.data() + offset);
+}
+
+// kernel<<<grid, block, smem>>>(args...) with clusters of `cluster` CTAs.
+// Shared memory starts filled with 0xff bytes (NaN for floating types), so
+// that a read of a slot nobody wrote shows up in the results.
+template <typename Kernel, typename... Args>
+void launch(unsigned grid, unsigned block, size_t smem, unsigned cluster, Kernel kernel, const Args&... args) {
+  if (block % 32 != 0 || cluster == 0 || grid % cluster != 0) {
+    throw std::invalid_argument("emulated launch: block must be whole warps and grid whole clusters");
+  }
+  constexpr size_t kStack = 256 * 1024;
+  for (unsigned first = 0; first < grid; first += cluster) {
+    Cluster cl;
+    cl.bar.expected = cluster * block;
+    for (unsigned c = 0; c < cluster; ++c) {
+      auto cta = std::make_unique<Cta>();
+      cta->bar.expected = block;
+      cta->live = block;
+      cta->smem.assign(smem, 0xff);
+      cta->warps = std::vector<Warp>(block / 32);
+      cl.ctas.push_back(std::move(cta));
+    }
+    std::vector<Fiber> fibers(static_cast<size_t>(cluster) * block);
+    for (unsigned c = 0; c < cluster; ++c) {
+      for (unsigned t = 0; t < block; ++t) {
+        Fiber& f = fibers[static_cast<size_t>(c) * block + t];
+        f.state = ThreadState{dim3(t), dim3(first + c), dim3(block), dim3(grid), cl.ctas[c].get(), &cl, c};
+        f.body = [&] { kernel(args...); };
+        f.stack.reset(new char[kStack]);
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack.get();
+        f.ctx.uc_stack.ss_size = kStack;
+        f.ctx.uc_link = &scheduler;
+        makecontext(&f.ctx, fiber_main, 0);
+      }
+    }
+    run(fibers);
+  }
+}
+
+}  // namespace batchkl_emu
+
+#define threadIdx (::batchkl_emu::tls.thread_idx)
+#define blockIdx (::batchkl_emu::tls.block_idx)
+#define blockDim (::batchkl_emu::tls.block_dim)
+#define gridDim (::batchkl_emu::tls.grid_dim)
+
+inline void __syncthreads() { ::batchkl_emu::arrive_and_wait(::batchkl_emu::tls.cta->bar); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int offset) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of at most 8 bytes");
+  if (mask != 0xffffffffu) throw std::logic_error("emulated shuffles need the full warp");
+  auto& tls = ::batchkl_emu::tls;
+  auto& warp = tls.cta->warps[tls.thread_idx.x / 32];
+  const unsigned lane = tls.thread_idx.x % 32;
+  std::memcpy(&warp.slot[lane], &v, sizeof(T));
+  ::batchkl_emu::arrive_and_wait(warp.bar);
+  T out;
+  std::memcpy(&out, &warp.slot[lane ^ static_cast<unsigned>(offset)], sizeof(T));
+  ::batchkl_emu::arrive_and_wait(warp.bar);
+  return out;
+}
+
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  return std::atomic_ref<unsigned long long>(*p).fetch_add(v);
+}
+template <typename T>
+T __ldcg(const T* p) {
+  return *p;
+}
+inline float __expf(float v) { return std::exp(v); }

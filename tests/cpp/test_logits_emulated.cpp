@@ -1,0 +1,375 @@
+// The CUDA kernel of `batchkl::kl_with_logits` (csrc/cuda/kl_logits_kernel.cuh)
+// run on the CPU by tests/cpp/cuda_emulator.h, so that its logic is tested
+// on machines without a GPU (CI's): every launch shape it has (a warp per
+// row; a CTA per row, the row staged in shared memory or streamed twice; a
+// cluster of 2-8 CTAs per row trading their totals through distributed
+// shared memory), the 16-byte and the element-wise paths, masks,
+// num_items_in_batch, the zero-probability rule and NaN rows, against the
+// CPU kernel (itself tested against float64 references in tests/), and
+// bitwise: staged vs streamed, a row alone vs in its batch.
+//
+// Built into one executable with the host code and the CPU kernel (not
+// linked to libbatchkl: this executable is its own copy of the library's
+// registrations). Prints every failed check; exits non-zero if there was one.
+#include "cuda_emulator.h"
+// (first: it defines what the kernel header expects of CUDA)
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cstdio>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "check.h"
+#include "cuda/kl_logits_kernel.cuh"
+#include "kl_logits.h"
+
+namespace {
+
+using batchkl::LogitsLaunch;
+using namespace batchkl::logits_cuda;
+
+using batchkl_test::check;
+using batchkl_test::g_checks;
+using batchkl_test::g_failures;
+using c10::str;
+
+// The GPU the emulated launcher pretends to be.
+DeviceLimits g_device;
+
+// What kl_logits_cuda.cu's launcher does, with host memory and the emulator.
+template <typename scalar_t, batchkl::Divergence kDiv, bool kProbs>
+void launch_typed(const LogitsLaunch& p) {
+  const Grid grid = plan_launch(p, sizeof(scalar_t), g_device);
+  unsigned ticket = 0;
+  unsigned long long kept = 0;
+  std::vector<double> workspace(p.row_out == nullptr ? p.geo.rows : 0);
+  double* row_loss = p.row_out != nullptr ? p.row_out : workspace.data();
+  if (p.divide_by_kept_rows) {
+    const auto blocks = static_cast<unsigned>(std::min<int64_t>((p.geo.rows + kThreads - 1) / kThreads, 4));
+    batchkl_emu::launch(blocks, kThreads, 0, 1, count_kept_kernel, p.mask, p.geo.rows, &kept);
+  }
+  const unsigned long long* kept_ptr = &kept;
+  batchkl_emu::launch(static_cast<unsigned>(grid.blocks), kThreads, grid.smem, grid.warp_rows ? 1 : grid.cluster,
+                      logits_kernel<scalar_t, kDiv, kProbs>, p, grid, row_loss, &ticket, kept_ptr);
+}
+
+void launch_emulated(const LogitsLaunch& p) {
+  batchkl::dispatch_logits(p, [&](auto div, auto probs) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "emulated", [&] {
+      launch_typed<scalar_t, decltype(div)::value, decltype(probs)::value>(p);
+    });
+  });
+}
+
+using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+struct Call {
+  double beta = 0.0;
+  double temperature = 1.0;
+  std::string reduction = "batchmean";
+  std::optional<at::Tensor> mask;
+  std::optional<at::Tensor> num_items;
+  bool probs = false;
+  bool grad_input = true;
+  bool grad_target = true;
+};
+
+Result emulated(const at::Tensor& x, const at::Tensor& t, const Call& c) {
+  return batchkl::kl_with_logits_fused_impl(x, t, c.beta, c.temperature, c.reduction, c.mask, c.num_items, c.probs,
+                                            std::nullopt, c.grad_input, c.grad_target, launch_emulated);
+}
+
+Result cpu_kernel(const at::Tensor& x, const at::Tensor& t, const Call& c) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("batchkl::kl_with_logits_fused", "")
+                       .typed<Result(const at::Tensor&, const at::Tensor&, double, double, c10::string_view,
+                                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, bool,
+                                     bool, std::optional<at::ScalarType>)>();
+  return op.call(x, t, c.beta, c.temperature, c.reduction, c.mask, c.num_items, c.probs, c.grad_input,
+                 c.grad_target, std::nullopt);
+}
+
+// |a - b| <= atol + rtol |b| elementwise, NaN where the other has NaN, the
+// same infinities; atol is relative to the largest finite |b|.
+void check_close(const at::Tensor& a, const at::Tensor& b, double rtol, double atol_rel, const std::string& what) {
+  if (a.sizes() != b.sizes() || a.scalar_type() != b.scalar_type()) {
+    check(false, str(what, ": shape/dtype ", a.sizes(), " ", a.scalar_type(), " vs ", b.sizes(), " ", b.scalar_type()));
+    return;
+  }
+  if (a.numel() == 0) return check(true, what);
+  const auto x = a.to(at::kDouble), y = b.to(at::kDouble);
+  const auto fin = y.isfinite();
+  const double scale = fin.any().item<bool>() ? y.masked_select(fin).abs().max().item<double>() : 0.0;
+  const auto ok = ((x - y).abs() <= atol_rel * scale + rtol * y.abs()) | (x.isnan() & y.isnan()) | ((x == y) & y.isinf());
+  if (!ok.all().item<bool>()) {
+    const auto off = (~ok).flatten();
+    const int64_t first = off.nonzero()[0][0].item<int64_t>();
+    check(false, str(what, ": ", off.sum().item<int64_t>(), " of ", ok.numel(), " elements off, first at flat index ",
+                     first, ": got ", x.flatten()[first].item<double>(), ", expected ",
+                     y.flatten()[first].item<double>()));
+    return;
+  }
+  check(true, what);
+}
+
+void check_bitwise(const Result& a, const Result& b, const std::string& what) {
+  for (int k = 0; k < 3; ++k) {
+    const auto& u = k == 0 ? std::get<0>(a) : k == 1 ? std::get<1>(a) : std::get<2>(a);
+    const auto& v = k == 0 ? std::get<0>(b) : k == 1 ? std::get<1>(b) : std::get<2>(b);
+    const bool same = u.sizes() == v.sizes() && (u.numel() == 0 || (u.isnan() == v.isnan()).all().item<bool>() &&
+                                                                        at::where(u.isnan(), 0, u).eq(at::where(v.isnan(), 0, v)).all().item<bool>());
+    check(same, str(what, ": output ", k, " not bitwise equal"));
+  }
+}
+
+double rtol_for(at::ScalarType dt) {
+  switch (dt) {
+    case at::kDouble: return 1e-11;
+    case at::kFloat: return 2e-5;
+    case at::kBFloat16: return 1.6e-2;
+    default: return 2e-3;
+  }
+}
+
+void compare_with_cpu(const at::Tensor& x, const at::Tensor& t, const Call& c, const std::string& what) {
+  Result e, r;
+  try {
+    e = emulated(x, t, c);
+  } catch (const std::exception& ex) {
+    check(false, str(what, ": emulated kernel threw ", ex.what()));
+    return;
+  }
+  r = cpu_kernel(x.contiguous(), t.contiguous(), c);
+  const double rtol = rtol_for(x.scalar_type());
+  // The gradient's small elements carry the rounding of the row's larger ones.
+  const double atol = x.scalar_type() == at::kDouble ? 1e-12 : x.scalar_type() == at::kFloat ? 1e-5 : 4e-3;
+  check_close(std::get<0>(e), std::get<0>(r), rtol, atol, what + " loss");
+  if (c.grad_input) check_close(std::get<1>(e), std::get<1>(r), rtol, atol, what + " grad_input");
+  if (c.grad_target) check_close(std::get<2>(e), std::get<2>(r), rtol, atol, what + " grad_target");
+}
+
+at::Tensor logits(int64_t rows, int64_t cols, at::ScalarType dt, double scale = 3.0) {
+  return (at::randn({rows, cols}, at::kDouble) * scale).to(dt);
+}
+
+// The same values in another memory layout.
+at::Tensor layout(const at::Tensor& v, const std::string& kind) {
+  const int64_t rows = v.size(0), cols = v.size(1);
+  if (kind == "misaligned") {  // every row starts one element past a 16-byte boundary
+    auto big = at::full({rows, cols + 1}, std::numeric_limits<double>::quiet_NaN(), v.options());
+    auto view = big.narrow(1, 1, cols);
+    view.copy_(v);
+    return view;
+  }
+  if (kind == "strided") {  // last dim strided: the element-wise gather
+    auto big = at::full({rows, cols, 2}, std::numeric_limits<double>::quiet_NaN(), v.options());
+    auto view = big.select(2, 0);
+    view.copy_(v);
+    return view;
+  }
+  if (kind == "lead") {  // two leading dims that do not merge
+    if (rows % 2 != 0) return v;
+    auto big = at::empty({rows / 2, 2, cols}, v.options());
+    auto view = big.transpose(0, 1);  // (2, rows / 2, cols)
+    view.copy_(v.reshape({2, rows / 2, cols}));
+    return view;
+  }
+  return v;
+}
+
+const std::vector<std::pair<std::string, DeviceLimits>> kDevices = {
+    {"A100-like (no clusters)", DeviceLimits{4, 163 * 1024, false}},
+    {"H100-like (clusters)", DeviceLimits{4, 227 * 1024, true}},
+    {"small shared memory (streamed rows)", DeviceLimits{4, 8 * 1024, true}},
+};
+
+void test_shapes_dtypes_divergences() {
+  // 40003: the last CTA of a cluster gets a shorter slice, ending in a partial pack.
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {{5, 37}, {3, 1}, {9, 2048}, {2, 2049}, {3, 5000},
+                                                           {2, 40000}, {2, 40003}};
+  for (const auto& [dev_name, dev] : kDevices) {
+    g_device = dev;
+    for (const auto dt : {at::kFloat, at::kBFloat16, at::kDouble, at::kHalf}) {
+      for (const auto& [rows, cols] : shapes) {
+        const auto x = logits(rows, cols, dt), t = logits(rows, cols, dt);
+        for (const double beta : {0.0, 0.3, 1.0}) {
+          Call c;
+          c.beta = beta;
+          c.reduction = cols == 5000 ? "none" : "batchmean";
+          c.temperature = cols == 37 ? 2.0 : 1.0;
+          compare_with_cpu(x, t, c, str(dev_name, " ", dt, " ", rows, "x", cols, " beta=", beta, " ", c.reduction));
+        }
+      }
+    }
+  }
+}
+
+void test_layouts_reductions_masks() {
+  g_device = kDevices[1].second;
+  const auto dt = at::kFloat;
+  for (const int64_t cols : {37, 3001, 40000}) {
+    const auto x = logits(6, cols, dt), t = logits(6, cols, dt);
+    for (const std::string kind : {"misaligned", "strided", "lead"}) {
+      for (const double beta : {0.0, 0.5, 1.0}) {
+        Call c;
+        c.beta = beta;
+        compare_with_cpu(layout(x, kind), layout(t, kind), c, str("layout ", kind, " V=", cols, " beta=", beta));
+      }
+    }
+    auto mask = at::rand({6}) < 0.6;
+    mask[0] = true;
+    mask[5] = false;
+    for (const std::string red : {"none", "sum", "mean", "batchmean"}) {
+      for (const double beta : {0.0, 0.5, 1.0}) {
+        Call c;
+        c.beta = beta;
+        c.reduction = red;
+        c.mask = mask;
+        c.grad_target = beta != 1.0;  // also the gradient w.r.t. input alone
+        compare_with_cpu(x, t, c, str("mask V=", cols, " ", red, " beta=", beta));
+        Call n = c;
+        n.mask = std::nullopt;
+        n.num_items = at::scalar_tensor(7.0, at::kDouble);
+        compare_with_cpu(x, t, n, str("num_items V=", cols, " ", red, " beta=", beta));
+      }
+    }
+    Call none_kept;
+    none_kept.mask = at::zeros({6}, at::kBool);
+    compare_with_cpu(x, t, none_kept, str("mask keeping no row V=", cols));
+  }
+}
+
+void test_probs_mode() {
+  for (const auto& [dev_name, dev] : kDevices) {
+    g_device = dev;
+    for (const int64_t cols : {50, 9000}) {
+      auto x = at::rand({4, cols}, at::kDouble).to(at::kFloat);
+      auto t = at::rand({4, cols}, at::kDouble).to(at::kFloat);
+      x.select(1, 3).zero_();  // exact zeros: the zero-probability rule
+      for (const double beta : {0.0, 0.5, 1.0}) {
+        Call c;
+        c.beta = beta;
+        c.probs = true;
+        c.reduction = "none";
+        compare_with_cpu(x, t, c, str(dev_name, " probs V=", cols, " beta=", beta));
+      }
+    }
+  }
+}
+
+void test_special_values() {
+  const double inf = std::numeric_limits<double>::infinity();
+  for (const auto& [dev_name, dev] : kDevices) {
+    g_device = dev;
+    for (const int64_t cols : {33, 12000}) {
+      auto x = logits(6, cols, at::kDouble), t = logits(6, cols, at::kDouble);
+      x.select(1, 1).fill_(-inf);                      // student masks an entry
+      t.select(1, 2).fill_(-inf);                      // teacher masks an entry
+      x.select(1, 4).fill_(-inf);
+      t.select(1, 4).fill_(-inf);                      // both: probability 0 on both sides
+      x[1][cols / 2] = std::numeric_limits<double>::quiet_NaN();  // a NaN row
+      t[2][cols - 1] = inf;                            // a +inf logit: NaN row
+      x[3].fill_(-inf);                                // a row of -inf only: NaN
+      for (const auto dt : {at::kFloat, at::kBFloat16}) {
+        for (const double beta : {0.0, 0.5, 1.0}) {
+          Call c;
+          c.beta = beta;
+          c.reduction = "none";
+          compare_with_cpu(x.to(dt), t.to(dt), c, str(dev_name, " special values V=", cols, " ", dt, " beta=", beta));
+          Call m = c;
+          auto mask = at::ones({6}, at::kBool);
+          mask[1] = false;  // the NaN row, excluded: 0 whatever it holds
+          m.mask = mask;
+          m.reduction = "batchmean";
+          compare_with_cpu(x.to(dt), t.to(dt), m, str(dev_name, " masked NaN row V=", cols, " ", dt, " beta=", beta));
+        }
+      }
+    }
+  }
+}
+
+// Staging only changes where sweeps 2-3 read from; the cluster split and
+// everything else depends on the row length: bitwise the same.
+void test_staged_equals_streamed() {
+  for (const bool clusters : {false, true}) {
+    for (const auto dt : {at::kFloat, at::kBFloat16}) {
+      const auto x = logits(3, 20000, dt), t = logits(3, 20000, dt);
+      for (const double beta : {0.0, 0.5}) {
+        Call c;
+        c.beta = beta;
+        c.reduction = "none";
+        g_device = DeviceLimits{4, 227 * 1024, clusters};
+        const Result staged = emulated(x, t, c);
+        check(plan_grid(3, 20000, at::elementSize(dt), g_device).stage, "staged plan");
+        g_device = DeviceLimits{4, 4 * 1024, clusters};
+        check(!plan_grid(3, 20000, at::elementSize(dt), g_device).stage, "streamed plan");
+        check_bitwise(staged, emulated(x, t, c), str("staged vs streamed, clusters=", clusters, " ", dt));
+      }
+    }
+  }
+}
+
+// A row's per-row result and gradient rows are the same bits alone and at
+// any position of any batch (and on a second run).
+void test_batch_invariance() {
+  for (const auto& [dev_name, dev] : kDevices) {
+    g_device = dev;
+    for (const int64_t cols : {100, 30000}) {
+      const auto x = logits(5, cols, at::kFloat), t = logits(5, cols, at::kFloat);
+      for (const double beta : {0.0, 0.5, 1.0}) {
+        Call c;
+        c.beta = beta;
+        c.reduction = "none";
+        const Result batch = emulated(x, t, c);
+        check_bitwise(batch, emulated(x, t, c), str(dev_name, " second run V=", cols));
+        const Result alone = emulated(x.narrow(0, 3, 1), t.narrow(0, 3, 1), c);
+        const Result in_batch{std::get<0>(batch).narrow(0, 3, 1), std::get<1>(batch).narrow(0, 3, 1),
+                              std::get<2>(batch).narrow(0, 3, 1)};
+        check_bitwise(alone, in_batch, str(dev_name, " row 3 alone vs in batch V=", cols, " beta=", beta));
+      }
+    }
+  }
+}
+
+void test_plan() {
+  const DeviceLimits h100{132, 227 * 1024, true}, a100{108, 163 * 1024, false};
+  // The shapes: a cluster split for long rows on Hopper, every row staged where it fits.
+  check(plan_grid(65536, 512, 2, h100).warp_rows, "65536x512: a warp per row");
+  const Grid g32 = plan_grid(8192, 32000, 2, h100);
+  check(g32.cluster == 2 && g32.stage, str("8192x32000 bf16: cluster ", g32.cluster, " stage ", g32.stage));
+  const Grid g128 = plan_grid(8192, 128256, 2, h100);
+  check(g128.cluster == 8 && g128.stage, str("8192x128256 bf16: cluster ", g128.cluster));
+  const Grid g256 = plan_grid(4096, 256000, 2, h100);
+  check(g256.cluster == 8 && g256.stage, str("4096x256000 bf16: cluster ", g256.cluster, " stage ", g256.stage));
+  check(!plan_grid(4096, 256000, 4, h100).stage, "4096x256000 f32 does not fit: streamed");
+  const Grid a = plan_grid(8192, 32000, 2, a100);
+  check(a.cluster == 1 && a.stage, "A100 8192x32000 bf16: one CTA, staged");
+  // The slices cover the row and none is empty.
+  for (const int64_t cols : {2049, 5000, 40000, 40003, 128256, 256000, 1000003}) {
+    for (const int64_t elem : {2, 4, 8}) {
+      const Grid g = plan_grid(1, cols, elem, h100);
+      check(g.slice * g.cluster >= cols && g.slice * (g.cluster - 1) < cols && g.slice % (16 / elem) == 0,
+            str("slices of ", cols, " x ", elem, " bytes: ", g.cluster, " x ", g.slice));
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  at::manual_seed(0);
+  test_plan();
+  test_shapes_dtypes_divergences();
+  test_layouts_reductions_masks();
+  test_probs_mode();
+  test_special_values();
+  test_staged_equals_streamed();
+  test_batch_invariance();
+  std::printf("%d checks, %d failed\n", g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,323 @@
+"""CUDA backend of torch.ops.batchkl.kl_with_logits: values and gradients
+against the float64 reference and the CPU kernel for every launch shape the
+kernel has (a warp per row up to V = 2048; a CTA per row; on Hopper a
+cluster of CTAs per row; rows staged in shared memory or, where they do not
+fit, streamed twice), layouts, masks, num_items_in_batch, special values,
+determinism, batch invariance, streams, memory, autocast, opcheck and
+torch.compile. The kernel's logic also runs without a GPU in
+tests/cpp/test_logits_emulated.cpp."""
+import pytest
+import torch
+
+import batchkl_ext
+from conftest import assert_bitwise_equal, assert_close_scaled, assert_same_under_deterministic_algorithms
+from test_logits import (DT_ID, LOGIT_REDUCTIONS, TOL, _layout, check_batch_invariance, check_logits, make_logits,
+                         make_mask, op, ref_logits, run_op)
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+DEV = "cuda"
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# 37, 2048: a warp per row; 2049, 5000: a CTA per row; 40000 (2 x 160 KB): a
+# cluster of CTAs per row on Hopper, one streamed CTA elsewhere.
+VOCABS = (37, 2048, 2049, 5000, 40000)
+
+
+@pytest.fixture(autouse=True)
+def _sync():
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def on_cuda(fn=op, mask=None, num_items=None, **kw):
+    """fn on CUDA copies of CPU leaves (autograd carries the gradients back),
+    with the mask and num_items_in_batch on the GPU too."""
+    def f(a, b):
+        m = None if mask is None else mask.to(DEV)
+        n = num_items
+        if n is not None:
+            n = (n if isinstance(n, torch.Tensor) else torch.tensor(float(n))).to(DEV)
+        return fn(a.to(DEV), b.to(DEV), mask=m, num_items_in_batch=n, **kw).cpu()
+    return f
+
+
+def check_cuda(x, t, *, beta=0.0, temperature=1.0, reduction="batchmean", mask=None, num_items=None,
+               grad_target=True):
+    """The CUDA result against the float64 reference (check_logits) and
+    against the CPU kernel."""
+    kw = dict(beta=beta, temperature=temperature, reduction=reduction)
+    got = check_logits(x, t, **kw, mask=mask, num_items=num_items, grad_target=grad_target,
+                       fn=on_cuda(mask=mask, num_items=num_items, **kw))
+    nt = None if num_items is None else torch.tensor(float(num_items))
+    w = torch.ones(x.shape[:-1], dtype=torch.result_type(x, t)) if reduction == "none" and nt is None else None
+    cpu = run_op(lambda a, b: op(a, b, **kw, mask=mask, num_items_in_batch=nt), x, t, grad_target=grad_target, w=w)
+    ref = ref_logits(x, t, **kw, mask=mask, num_items=None if nt is None else float(nt), w=w)
+    rd = torch.result_type(x, t)
+    loss_cuda = op(x.to(DEV), t.to(DEV), **kw, mask=None if mask is None else mask.to(DEV),
+                   num_items_in_batch=None if nt is None else nt.to(DEV)).cpu()
+    assert_close_scaled(loss_cuda, cpu[0].double(), ref.loss_mag, tol=TOL[rd], what="loss vs CPU kernel")
+    return got
+
+
+def test_cuda_logits_kernels_registered():
+    for name in ("batchkl::kl_with_logits", "batchkl::kl_with_logits_fused"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), \
+            "batchkl_ext was built without its CUDA kernels"
+
+
+@pytest.mark.parametrize("V", VOCABS)
+@pytest.mark.parametrize("reduction", LOGIT_REDUCTIONS)
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+def test_cuda_matches_reference(dtype, beta, reduction, V):
+    rows = 9 if V <= 5000 else 3
+    x, t = make_logits((rows, V), dtype), make_logits((rows, V), dtype)
+    check_cuda(x, t, beta=beta, temperature=2.0 if V == 37 else 1.0, reduction=reduction)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+@pytest.mark.parametrize("dtype,shape", [(torch.bfloat16, (3, 128256)), (torch.bfloat16, (2, 256000)),
+                                         (torch.float32, (2, 256000)), (torch.float32, (1, 1000003))],
+                         ids=["bf16-128k", "bf16-256k", "f32-256k-streamed", "f32-1M"])
+def test_cuda_large_vocab(dtype, shape, beta):
+    x, t = make_logits(shape, dtype), make_logits(shape, dtype)
+    check_cuda(x, t, beta=beta, reduction="none")
+
+
+def _on_device(view):
+    """The same view (sizes, strides, storage offset) on the GPU, the rest of
+    its storage NaN."""
+    n = view.untyped_storage().nbytes() // view.element_size()
+    big = torch.full((n,), float("nan"), dtype=view.dtype, device=DEV)
+    out = big.as_strided(view.size(), view.stride(), view.storage_offset())
+    out.copy_(view)
+    return out
+
+
+@pytest.mark.parametrize("V", [40, 3001, 40000])
+@pytest.mark.parametrize("t_kind", ["same", "contiguous", "expanded"])
+@pytest.mark.parametrize("x_kind", ["sliced_leading", "last_strided", "sliced_last", "offset", "expanded"])
+def test_cuda_layouts_bitwise(x_kind, t_kind, V):
+    """Any layout gives the bits of the contiguous call (the 16-byte and the
+    element-wise paths sum in the same order), and the reference values."""
+    x0, t0 = make_logits((2, 3, V)), make_logits((2, 3, V))
+    x_cpu = _layout(x0, x_kind)
+    t_cpu = t0 if t_kind == "contiguous" else _layout(t0, x_kind if t_kind == "same" else "expanded")
+    x, t = _on_device(x_cpu), _on_device(t_cpu)
+    assert x.stride() == x_cpu.stride() and t.stride() == t_cpu.stride()
+    w = torch.randn(2, 3, device=DEV)
+    f = lambda a, b: op(a, b, beta=0.3, temperature=2.0, reduction="none")  # noqa: E731
+    for a, b, name in zip(run_op(f, x, t, w=w), run_op(f, x.contiguous(), t.contiguous(), w=w),
+                          ("loss", "grad_input", "grad_target")):
+        assert_bitwise_equal(a, b, name)
+    check_cuda(x_cpu.contiguous(), t_cpu.contiguous(), beta=0.3, temperature=2.0, reduction="batchmean")
+
+
+def test_cuda_misaligned_rows():
+    """Rows that start off a 16-byte boundary (x_big[:, 1:], V odd)."""
+    for V in (1001, 5001, 40001):
+        big_x, big_t = make_logits((4, V + 1)), make_logits((4, V + 1))
+        x, t = big_x[:, 1:], big_t[:, 1:]
+        xd, td = big_x.to(DEV)[:, 1:], big_t.to(DEV)[:, 1:]
+        w = torch.randn(4, device=DEV)
+        f = lambda a, b: op(a, b, beta=0.5, reduction="none")  # noqa: E731
+        for a, b, name in zip(run_op(f, xd, td, w=w), run_op(f, xd.contiguous(), td.contiguous(), w=w),
+                              ("loss", "grad_input", "grad_target")):
+            assert_bitwise_equal(a, b, f"{name} V={V}")
+        check_cuda(x.contiguous(), t.contiguous(), beta=0.5, reduction="none")
+
+
+@pytest.mark.parametrize("V", [100, 5000, 40000])
+@pytest.mark.parametrize("mask_kind", ["random", "all_false"])
+@pytest.mark.parametrize("reduction", LOGIT_REDUCTIONS)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_cuda_mask(beta, reduction, mask_kind, V):
+    x, t = make_logits((6, V)), make_logits((6, V))
+    check_cuda(x, t, beta=beta, reduction=reduction, mask=make_mask((6,), mask_kind))
+
+
+@pytest.mark.parametrize("ni", [7, torch.tensor(7), torch.tensor(7.5, dtype=torch.float64)], ids=["int", "i64", "f64"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("reduction", ["sum", "batchmean", "none"])
+def test_cuda_num_items_in_batch(reduction, masked, ni):
+    x, t = make_logits((6, 3000)), make_logits((6, 3000))
+    check_cuda(x, t, beta=0.5, reduction=reduction, mask=make_mask((6,), "random") if masked else None,
+               num_items=ni)
+
+
+def test_cuda_num_items_on_device_does_not_sync():
+    """num_items_in_batch on the GPU or as a Python number, and a mask: no
+    host synchronisation (a number is read on the host, never copied over)."""
+    x = make_logits((8, 5000)).to(DEV).requires_grad_()
+    t = make_logits((8, 5000)).to(DEV)
+    mask = (torch.arange(8, device=DEV) % 3) != 0
+    n = torch.tensor(123, device=DEV)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = batchkl_ext.jsd_with_logits(x, t, beta=0.5, mask=mask, num_items_in_batch=n)
+        loss2 = batchkl_ext.kl_div_with_logits(x, t, mask=mask, reduction="batchmean")
+        loss3 = batchkl_ext.kl_div_with_logits(x, t, num_items_in_batch=77)
+        (loss + loss2 + loss3).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("V", [33, 12000, 40000])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
+def test_cuda_special_values_like_cpu(dtype, beta, V):
+    """-inf entries (probability 0: 0, never NaN), a NaN row, a +inf logit
+    and a row of -inf only (NaN, as PyTorch), a masked NaN row (0): as the
+    CPU kernel gives them."""
+    inf = float("inf")
+    x, t = make_logits((6, V), torch.float64), make_logits((6, V), torch.float64)
+    x[:, 1] = -inf
+    t[:, 2] = -inf
+    x[:, 4] = t[:, 4] = -inf
+    x[1, V // 2] = float("nan")
+    t[2, -1] = inf
+    x[3] = -inf
+    x, t = x.to(dtype), t.to(dtype)
+    for mask, red in ((None, "none"), (torch.tensor([True, False, True, True, True, False]), "batchmean")):
+        kw = dict(beta=beta, reduction=red, mask=mask)
+        w = torch.ones(6, dtype=dtype) if red == "none" else None
+        cpu = run_op(lambda a, b: op(a, b, **kw), x, t, w=w)
+        gpu = run_op(on_cuda(**kw), x, t, w=w)
+        for a, b, name in zip(gpu, cpu, ("loss", "grad_input", "grad_target")):
+            torch.testing.assert_close(a, b, equal_nan=True, rtol=2e-2 if dtype == torch.bfloat16 else 2e-5,
+                                       atol=1e-5, msg=lambda m: f"{name} {red}: {m}")
+
+
+@pytest.mark.parametrize("V", [512, 5000, 40000])
+def test_cuda_deterministic(V):
+    x, t = make_logits((16, V)).to(DEV), make_logits((16, V)).to(DEV)
+    mask = make_mask((16,), "random").to(DEV)
+
+    def run():
+        out = []
+        for red in ("none", "sum", "batchmean"):
+            for beta in (0.0, 0.5, 1.0):
+                w = torch.ones(16, device=DEV) if red == "none" else None
+                out.extend(run_op(lambda a, b: op(a, b, beta=beta, reduction=red, mask=mask), x, t, w=w))
+        return out
+
+    first = run()
+    for a, b in zip(first, run()):
+        assert_bitwise_equal(a, b, "second run")
+    assert_same_under_deterministic_algorithms(run)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("dtype,V", [(torch.float32, 1000), (torch.bfloat16, 1000), (torch.float32, 5000),
+                                     (torch.float32, 40000), (torch.bfloat16, 128256)],
+                         ids=["f32-1000", "bf16-1000", "f32-5000", "f32-40000", "bf16-128256"])
+def test_cuda_batch_invariance(dtype, V, beta):
+    """A row's per-row value and gradient rows: the same bits alone, as a 1-D
+    input, in a shuffled batch of another shape, and with other rows masked."""
+    x, t = make_logits((12, V), dtype).to(DEV), make_logits((12, V), dtype).to(DEV)
+    check_batch_invariance(x, t, beta, shuffled_shape=(3, 4))
+
+
+def test_cuda_uses_current_stream_and_several_streams():
+    """Work goes to the current stream; calls on several streams at once give
+    the results of serial calls."""
+    x, t = make_logits((64, 5000)).to(DEV), make_logits((64, 5000)).to(DEV)
+    serial = [run_op(lambda a, b: op(a, b, beta=beta, reduction="sum"), x, t) for beta in (0.0, 0.5, 1.0)]
+    streams = [torch.cuda.Stream() for _ in range(3)]
+    torch.cuda.synchronize()
+    results = []
+    for s, beta in zip(streams, (0.0, 0.5, 1.0)):
+        with torch.cuda.stream(s):
+            results.append(run_op(lambda a, b: op(a, b, beta=beta, reduction="sum"), x, t))
+    torch.cuda.synchronize()
+    for got, want in zip(results, serial):
+        for a, b in zip(got, want):
+            assert_bitwise_equal(a, b, "stream vs serial")
+
+
+@pytest.mark.parametrize("V", [512, 32000])
+def test_cuda_peak_memory_inputs_plus_one_gradient(V):
+    """Forward + backward allocate one gradient (N x V) and O(rows) more,
+    where the composite formula holds several N x V temporaries."""
+    N = 1024
+    x = make_logits((N, V), torch.bfloat16).to(DEV).requires_grad_()
+    t = make_logits((N, V), torch.bfloat16).to(DEV)
+    grad_bytes = x.numel() * x.element_size()
+    for beta in (0.0, 0.5):
+        x.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        op(x, t, beta=beta, reduction="batchmean").backward()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+        assert extra <= grad_bytes + 64 * N + 2**20, f"beta={beta}: {extra} bytes, one gradient is {grad_bytes}"
+
+
+def test_cuda_memory_flat_over_thousands_of_calls():
+    x = make_logits((64, 3000)).to(DEV).requires_grad_()
+    t = make_logits((64, 3000)).to(DEV).requires_grad_()
+    mask = make_mask((64,), "random").to(DEV)
+
+    def step():
+        loss = op(x, t, beta=0.5, reduction="batchmean", mask=mask)
+        loss.backward()
+        x.grad = t.grad = None
+
+    for _ in range(50):
+        step()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for _ in range(2000):
+        step()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.float16, torch.bfloat16], ids=DT_ID.get)
+def test_cuda_autocast(amp_dtype):
+    """Under CUDA autocast the loss comes out in float32 (the composite
+    formula's dtype there) from the 16-bit logits as they are; gradients in
+    the logits' dtype."""
+    x = make_logits((8, 3000), amp_dtype).to(DEV).requires_grad_()
+    t = make_logits((8, 3000), amp_dtype).to(DEV)
+    with torch.autocast("cuda", dtype=amp_dtype):
+        loss = batchkl_ext.kl_div_with_logits(x, t)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert x.grad.dtype == amp_dtype
+    want = op(x.detach(), t, reduction="batchmean", dtype=torch.float32)
+    assert_bitwise_equal(loss.detach(), want, "autocast vs dtype=float32")
+
+
+@pytest.mark.parametrize("reduction", LOGIT_REDUCTIONS)
+def test_cuda_opcheck(reduction):
+    x = make_logits((4, 3000)).to(DEV).requires_grad_()
+    t = make_logits((4, 3000)).to(DEV).requires_grad_()
+    mask = torch.tensor([True, False, True, True], device=DEV)
+    torch.library.opcheck(torch.ops.batchkl.kl_with_logits.default,
+                          (x, t, 0.5, 2.0, reduction, mask, None, False, None))
+    torch.library.opcheck(torch.ops.batchkl.kl_with_logits_fused.default,
+                          (x.detach(), t.detach(), 0.0, 1.0, reduction, None, None, False, True, True, None))
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_cuda_compile(dynamic):
+    def loss_fn(s, te, m):
+        return batchkl_ext.jsd_with_logits(s, te, beta=0.5, mask=m) + batchkl_ext.kl_div_with_logits(s, te)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, dynamic=dynamic)
+    for V in (3000, 5000):
+        x = make_logits((6, V)).to(DEV).requires_grad_()
+        t = make_logits((6, V)).to(DEV)
+        m = torch.tensor([True, True, False, True, False, True], device=DEV)
+        eager = loss_fn(x, t, m)
+        (ge,) = torch.autograd.grad(eager, x)
+        got = compiled(x, t, m)
+        (gc,) = torch.autograd.grad(got, x)
+        assert_bitwise_equal(got, eager, "compiled loss")
+        assert_bitwise_equal(gc, ge, "compiled grad")
