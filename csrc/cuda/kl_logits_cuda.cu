@@ -49,7 +49,7 @@ void launch_typed(const LogitsLaunch& p) {
   constexpr int64_t elem = sizeof(scalar_t);
   const RowGeometry& geo = p.geo;
   auto* const kernel = logits_kernel<scalar_t, kDiv, kProbs>;
-  Grid grid = plan_launch(p, elem, device_limits(kernel));
+  Grid grid = plan_grid(p.geo.rows, p.geo.cols, elem, device_limits(kernel));
 
   auto stream = at::cuda::getCurrentCUDAStream();
   const auto opts = at::TensorOptions().device(at::kCUDA, at::cuda::current_device());

@@ -6,11 +6,14 @@
 // The picture: a row (one distribution pair, `cols` logits each) belongs to a
 // group of threads, a warp for short rows (several rows per CTA), else a CTA,
 // or on Hopper a thread-block cluster of up to 8 CTAs, each CTA owning one
-// slice of the row. A group sweeps its row
-//   1. once from global memory: both online log-sum-exps (running max and
-//      rescaled sum), keeping the slice in shared memory where it fits;
-//   2. from shared memory: the divergence and, when the gradient's row
-//      constant is known a priori (LogitsTerm in kl_math.h), the gradients;
+// slice of the row. Where the slice fits in shared memory, the CTA first
+// copies it there (16-byte loads whatever the row's alignment: the copy
+// keeps the source's offset within 16 bytes) and every sweep reads it from
+// there; otherwise (a warp's short row, a slice too large) from global
+// memory. A group sweeps its row
+//   1. for both online log-sum-exps (running max and rescaled sum);
+//   2. for the divergence and, when the gradient's row constant is known a
+//      priori (LogitsTerm in kl_math.h), the gradients;
 //   3. only when it is not (JSD, and the target gradient of forward KL, the
 //      input gradient of reverse KL): the gradients, with the row sums of 2.
 // The group's totals are combined in a fixed order (warp butterfly, warps in
@@ -63,7 +66,7 @@ constexpr int kMaxCluster = 8;  // the portable cluster size
 // for two) and one streams its slice in while another computes; a longer row
 // is cut into more CTAs, up to kMaxCluster.
 constexpr int64_t kSliceBudget = 64 * 1024;
-constexpr int kUnroll = 4;  // 16-byte loads in flight per operand and thread in sweep 1
+constexpr int kUnroll = 4;  // 16-byte loads in flight per operand and thread from global memory
 
 // One exchange slot: up to 5 doubles (RowStats), padded to 16 bytes.
 struct alignas(16) Slot {
@@ -82,8 +85,6 @@ struct Grid {
   int cluster = 1;      // CTAs per row
   int64_t slice = 0;    // columns per CTA, a whole number of 16-byte packs
   bool stage = false;   // the slice stays in shared memory between sweeps
-  bool vec_in = false;  // input and target rows allow 16-byte loads
-  bool vec_out = false;  // gradient rows allow 16-byte stores
   int64_t blocks = 1;
   size_t smem = 0;  // dynamic shared memory per CTA
 };
@@ -93,6 +94,10 @@ struct DeviceLimits {
   size_t max_smem = 48 * 1024;  // per CTA, opted in
   bool clusters = false;        // sm_90+: thread-block clusters with distributed shared memory
 };
+
+// Shared memory for one operand's staged slice: the slice, plus up to 16
+// bytes so that it can keep its source's offset within 16 bytes.
+constexpr int64_t stage_bytes(int64_t slice, int64_t elem) { return (slice * elem + 16 + 15) / 16 * 16; }
 
 inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimits& dev) {
   Grid g;
@@ -111,30 +116,10 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
   while (c < max_cluster && 2 * round_up((cols + c - 1) / c) * elem > kSliceBudget) c *= 2;
   g.cluster = c;
   g.slice = round_up((cols + c - 1) / c);
-  const size_t staged = kFixedSmem + static_cast<size_t>(2 * g.slice * elem);
+  const size_t staged = kFixedSmem + static_cast<size_t>(2 * stage_bytes(g.slice, elem));
   g.stage = staged <= dev.max_smem;
   g.smem = g.stage ? staged : kFixedSmem;
   g.blocks = rows * c;
-  return g;
-}
-
-// Whether every row of operand k starts on a 16-byte boundary and is unit-stride.
-inline bool rows_aligned(const LogitsLaunch& p, int k, int64_t elem) {
-  const RowGeometry& g = p.geo;
-  if (p.ptr[k] == nullptr) return true;
-  if (g.cols > 1 && g.col_stride[k] != 1) return false;
-  if (reinterpret_cast<uintptr_t>(p.ptr[k]) % 16 != 0) return false;
-  for (int d = 0; d < g.nlead; ++d) {
-    if (g.lead_sizes[d] > 1 && (g.lead_strides[k][d] * elem) % 16 != 0) return false;
-  }
-  return true;
-}
-
-// The launch shape of one call (what a backend's launcher then runs).
-inline Grid plan_launch(const LogitsLaunch& p, int64_t elem, const DeviceLimits& dev) {
-  Grid g = plan_grid(p.geo.rows, p.geo.cols, elem, dev);
-  g.vec_in = rows_aligned(p, kInput, elem) && rows_aligned(p, kTarget, elem);
-  g.vec_out = rows_aligned(p, kGradInput, elem) && rows_aligned(p, kGradTarget, elem);
   return g;
 }
 
@@ -246,7 +231,7 @@ __device__ __forceinline__ void cta_allreduce(double (&v)[K], Op op, Slot* slots
   for (int w = 1; w < kWarps; ++w) op(v, slots[w].v);
   if (cluster == 1) return;
 #if !defined(BATCHKL_CLUSTERS)
-  __trap();  // code without clusters launched with them (plan_launch rules it out)
+  __trap();  // code without clusters launched with them (device_limits rules it out)
 #endif
   Slot* mine = slots + kWarps;
   if (threadIdx.x == 0) {
@@ -276,6 +261,12 @@ __device__ __forceinline__ Pack<scalar_t> load_pack(const scalar_t* base, int64_
 #pragma unroll
   for (int e = 0; e < N; ++e) out.v[e] = j0 + e < len ? base[(j0 + e) * stride] : fill;
   return out;
+}
+
+// Whether 16-byte accesses to a run at `p` (column stride `stride`) are possible.
+template <typename scalar_t>
+__device__ __forceinline__ bool vector_ok(const scalar_t* p, int64_t stride) {
+  return stride == 1 && reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
 template <typename scalar_t>
@@ -379,23 +370,67 @@ struct RowWork {
     }
   }
 
+  // Copies `len` elements (column stride `stride`) into the shared memory at
+  // `region`, keeping the source's offset within 16 bytes, so that the bulk
+  // moves in aligned 16-byte pieces whatever the row's alignment. Returns
+  // where element 0 landed.
+  __device__ __forceinline__ static const scalar_t* stage_copy(const scalar_t* src, int64_t stride, int64_t len,
+                                                               unsigned char* region, int tid, int group) {
+    if (stride != 1) {
+      scalar_t* dst = reinterpret_cast<scalar_t*>(region);
+      for (int64_t j = tid; j < len; j += group) dst[j] = src[j * stride];
+      return dst;
+    }
+    const auto mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(src) % 16);
+    scalar_t* dst = reinterpret_cast<scalar_t*>(region + mis);
+    const int64_t head = std::min<int64_t>(len, (16 - mis) % 16 / static_cast<int64_t>(sizeof(scalar_t)));
+    for (int64_t j = tid; j < head; j += group) dst[j] = src[j];
+    const int64_t nvec = len > head ? (len - head) / N : 0;
+    const P* from = reinterpret_cast<const P*>(src + head);
+    P* to = reinterpret_cast<P*>(dst + head);
+    for (int64_t i0 = tid; i0 < nvec; i0 += int64_t{group} * kUnroll) {
+      P v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = i0 + int64_t{u} * group;
+        if (i < nvec) {
+          BATCHKL_CHECK_ALIGNED(from + i);
+          v[u] = from[i];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = i0 + int64_t{u} * group;
+        if (i < nvec) {
+          BATCHKL_CHECK_ALIGNED(to + i);
+          to[i] = v[u];
+        }
+      }
+    }
+    for (int64_t j = head + nvec * N + tid; j < len; j += group) dst[j] = src[j];
+    return dst;
+  }
+
   // One row, or one CTA's slice of it. `tid` / `group`: this thread's rank
   // in the group and the group's size (32: a warp, reducing with shuffles
   // alone; kThreads: the CTA); `cluster`: CTAs per row. Returns the row's
   // loss (the same in every thread of the group).
-  __device__ double row(int64_t r, int64_t c0, int64_t len, int tid, int group, int cluster, scalar_t* stage,
-                        Slot* slots) const {
+  __device__ double row(int64_t r, int64_t c0, int64_t len, int tid, int group, int cluster,
+                        unsigned char* stage, Slot* slots) const {
     const RowGeometry& g = p.geo;
     scalar_t* gx = want_gx ? static_cast<scalar_t*>(p.ptr[kGradInput]) + g.row_offset(kGradInput, r) + c0 : nullptr;
     scalar_t* gy = want_gy ? static_cast<scalar_t*>(p.ptr[kGradTarget]) + g.row_offset(kGradTarget, r) + c0 : nullptr;
     const int64_t npacks = len > 0 ? (len + N - 1) / N : 0;
+    // 16-byte accesses wherever this row's addresses allow them: a thread
+    // sees the same values in the same order either way.
+    const bool vgx = vector_ok(gx, 1), vgy = vector_ok(gy, 1);
     const auto fill_grads = [&](acc_t v) {
       P pk;
 #pragma unroll
       for (int e = 0; e < N; ++e) pk.v[e] = static_cast<scalar_t>(v);
       for (int64_t i = tid; i < npacks; i += group) {
-        if (gx) store_pack(gx, i, len, grid.vec_out, pk);
-        if (gy) store_pack(gy, i, len, grid.vec_out, pk);
+        if (gx) store_pack(gx, i, len, vgx, pk);
+        if (gy) store_pack(gy, i, len, vgy, pk);
       }
     };
     if (p.mask != nullptr && !p.mask[r]) {
@@ -406,8 +441,18 @@ struct RowWork {
     const int64_t sx = g.col_stride[kInput], sy = g.col_stride[kTarget];
     const scalar_t* x = static_cast<const scalar_t*>(p.ptr[kInput]) + g.row_offset(kInput, r) + c0 * sx;
     const scalar_t* y = static_cast<const scalar_t*>(p.ptr[kTarget]) + g.row_offset(kTarget, r) + c0 * sy;
-    P* const stage_x = reinterpret_cast<P*>(stage);
-    P* const stage_y = stage != nullptr ? stage_x + grid.slice / N : nullptr;
+    // Every sweep reads the slice from global memory, or when it is staged,
+    // from shared memory (a CTA's slice is read from global memory once).
+    const scalar_t* rx = x;
+    const scalar_t* ry = y;
+    int64_t rsx = sx, rsy = sy;
+    if (stage != nullptr) {
+      rx = stage_copy(x, sx, len, stage, tid, group);
+      ry = stage_copy(y, sy, len, stage + stage_bytes(grid.slice, sizeof(scalar_t)), tid, group);
+      rsx = rsy = 1;
+      __syncthreads();  // (staging is for a CTA per row only)
+    }
+    const bool rvx = vector_ok(rx, rsx), rvy = vector_ok(ry, rsy);
 
     // Sweep 1.
     acc_t m[2] = {-std::numeric_limits<acc_t>::infinity(), -std::numeric_limits<acc_t>::infinity()};
@@ -419,19 +464,14 @@ struct RowWork {
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t i = i0 + int64_t{u} * group;
         if (i < npacks) {
-          xs[u] = load_pack(x, sx, i, len, grid.vec_in, fill());
-          ys[u] = load_pack(y, sy, i, len, grid.vec_in, fill());
+          xs[u] = load_pack(rx, rsx, i, len, rvx, fill());
+          ys[u] = load_pack(ry, rsy, i, len, rvy, fill());
         }
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t i = i0 + int64_t{u} * group;
         if (i >= npacks) continue;
-        if (stage != nullptr) {
-          BATCHKL_CHECK_ALIGNED(stage_x + i);
-          stage_x[i] = xs[u];
-          stage_y[i] = ys[u];
-        }
         observe(xs[u], m[0], s[0], bad);
         observe(ys[u], m[1], s[1], bad);
       }
@@ -441,7 +481,7 @@ struct RowWork {
     if (group == 32) {
       warp_allreduce(stats, StatsOp{});
     } else {
-      cta_allreduce(stats, StatsOp{}, slots, cluster);  // also orders the staging writes before the reads below
+      cta_allreduce(stats, StatsOp{}, slots, cluster);
     }
     if (!kProbs && stats[4] != 0.0) {
       // A +inf logit (or a NaN) leaves no distribution: NaN for the row and
@@ -458,11 +498,6 @@ struct RowWork {
     k.inv_sum_p = static_cast<acc_t>(1.0 / stats[3]);
     k.c = static_cast<acc_t>(static_cast<double>(k.log_sum_p) - static_cast<double>(k.log_sum_q));
 
-    // Sweeps 2 and 3 read the slice back from shared memory when it is there.
-    const scalar_t* rx = stage != nullptr ? stage : x;
-    const scalar_t* ry = stage != nullptr ? reinterpret_cast<const scalar_t*>(stage_y) : y;
-    const int64_t rsx = stage != nullptr ? 1 : sx, rsy = stage != nullptr ? 1 : sy;
-    const bool rvec = stage != nullptr || grid.vec_in;
     const bool third = third_sweep();
     const acc_t minus_one(-1);
 
@@ -471,8 +506,8 @@ struct RowWork {
     const auto sweep = [&](bool write, acc_t cq, acc_t cp, double(&sums)[3]) {
       acc_t loss = 0, sum_gq = 0, sum_gp = 0;
       for (int64_t i = tid; i < npacks; i += group) {
-        const P xp = load_pack(rx, rsx, i, len, rvec, fill());
-        const P yp = load_pack(ry, rsy, i, len, rvec, fill());
+        const P xp = load_pack(rx, rsx, i, len, rvx, fill());
+        const P yp = load_pack(ry, rsy, i, len, rvy, fill());
         P ox, oy;
 #pragma unroll
         for (int e = 0; e < N; ++e) {
@@ -487,8 +522,8 @@ struct RowWork {
             oy.v[e] = static_cast<scalar_t>(raw_grad(t.gp, pr, yv, cp, k.inv_sum_p));
           }
         }
-        if (write && gx) store_pack(gx, i, len, grid.vec_out, ox);
-        if (write && gy) store_pack(gy, i, len, grid.vec_out, oy);
+        if (write && gx) store_pack(gx, i, len, vgx, ox);
+        if (write && gy) store_pack(gy, i, len, vgy, oy);
       }
       sums[0] = static_cast<double>(loss);
       sums[1] = static_cast<double>(sum_gq);
@@ -537,7 +572,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   double* const final_sum = reinterpret_cast<double*>(smem);
   bool* const last = reinterpret_cast<bool*>(smem + kThreads * sizeof(double));
   Slot* const slots = reinterpret_cast<Slot*>(smem + kFinalBytes);
-  scalar_t* const stage = grid.stage ? reinterpret_cast<scalar_t*>(smem + kFixedSmem) : nullptr;
+  unsigned char* const stage = grid.stage ? smem + kFixedSmem : nullptr;
 
   double divisor = p.divisor;
   if (p.num_items != nullptr) {
