@@ -87,13 +87,11 @@ def test_cuda_large_vocab(dtype, shape, beta):
 
 
 def _on_device(view):
-    """The same view (sizes, strides, storage offset) on the GPU, the rest of
-    its storage NaN."""
-    n = view.untyped_storage().nbytes() // view.element_size()
-    big = torch.full((n,), float("nan"), dtype=view.dtype, device=DEV)
-    out = big.as_strided(view.size(), view.stride(), view.storage_offset())
-    out.copy_(view)
-    return out
+    """The same view (sizes, strides, storage offset, and the rest of its
+    storage) on the GPU: the whole storage goes over, so expanded views stay
+    expanded."""
+    flat = torch.empty(0, dtype=view.dtype).set_(view.untyped_storage())
+    return flat.to(DEV).as_strided(view.size(), view.stride(), view.storage_offset())
 
 
 @pytest.mark.parametrize("V", [40, 3001, 40000])
@@ -191,6 +189,33 @@ def test_cuda_special_values_like_cpu(dtype, beta, V):
                                        atol=1e-5, msg=lambda m: f"{name} {red}: {m}")
 
 
+@pytest.mark.parametrize("shape,dim", [((7, 30), -1), ((30, 7), 0), ((3, 5000, 2), 1), ((2, 40000), -1)],
+                         ids=["rows", "dim0", "strided", "long"])
+@pytest.mark.parametrize("kind", ["probs", "log_probs", "logits"])
+def test_cuda_kl_divergence(kind, shape, dim):
+    """batchkl_ext.kl_divergence on CUDA (probs mode of the kernel included):
+    values and gradients as the CPU kernel gives them."""
+    if kind == "probs":
+        p = torch.rand(shape, dtype=torch.float64) * (torch.rand(shape) < 0.8)  # counts with exact zeros
+        q = torch.rand(shape, dtype=torch.float64) + 0.01
+    elif kind == "log_probs":
+        p = torch.log_softmax(make_logits(shape, torch.float64), dim)
+        q = torch.log_softmax(make_logits(shape, torch.float64), dim)
+    else:
+        p, q = make_logits(shape, torch.float64), make_logits(shape, torch.float64)
+    p, q = p.float(), q.float()
+    w = torch.randn(torch.Size(n for i, n in enumerate(shape) if i != dim % len(shape)))
+
+    def f(a, b):
+        return batchkl_ext.kl_divergence(a, b, kind=kind, dim=dim)
+
+    want = run_op(f, p, q, w=w)
+    got = run_op(lambda a, b: f(a.to(DEV), b.to(DEV)).cpu(), p, q, w=w)
+    for a, b, name in zip(got, want, ("kl", "grad p", "grad q")):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("V", [512, 5000, 40000])
 def test_cuda_deterministic(V):
     x, t = make_logits((16, V)).to(DEV), make_logits((16, V)).to(DEV)
@@ -201,12 +226,13 @@ def test_cuda_deterministic(V):
         for red in ("none", "sum", "batchmean"):
             for beta in (0.0, 0.5, 1.0):
                 w = torch.ones(16, device=DEV) if red == "none" else None
-                out.extend(run_op(lambda a, b: op(a, b, beta=beta, reduction=red, mask=mask), x, t, w=w))
+                out.append(run_op(lambda a, b: op(a, b, beta=beta, reduction=red, mask=mask), x, t, w=w))
         return out
 
     first = run()
-    for a, b in zip(first, run()):
-        assert_bitwise_equal(a, b, "second run")
+    for p, q in zip(first, run()):
+        for a, b in zip(p, q):
+            assert_bitwise_equal(a, b, "second run")
     assert_same_under_deterministic_algorithms(run)
 
 
@@ -221,9 +247,38 @@ def test_cuda_batch_invariance(dtype, V, beta):
     check_batch_invariance(x, t, beta, shuffled_shape=(3, 4))
 
 
-def test_cuda_uses_current_stream_and_several_streams():
-    """Work goes to the current stream; calls on several streams at once give
-    the results of serial calls."""
+@pytest.mark.parametrize("reduction", ["none", "batchmean"])
+@pytest.mark.parametrize("V", [512, 5000, 40000])
+def test_cuda_uses_current_stream(V, reduction):
+    """Everything (the zeroed ticket, the kept-row count, the kernel) goes to
+    the current stream: issued on a busy side stream, a kernel on any other
+    stream would read the inputs before they are written."""
+    src_x, src_t = make_logits((16, V)), make_logits((16, V))
+    mask_cpu = make_mask((16,), "random")
+    x = torch.zeros(16, V, device=DEV)
+    t = torch.zeros(16, V, device=DEV)
+    mask = torch.zeros(16, dtype=torch.bool, device=DEV)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # keep the side stream busy (~0.1 s)
+        x.copy_(src_x)
+        t.copy_(src_t)
+        mask.copy_(mask_cpu)
+        w = torch.ones(16, device=DEV) if reduction == "none" else None
+        got = run_op(lambda a, b: op(a, b, beta=0.5, reduction=reduction, mask=mask), x, t, w=w)
+        got = [g.clone() for g in got]
+    side.synchronize()
+    want = run_op(lambda a, b: op(a, b, beta=0.5, reduction=reduction, mask=mask_cpu), src_x, src_t,
+                  w=None if w is None else w.cpu())
+    for a, b, name in zip(got, want, ("loss", "grad_input", "grad_target")):
+        torch.testing.assert_close(a.cpu(), b, rtol=2e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    torch.cuda.synchronize()
+
+
+def test_cuda_several_streams_at_once():
+    """Calls on several streams at once (each on its stream's queue) give the
+    results of serial calls."""
     x, t = make_logits((64, 5000)).to(DEV), make_logits((64, 5000)).to(DEV)
     serial = [run_op(lambda a, b: op(a, b, beta=beta, reduction="sum"), x, t) for beta in (0.0, 0.5, 1.0)]
     streams = [torch.cuda.Stream() for _ in range(3)]
