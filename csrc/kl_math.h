@@ -132,6 +132,29 @@ struct JSDWeights {
   T log_beta, log_one_minus_beta;  // their logs, for M in log space
 };
 
+// Whether the gradients need row totals of gq / gp (see LogitsTerm) that
+// only a full sweep of the row gives: the distribution a divergence reads only
+// through log (Q in kForward, P in kReverse) has its total at -1 a priori.
+constexpr bool needs_row_totals(Divergence div, bool grad_q, bool grad_p) {
+  return (grad_q && div != Divergence::kForward) || (grad_p && div != Divergence::kReverse);
+}
+
+// dD / d(raw value) from g = dD / dlog pr, the probability pr, the raw value
+// and the row total c of g (LogitsTerm), `scale` folding in the reduction's
+// divisor: for a logit (1 / T in scale), (g - pr c) * scale; for an
+// unnormalised probability x, where pr / x = 1 / sum, (g / x - c / sum) *
+// scale, with g / x = 0 where g = 0 (the zero-probability rule).
+template <bool kProbs, typename T, typename Ops = MathOps<T>>
+C10_HOST_DEVICE inline T raw_grad(const T& g, const T& pr, const T& raw, const T& c, const T& inv_sum,
+                                  const T& scale) {
+  if constexpr (kProbs) {
+    const T zero = Ops::splat(0.f);
+    return (Ops::select(Ops::eq(g, zero), zero, g / raw) - c * inv_sum) * scale;
+  } else {
+    return (g - pr * c) * scale;
+  }
+}
+
 template <Divergence kDiv, typename T, typename Ops = MathOps<T>>
 struct LogitsTerm {
   T loss, gq, gp;

@@ -12,6 +12,7 @@ Everything here is written from the spec, not from the implementation:
 * ``make_pair`` / ``apply_layout``: random log-prob inputs and targets in a
   given memory layout (contiguous, sliced, transposed, expanded, offset view).
 """
+import contextlib
 import math
 import os
 import warnings
@@ -256,6 +257,20 @@ def assert_close_scaled(actual, expected, mag, dtype=None, tol=None, what=""):
                 f"{what}: {int(bad.sum())}/{err.numel()} elements out of tolerance; worst: "
                 f"actual={a[fin].flatten()[i].item()!r} expected={e[fin].flatten()[i].item()!r} "
                 f"err={err.flatten()[i].item():.3e} bound={bound.flatten()[i].item():.3e} (dtype {dtype})")
+
+
+@contextlib.contextmanager
+def busy_side_stream():
+    """A CUDA side stream, current inside the block, that is kept busy (about
+    0.1 s) before anything the block issues: a kernel that strays to another
+    stream runs before the block's earlier work (copies of its inputs) is
+    done. Synchronized on exit."""
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)
+        yield side
+    side.synchronize()
 
 
 def assert_same_under_deterministic_algorithms(run):

@@ -12,7 +12,7 @@ import torch
 
 import batchkl_ext
 from conftest import (FLOAT_DTYPES, REDUCTIONS, apply_layout, assert_bitwise_equal, assert_close_scaled,
-                      assert_same_under_deterministic_algorithms,
+                      assert_same_under_deterministic_algorithms, busy_side_stream,
                       check_against_reference, kl_op, leaf, make_logprobs, make_target, ref_grads, ref_kl,
                       run_and_grad, torch_kl)
 
@@ -258,10 +258,7 @@ def test_cuda_uses_current_stream(reduction):
     w = torch.randn(shape if reduction == "none" else shape[:-1], device=DEV)
     x = torch.zeros(shape, device=DEV)
     t = torch.zeros(shape, device=DEV)
-    torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    with torch.cuda.stream(side):
-        torch.cuda._sleep(200_000_000)      # keep the side stream busy (~0.1 s)
+    with busy_side_stream():
         x.copy_(src_x)
         t.copy_(src_t)
         xa, ta = leaf(x), leaf(t)
@@ -269,7 +266,6 @@ def test_cuda_uses_current_stream(reduction):
         obj = (loss * w).sum() if reduction in ("none", "row") else loss
         gx, gt = torch.autograd.grad(obj, (xa, ta))
         out = (loss.detach().clone(), gx.clone(), gt.clone())
-    side.synchronize()
     exp, mag = ref_kl(src_x, src_t, reduction, False)
     assert_close_scaled(out[0], exp, mag, what="loss on side stream")
     (rgx, mgx), (rgt, mgt) = ref_grads(src_x, src_t, reduction, False,

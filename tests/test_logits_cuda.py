@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import batchkl_ext
-from conftest import assert_bitwise_equal, assert_close_scaled, assert_same_under_deterministic_algorithms
+from conftest import (assert_bitwise_equal, assert_close_scaled, assert_same_under_deterministic_algorithms,
+                      busy_side_stream)
 from test_logits import (DT_ID, LOGIT_REDUCTIONS, TOL, _layout, check_batch_invariance, check_logits, make_logits,
                          make_mask, op, ref_logits, run_op)
 
@@ -258,17 +259,13 @@ def test_cuda_uses_current_stream(V, reduction):
     x = torch.zeros(16, V, device=DEV)
     t = torch.zeros(16, V, device=DEV)
     mask = torch.zeros(16, dtype=torch.bool, device=DEV)
-    torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    with torch.cuda.stream(side):
-        torch.cuda._sleep(200_000_000)  # keep the side stream busy (~0.1 s)
+    with busy_side_stream():
         x.copy_(src_x)
         t.copy_(src_t)
         mask.copy_(mask_cpu)
         w = torch.ones(16, device=DEV) if reduction == "none" else None
         got = run_op(lambda a, b: op(a, b, beta=0.5, reduction=reduction, mask=mask), x, t, w=w)
         got = [g.clone() for g in got]
-    side.synchronize()
     want = run_op(lambda a, b: op(a, b, beta=0.5, reduction=reduction, mask=mask_cpu), src_x, src_t,
                   w=None if w is None else w.cpu())
     for a, b, name in zip(got, want, ("loss", "grad_input", "grad_target")):

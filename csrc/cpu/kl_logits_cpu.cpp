@@ -111,11 +111,8 @@ struct RowKernel {
 
   static int64_t padded(int64_t n) { return (n + kW - 1) / kW * kW; }
   static int64_t blocks(int64_t n) { return (n + kBlock - 1) / kBlock; }
-  // Whether the gradients wait for the row sums of sweep 2 (LogitsTerm): the
-  // distribution a divergence reads only through log has them at -1.
-  bool third_sweep() const {
-    return (want_gx && kDiv != Divergence::kForward) || (want_gy && kDiv != Divergence::kReverse);
-  }
+  // Whether the gradients wait for the row sums of sweep 2.
+  bool third_sweep() const { return needs_row_totals(kDiv, want_gx, want_gy); }
 
   // kW elements from p (n of them valid) as accumulator vectors.
   static inline void load(const scalar_t* p, int64_t n, Acc (&v)[IO::kVecs]) {
@@ -222,17 +219,9 @@ struct RowKernel {
     }
   }
 
-  // d D / d(raw value) from dD/dlog(pr) `g`, the probability, e (the raw
-  // value for probs) and the row sum `c` of g (see LogitsTerm): (g - pr c) / T
-  // for logits, and for a probability x, where pr / x = 1 / sum:
-  // g / x - c / sum (g / x = 0 where g = 0: the zero-probability rule).
+  // d D / d(raw value) (kl_math.h's raw_grad); e is the raw value for probs.
   inline Acc raw_grad(const Acc& g, const Acc& pr, const Acc& e, acc_t c, const Normaliser<acc_t>& nz) const {
-    if constexpr (kProbs) {
-      const Acc zero(0);
-      return (Ops::select(g == zero, zero, g / e) - Acc(c * nz.inv_sum)) * Acc(scale);
-    } else {
-      return (g - pr * Acc(c)) * Acc(scale);
-    }
+    return batchkl::raw_grad<kProbs, Acc, Ops>(g, pr, e, Acc(c), Acc(nz.inv_sum), Acc(scale));
   }
 
   struct Sums {

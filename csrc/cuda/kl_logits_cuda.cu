@@ -18,29 +18,35 @@ namespace batchkl {
 namespace logits_cuda {
 namespace {
 
-// What the current GPU offers `kernel`. Clusters need an sm_90+ GPU and code
-// compiled for one: a build for sm_80 + PTX that the driver JIT-compiles on a
-// Hopper has no cluster code (kl_logits_kernel.cuh), so its rows stay in one CTA.
+// What the current GPU offers `kernel`, which is prepared once per device
+// (`seen[device]`: 0 not yet, 1 done and without clusters, 2 with them):
+// - its shared-memory limit is raised to the most the GPU offers. It is a
+//   property of the kernel, not of a launch, so it is never lowered (another
+//   thread may be launching the kernel with a larger slice);
+// - clusters need an sm_90+ GPU and code compiled for one: a build for
+//   sm_80 + PTX that the driver JIT-compiles on a Hopper has no cluster code
+//   (kl_logits_kernel.cuh), so its rows stay in one CTA.
 template <typename Kernel>
-DeviceLimits device_limits(Kernel kernel) {
+DeviceLimits prepare(Kernel kernel, std::array<std::atomic<int>, 64>& seen) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int device = at::cuda::current_device();
+  int state = device < 64 ? seen[device].load(std::memory_order_acquire) : 0;
+  if (state == 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(prop->sharedMemPerBlockOptin)));
+    bool clusters = false;
+    if (prop->major >= 9) {
+      cudaFuncAttributes attr;
+      C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+      clusters = attr.ptxVersion >= 90 && attr.binaryVersion >= 90;
+    }
+    state = clusters ? 2 : 1;
+    if (device < 64) seen[device].store(state, std::memory_order_release);
+  }
   DeviceLimits dev;
   dev.sms = prop->multiProcessorCount;
   dev.max_smem = prop->sharedMemPerBlockOptin;
-  if (prop->major >= 9) {
-    // Asked once per device (0: not yet, 1: no, 2: yes): every kernel of this
-    // file is built for the same targets.
-    static std::array<std::atomic<int>, 64> known{};
-    const int device = at::cuda::current_device();
-    int answer = device < 64 ? known[device].load(std::memory_order_relaxed) : 0;
-    if (answer == 0) {
-      cudaFuncAttributes attr;
-      C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-      answer = attr.ptxVersion >= 90 && attr.binaryVersion >= 90 ? 2 : 1;
-      if (device < 64) known[device].store(answer, std::memory_order_relaxed);
-    }
-    dev.clusters = answer == 2;
-  }
+  dev.clusters = state == 2;
   return dev;
 }
 
@@ -49,7 +55,8 @@ void launch_typed(const LogitsLaunch& p) {
   constexpr int64_t elem = sizeof(scalar_t);
   const RowGeometry& geo = p.geo;
   auto* const kernel = logits_kernel<scalar_t, kDiv, kProbs>;
-  Grid grid = plan_grid(p.geo.rows, p.geo.cols, elem, device_limits(kernel));
+  static std::array<std::atomic<int>, 64> seen{};  // this kernel, per device (prepare)
+  Grid grid = plan_grid(geo.rows, geo.cols, elem, prepare(kernel, seen));
 
   auto stream = at::cuda::getCurrentCUDAStream();
   const auto opts = at::TensorOptions().device(at::kCUDA, at::cuda::current_device());
@@ -89,16 +96,6 @@ void launch_typed(const LogitsLaunch& p) {
     attr[0].val.clusterDim.z = 1;
     config.attrs = attr;
     config.numAttrs = 1;
-  }
-  // The kernel's shared-memory limit is a property of the kernel, not of a
-  // launch: raised once per device to the most the GPU offers, never lowered
-  // (another thread may be launching it with a larger slice).
-  static std::array<std::atomic<bool>, 64> raised{};
-  const int device = at::cuda::current_device();
-  if (device >= 64 || !raised[device].load(std::memory_order_acquire)) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin)));
-    if (device < 64) raised[device].store(true, std::memory_order_release);
   }
   const auto fits = [&]() {
     config.dynamicSmemBytes = grid.smem;

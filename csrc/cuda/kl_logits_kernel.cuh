@@ -231,7 +231,7 @@ __device__ __forceinline__ void cta_allreduce(double (&v)[K], Op op, Slot* slots
   for (int w = 1; w < kWarps; ++w) op(v, slots[w].v);
   if (cluster == 1) return;
 #if !defined(BATCHKL_CLUSTERS)
-  __trap();  // code without clusters launched with them (device_limits rules it out)
+  __trap();  // code without clusters launched with them (the launcher's prepare() rules it out)
 #endif
   Slot* mine = slots + kWarps;
   if (threadIdx.x == 0) {
@@ -313,9 +313,6 @@ struct RowWork {
     return static_cast<scalar_t>(kProbs ? acc_t(0) : -std::numeric_limits<acc_t>::infinity());
   }
 
-  __device__ __forceinline__ bool third_sweep() const {
-    return (want_gx && kDiv != Divergence::kForward) || (want_gy && kDiv != Divergence::kReverse);
-  }
 
   // Sweep 1 bookkeeping of one pack of distribution d.
   __device__ __forceinline__ void observe(const P& pk, acc_t& m, acc_t& s, bool& bad) const {
@@ -360,14 +357,8 @@ struct RowWork {
     }
   }
 
-  // dD / d(raw value) from dD / dlog(pr) `g` and the row constant `c` (see
-  // the CPU backend's raw_grad).
   __device__ __forceinline__ acc_t raw_grad(acc_t g, acc_t pr, acc_t raw, acc_t c, acc_t inv_sum) const {
-    if constexpr (kProbs) {
-      return ((g == acc_t(0) ? acc_t(0) : g / raw) - c * inv_sum) * scale;
-    } else {
-      return (g - pr * c) * scale;
-    }
+    return batchkl::raw_grad<kProbs, acc_t, Ops>(g, pr, raw, c, inv_sum, scale);
   }
 
   // Copies `len` elements (column stride `stride`) into the shared memory at
@@ -498,7 +489,7 @@ struct RowWork {
     k.inv_sum_p = static_cast<acc_t>(1.0 / stats[3]);
     k.c = static_cast<acc_t>(static_cast<double>(k.log_sum_p) - static_cast<double>(k.log_sum_q));
 
-    const bool third = third_sweep();
+    const bool third = needs_row_totals(kDiv, want_gx, want_gy);
     const acc_t minus_one(-1);
 
     // One pass over the slice: sums the divergence and the row totals of gq
