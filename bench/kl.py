@@ -105,9 +105,11 @@ class Config:
                 "shape": list(self.shape), "dtype": dtype_name(self.dtype)}
 
 
-def plan(device: torch.device, quick: bool, cases: list[str], modes: list[str], sweeps: list[str]) -> list[Config]:
-    """Every configuration of this run, in the order they run."""
-    base = QUICK if quick else BASE + (CUDA_EXTRA if device.type == "cuda" else [])
+def plan(device: torch.device, quick: bool, cases: list[str], modes: list[str], sweeps: list[str],
+         base: Optional[list[tuple[Shape, torch.dtype]]] = None) -> list[Config]:
+    """Every configuration of this run, in the order they run (``base``: the base shapes, else the default)."""
+    if base is None:
+        base = QUICK if quick else BASE + (CUDA_EXTRA if device.type == "cuda" else [])
     out = [Config(CASES[c], shape, dtype, mode, BASE_SWEEP)
            for c in cases for mode in modes for shape, dtype in base]
     sweep = SWEEPS["quick" if quick else device.type]
@@ -440,6 +442,16 @@ def default_out(info: dict, device: torch.device, quick: bool) -> Path:
     return path
 
 
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+
+
+def _shape(text: str) -> Shape:
+    m = re.fullmatch(r"(\d+)[x×](\d+)", text)
+    if not m or min(int(m[1]), int(m[2])) < 1:
+        raise argparse.ArgumentTypeError(f"expected a shape NxV of positive integers (e.g. 8192x32000), got {text!r}")
+    return int(m[1]), int(m[2])
+
+
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"),
@@ -450,6 +462,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--sweeps", nargs="*", choices=(V_SWEEP, N_SWEEP), default=[V_SWEEP, N_SWEEP],
                    help="scaling sweeps to run (none: pass the flag alone)")
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    p.add_argument("--shapes", nargs="+", type=_shape, metavar="NxV",
+                   help="base shapes instead of the default ones (each with every --dtypes)")
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["bfloat16", "float32"],
+                   help="dtypes of the --shapes (default bfloat16 float32)")
     p.add_argument("--out", type=Path, metavar="PATH.json",
                    help="JSON output (default bench/results/<device-slug>-<date>[-quick].json)")
     p.add_argument("--repeats", type=int,
@@ -485,9 +501,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{device.type} copy_ bandwidth: {copy['gbps']:.1f} GB/s ({copy['bytes'] / GIB:.1f} GiB, read + write)")
 
     cases = [c for c in args.cases if c not in skipped_cases]
-    configs = plan(device, args.quick, cases, args.modes, args.sweeps)
+    base = [(shape, DTYPES[d]) for shape in args.shapes for d in args.dtypes] if args.shapes else None
+    configs = plan(device, args.quick, cases, args.modes, args.sweeps, base)
     settings = {"device": args.device, "quick": args.quick, "repeats": args.repeats,
                 "warmup": args.warmup, "modes": args.modes, "sweeps": args.sweeps,
+                "shapes": [[list(shape), dtype_name(dtype)] for shape, dtype in base] if base else "default",
                 "cases": {c: CASES[c].title for c in args.cases}, "skipped_cases": skipped_cases,
                 "liger": liger_skip or "benchmarked",
                 "seed": SEED, "tolerance": {dtype_name(k): v for k, v in TOLERANCE.items()},

@@ -4,7 +4,9 @@
 
 For each file: time and achieved bandwidth against V (the V sweep, N·V held
 fixed) and peak memory and time against N (the N sweep, V held fixed), one
-panel per case and dtype, one line per implementation. Written next to the
+panel per case and dtype, one line per implementation; and the base shapes'
+achieved bandwidth as a share of the measured copy bandwidth (bars, one
+panel per case and mode, one bar per implementation). Written next to the
 JSON as ``plots/<file stem>-<what>.png`` unless ``--out-dir`` says otherwise.
 """
 from __future__ import annotations
@@ -41,12 +43,46 @@ def _panels(rows: list[dict], sweep: str) -> dict[tuple[str, str], list[dict]]:
     return out
 
 
+def _base_bandwidth(data: dict, target: Path) -> bool:
+    """Bars of each implementation's bandwidth over the minimal bytes, in % of
+    the run's copy bandwidth, per base shape; False when there is nothing to plot."""
+    panels: dict[tuple[str, str], list[dict]] = {}
+    for r in data["results"]:
+        if r.get("sweep") == "base" and r.get("pct_copy_bw") is not None:
+            panels.setdefault((r["case"], r["mode"]), []).append(r)
+    if not panels:
+        return False
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.4 * len(panels)), squeeze=False)
+    for ax, ((case, mode), rows) in zip(axes[:, 0], panels.items()):
+        labels = list(dict.fromkeys(f"{r['shape'][0]}×{r['shape'][1]}\n{r['dtype']}" for r in rows))
+        impls = [i for i in IMPL_STYLE if any(r["impl"] == i for r in rows)]
+        width = 0.8 / len(impls)
+        for k, impl in enumerate(impls):
+            pct = {f"{r['shape'][0]}×{r['shape'][1]}\n{r['dtype']}": r["pct_copy_bw"] for r in rows if r["impl"] == impl}
+            xs = [i + (k - (len(impls) - 1) / 2) * width for i, lab in enumerate(labels) if lab in pct]
+            ax.bar(xs, [pct[lab] for lab in labels if lab in pct], width, label=impl,
+                   color=IMPL_STYLE[impl]["color"])
+        ax.axhline(85, color="grey", ls="--", lw=1, label="85 %")
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.set(ylabel="% of copy bandwidth", title=f"{case}, {mode}: bandwidth over the minimal bytes")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7, ncol=len(impls) + 1)
+    fig.suptitle(textwrap.fill(describe(data), 110), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(target, dpi=90)
+    plt.close(fig)
+    return True
+
+
 def plot_file(path: Path, out_dir: Path | None = None) -> list[Path]:
     """Every plot the file has data for; returns the paths written."""
     data = json.loads(path.read_text())
     out_dir = out_dir or path.parent / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    target = out_dir / f"{path.stem}-bandwidth-base.png"
+    if _base_bandwidth(data, target):
+        written.append(target)
     for name, (sweep, axis, metric, ylabel, logy) in PLOTS.items():
         panels = _panels(data["results"], sweep)
         if not panels:

@@ -4,20 +4,25 @@
 #   check     scripts/cuda_check.py: both ops, every launch shape, against float64
 #   sanitize  compute-sanitizer memcheck + racecheck on `cuda_check.py --small`
 #   test      pytest: the CUDA tests (-m cuda; PYTEST_ARGS overrides), huge tests included
+#   profile   Nsight Compute of kl_with_logits at a few shapes (scripts/profile_logits.py)
 #   bench     the CUDA benchmark (extra arguments go to `python -m bench`)
 #   bash scripts/gpu_run.sh [bench args...]          # every stage
 #   STAGES="build check test" bash scripts/gpu_run.sh  # some of them
-# A device call runs at most 10 minutes: build+check+sanitize+test fit one,
-# the benchmark (split with --cases) another. Logs and JSON go to $OUT.
+# A device call runs at most 10 minutes. DEADLINE_S (seconds from the start,
+# default 580) bounds the whole script: the benchmark, last, gets what is
+# left (it writes its JSON after every configuration, so a cut run keeps what
+# it measured). Logs and JSON go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/batchkl-gpu}
-STAGES=${STAGES:-build check sanitize test bench}
+STAGES=${STAGES:-build check sanitize test profile bench}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-step() { echo "== $* ($(date +%T))"; }
+T0=$SECONDS
+DEADLINE_S=${DEADLINE_S:-580}
+step() { echo "== $* ($(date +%T), ${SECONDS}s)"; }
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 step environment
@@ -41,28 +46,71 @@ fi
 
 if want check; then
   step self-check
-  $PY scripts/cuda_check.py 2>&1 | tail -20 | tee "$OUT/checks.log"
+  $PY scripts/cuda_check.py > "$OUT/cuda_check.log" 2>&1
+  echo "cuda_check exit $? ($(date +%T)): $(tail -1 "$OUT/cuda_check.log")" | tee -a "$OUT/checks.log"
+  grep FAIL "$OUT/cuda_check.log" | head -20
 fi
 
-if want sanitize; then
-  step compute-sanitizer
+sanitize() {
   for tool in memcheck racecheck; do
-    timeout ${SANITIZER_TIMEOUT:-150} compute-sanitizer --tool $tool --error-exitcode 99 $PY scripts/cuda_check.py --small > /tmp/sanitizer_$tool.log 2>&1
+    # racecheck is slow: two dtypes (one 4-byte, one 2-byte: different vector widths) unless SANITIZER_DTYPES says otherwise.
+    dtypes=""
+    [ $tool = racecheck ] && dtypes="--dtypes ${SANITIZER_DTYPES:-float32 bfloat16}"
+    timeout ${SANITIZER_TIMEOUT:-150} compute-sanitizer --tool $tool --error-exitcode 99 $PY scripts/cuda_check.py --small $dtypes > /tmp/sanitizer_$tool.log 2>&1
     rc=$?
     { echo "== compute-sanitizer --tool $tool: exit $rc"; tail -25 /tmp/sanitizer_$tool.log; } >> "$OUT/sanitizer.log"
-    echo "compute-sanitizer $tool: exit $rc" | tee -a "$OUT/checks.log"
+    echo "compute-sanitizer $tool: exit $rc ($(date +%T))" | tee -a "$OUT/checks.log"
   done
+}
+
+# The sanitizer runs beside the tests: both are checks, not timings, and
+# device time is what a lent GPU is short of.
+if want sanitize; then
+  step compute-sanitizer
+  sanitize &
+  sanitizer_pid=$!
 fi
 
 if want test; then
   step pytest
-  BATCHKL_HUGE_TESTS=1 timeout ${PYTEST_TIMEOUT:-400} $PY -m pytest -q -p no:cacheprovider ${PYTEST_ARGS:--m cuda tests} \
+  # Worker processes (pytest-xdist, where installed) share the GPU, and
+  # torch.compile's work is CPU bound.
+  # Each worker gets its share of the cores: 8 workers of 16 OpenMP threads
+  # each on 16 cores crawl (the float64 references run on the CPU).
+  workers=""
+  $PY -c "import xdist" 2>/dev/null && workers="-n ${PYTEST_WORKERS:-8}"
+  $PY -c "import pytest_timeout" 2>/dev/null && workers="$workers --timeout ${PYTEST_TEST_TIMEOUT:-180}"
+  # -v: each result is logged as it comes, so a run cut by its time limit
+  # still says which tests failed.
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} BATCHKL_HUGE_TESTS=1 timeout ${PYTEST_TIMEOUT:-400} $PY -m pytest -v -p no:cacheprovider $workers --durations=20 ${PYTEST_ARGS:--m cuda tests} \
     > "$OUT/pytest.log" 2>&1
-  echo "pytest exit $?" | tee -a "$OUT/checks.log"
-  tail -15 "$OUT/pytest.log"
+  echo "pytest exit $? ($(date +%T))" | tee -a "$OUT/checks.log"
+  grep -E "FAILED|ERROR|Timeout" "$OUT/pytest.log" | head -30
+  tail -25 "$OUT/pytest.log"
+fi
+
+if want sanitize; then
+  wait $sanitizer_pid
+fi
+
+# Nsight Compute on the warm launch of kl_with_logits at a few benchmark
+# shapes (PROFILE_SHAPES: "N V dtype" triples separated by commas).
+if want profile; then
+  step profile
+  IFS=, read -ra shapes <<< "${PROFILE_SHAPES:-8192 128256 bfloat16,4096 256000 float32,65536 512 bfloat16}"
+  for shape in "${shapes[@]}"; do
+    echo "== ncu: $shape" >> "$OUT/ncu.txt"
+    timeout ${PROFILE_TIMEOUT:-60} ncu --clock-control none --kernel-name regex:logits_kernel --launch-skip 1 --launch-count 1 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section Occupancy \
+      --section LaunchStats --section WarpStateStats --section SchedulerStats --section InstructionStats \
+      $PY scripts/profile_logits.py $shape >> "$OUT/ncu.txt" 2>&1
+    echo "ncu $shape: exit $?" | tee -a "$OUT/checks.log"
+  done
 fi
 
 if want bench; then
   step benchmark
-  timeout ${BENCH_TIMEOUT:-500} $PY -m bench --device cuda --out "$OUT/bench_cuda.json" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
+  left=$((DEADLINE_S - (SECONDS - T0)))
+  if [ "$left" -lt 30 ]; then echo "benchmark skipped: ${left}s left of DEADLINE_S"; exit 0; fi
+  timeout ${BENCH_TIMEOUT:-$left} $PY -m bench --device cuda --out "$OUT/bench_cuda.json" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
 fi

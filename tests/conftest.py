@@ -15,6 +15,8 @@ Everything here is written from the spec, not from the implementation:
 import contextlib
 import math
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -257,6 +259,20 @@ def assert_close_scaled(actual, expected, mag, dtype=None, tol=None, what=""):
                 f"{what}: {int(bad.sum())}/{err.numel()} elements out of tolerance; worst: "
                 f"actual={a[fin].flatten()[i].item()!r} expected={e[fin].flatten()[i].item()!r} "
                 f"err={err.flatten()[i].item():.3e} bound={bound.flatten()[i].item():.3e} (dtype {dtype})")
+
+
+def run_in_fresh_process(module: str, function: str, timeout: float = 300) -> None:
+    """Runs tests/<module>.py's `function` in a new Python process; fails with
+    its stderr if it raises. For checks of process-wide state (the CUDA
+    allocator's peak) that the tests before them in a process, or pytest-xdist
+    workers' history, would blur."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(tests)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, root, os.environ.get("PYTHONPATH", "")]))
+    code = f"import {module}\n{module}.{function}()\n"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{module}.{function}: exit code {proc.returncode}: {proc.stderr[-3000:]}"
 
 
 @contextlib.contextmanager

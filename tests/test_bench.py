@@ -78,6 +78,23 @@ def test_minimal_bytes():
     assert kl.minimal_bytes(cfg("none", "fwd+bwd")) == 5 * nv4           # ... read its upstream gradient
 
 
+def test_shapes_option_replaces_the_base_shapes():
+    """--shapes NxV ... --dtypes ...: those base shapes, each with every dtype, and nothing else
+    (no sweeps with --sweeps alone); malformed shapes are refused with the value named."""
+    args = kl.parse_args(["--device", "cpu", "--cases", "logits_kl", "batchmean", "--modes", "fwd+bwd",
+                          "--sweeps", "--shapes", "64x1000", "3×7", "--dtypes", "bfloat16", "float32"])
+    assert args.shapes == [(64, 1000), (3, 7)]
+    base = [(shape, kl.DTYPES[d]) for shape in args.shapes for d in args.dtypes]
+    configs = kl.plan(torch.device("cpu"), False, args.cases, args.modes, args.sweeps, base)
+    got = [(c.case.name, c.shape, c.dtype) for c in configs]
+    assert got == [(case, shape, dtype) for case in ("logits_kl", "batchmean")
+                   for shape in ((64, 1000), (3, 7)) for dtype in (torch.bfloat16, torch.float32)]
+    assert all(c.sweep == "base" and c.mode == "fwd+bwd" for c in configs)
+    for bad in ("64x0", "64", "axb", "-1x5"):
+        with pytest.raises(SystemExit):
+            kl.parse_args(["--device", "cpu", "--shapes", bad])
+
+
 def test_plots_and_report_from_json(quick_run, tmp_path):
     pytest.importorskip("matplotlib")  # installed by scripts/setup.sh (CI); maybe not on a lent GPU machine
     from bench import plot
@@ -85,7 +102,7 @@ def test_plots_and_report_from_json(quick_run, tmp_path):
     path, data = quick_run
     written = plot.plot_file(path, tmp_path)
     names = {p.name for p in written}
-    assert names == {f"quick-{n}.png" for n in plot.PLOTS}
+    assert names == {f"quick-{n}.png" for n in plot.PLOTS} | {"quick-bandwidth-base.png"}
     for p in written:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
     text = report.report(path)

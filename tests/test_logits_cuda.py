@@ -11,7 +11,7 @@ import torch
 
 import batchkl_ext
 from conftest import (assert_bitwise_equal, assert_close_scaled, assert_same_under_deterministic_algorithms,
-                      busy_side_stream)
+                      busy_side_stream, run_in_fresh_process)
 from test_logits import (DT_ID, LOGIT_REDUCTIONS, TOL, _layout, check_batch_invariance, check_logits, make_logits,
                          make_mask, op, ref_logits, run_op)
 
@@ -310,6 +310,14 @@ def test_cuda_peak_memory_inputs_plus_one_gradient(V):
 
 
 def test_cuda_memory_flat_over_thousands_of_calls():
+    """2000 forward + backward calls (JSD with a mask): the allocated device
+    memory is back to exactly where it was and no call peaks higher than the
+    first. In a fresh process, as test_kl_cuda's: the allocator's peak is
+    process-wide."""
+    run_in_fresh_process("test_logits_cuda", "check_memory_flat")
+
+
+def check_memory_flat():
     x = make_logits((64, 3000)).to(DEV).requires_grad_()
     t = make_logits((64, 3000)).to(DEV).requires_grad_()
     mask = make_mask((64,), "random").to(DEV)
@@ -322,11 +330,14 @@ def test_cuda_memory_flat_over_thousands_of_calls():
     for _ in range(50):
         step()
     torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    before, peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
     for _ in range(2000):
         step()
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before
+    assert torch.cuda.max_memory_allocated() == peak
 
 
 @pytest.mark.parametrize("amp_dtype", [torch.float16, torch.bfloat16], ids=DT_ID.get)
