@@ -31,6 +31,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "../kl_logits.h"
 #include "../kl_math.h"
@@ -68,14 +69,19 @@ constexpr int kMaxCluster = 8;  // the portable cluster size
 constexpr int64_t kSliceBudget = 64 * 1024;
 constexpr int kUnroll = 4;  // 16-byte loads in flight per operand and thread from global memory
 
-// One exchange slot: up to 5 doubles (RowStats), padded to 16 bytes.
+// One exchange slot: up to 4 doubles.
 struct alignas(16) Slot {
-  double v[6];
+  double v[4];
 };
-// Shared memory: the epilogue's block sum, then two exchange phases of
-// (kWarps warp slots + 1 CTA slot), then the staged slice.
+// A CTA's slots for one exchange: one per warp, the CTA's total (read by
+// the cluster's other CTAs) and the cluster's total (gathered by warp 0).
+constexpr int kSlotsPerExchange = kWarps + 2;
+// Exchanges per row: the maxes, the rescaled sums, the divergence sums.
+constexpr int kExchanges = 3;
+// Shared memory: the epilogue's block sum, then the exchanges' slots, then
+// the staged slice.
 constexpr size_t kFinalBytes = kThreads * sizeof(double) + 16;
-constexpr size_t kExchangeBytes = 2 * (kWarps + 1) * sizeof(Slot);
+constexpr size_t kExchangeBytes = kExchanges * kSlotsPerExchange * sizeof(Slot);
 constexpr size_t kFixedSmem = kFinalBytes + kExchangeBytes;
 
 // How a call is cut up; a function of the row length, the dtype and the
@@ -141,6 +147,30 @@ struct DeviceOps<float> : MathOps<float> {
   static __device__ __forceinline__ float exp(float v) { return __expf(v); }
 };
 
+// The hot loops' arithmetic, one instruction each for float: 2^v on the
+// SFU with results below FLT_MIN flushed to 0 (a probability that small is
+// 0 either way; __expf would spend three more instructions keeping it
+// subnormal), fused multiply-add, and a max that skips NaN (a NaN reaches
+// the row's sum of exponentials instead, which is how sweep 1 notices it).
+// log_ serves the row constants (once per row and thread).
+__device__ __forceinline__ float exp2_fast(float v) {
+#if defined(BATCHKL_CUDA_EMULATOR)
+  const float r = std::exp2(v);
+  return r < std::numeric_limits<float>::min() ? 0.f : r;
+#else
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+#endif
+}
+__device__ __forceinline__ double exp2_fast(double v) { return ::exp2(v); }
+__device__ __forceinline__ float fma_(float a, float b, float c) { return ::fmaf(a, b, c); }
+__device__ __forceinline__ double fma_(double a, double b, double c) { return ::fma(a, b, c); }
+__device__ __forceinline__ float max_skip_nan(float a, float b) { return ::fmaxf(a, b); }
+__device__ __forceinline__ double max_skip_nan(double a, double b) { return ::fmax(a, b); }
+__device__ __forceinline__ float log_(float v) { return ::logf(v); }
+__device__ __forceinline__ double log_(double v) { return ::log(v); }
+
 // Symmetric reduction steps: op(a, b) and op(b, a) give the same bits, so
 // every lane of a butterfly ends with the same value.
 struct AddOp {
@@ -151,21 +181,13 @@ struct AddOp {
   }
 };
 
-// RowStats = {max_q, sum_q, max_p, sum_p, bad}: a sum of exp(a - max) is
-// rescaled to the larger max. (kProbs: plain sums, the maxes stay 0.)
-struct StatsOp {
-  __device__ __forceinline__ static double part(double s, double m_own, double m) {
-    return m_own == m ? s : s * ::exp(m_own - m);  // exp(-inf) = 0 for an all -inf part
-  }
-  __device__ __forceinline__ void operator()(double (&a)[5], const double* b) const {
+// The row maxes (never NaN: sweep 1 takes them with fmax). + 0.0: a +0 / -0
+// tie gives +0 on both sides of a butterfly step.
+struct MaxOp {
+  template <int K>
+  __device__ __forceinline__ void operator()(double (&a)[K], const double* b) const {
 #pragma unroll
-    for (int d = 0; d < 2; ++d) {
-      // (+ 0.0: a +0 / -0 tie gives +0 on both sides of a butterfly step)
-      const double m = (a[2 * d] > b[2 * d] ? a[2 * d] : b[2 * d]) + 0.0;
-      a[2 * d + 1] = part(a[2 * d + 1], a[2 * d], m) + part(b[2 * d + 1], b[2 * d], m);
-      a[2 * d] = m;
-    }
-    a[4] = a[4] > b[4] ? a[4] : b[4];
+    for (int k = 0; k < K; ++k) a[k] = (a[k] > b[k] ? a[k] : b[k]) + 0.0;
   }
 };
 
@@ -216,12 +238,17 @@ __device__ __forceinline__ const T* cluster_peer(T* p, unsigned r) {
 }
 
 // The same total in every thread of the CTA (and of the cluster when
-// `cluster` > 1). `slots` holds kWarps + 1 Slots, used once per row.
+// `cluster` > 1). `slots`: kSlotsPerExchange Slots, used once per row.
+// Across the cluster, warp 0 alone reads the other CTAs' totals (a lane per
+// rank), folds them in rank order through shuffles and hands the result to
+// its CTA through shared memory: one remote read per rank and CTA, not one
+// per thread.
 template <int K, class Op>
 __device__ __forceinline__ void cta_allreduce(double (&v)[K], Op op, Slot* slots, int cluster) {
+  static_assert(K <= 4, "a Slot holds 4 doubles");
   warp_allreduce(v, op);
-  const int warp = threadIdx.x / 32;
-  if (threadIdx.x % 32 == 0) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
 #pragma unroll
     for (int k = 0; k < K; ++k) slots[warp].v[k] = v[k];
   }
@@ -233,16 +260,36 @@ __device__ __forceinline__ void cta_allreduce(double (&v)[K], Op op, Slot* slots
 #if !defined(BATCHKL_CLUSTERS)
   __trap();  // code without clusters launched with them (the launcher's prepare() rules it out)
 #endif
-  Slot* mine = slots + kWarps;
+  Slot* const mine = slots + kWarps;
+  Slot* const total = slots + kWarps + 1;
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int k = 0; k < K; ++k) mine->v[k] = v[k];
   }
   cluster_sync();
-  const Slot* first = cluster_peer(mine, 0);
+  if (warp == 0) {
+    double own[K] = {};
+    if (lane < cluster) {
+      const Slot* peer = cluster_peer(mine, static_cast<unsigned>(lane));
 #pragma unroll
-  for (int k = 0; k < K; ++k) v[k] = first->v[k];
-  for (int r = 1; r < cluster; ++r) op(v, cluster_peer(mine, static_cast<unsigned>(r))->v);
+      for (int k = 0; k < K; ++k) own[k] = peer->v[k];
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] = __shfl_sync(0xffffffffu, own[k], 0);
+    for (int r = 1; r < cluster; ++r) {
+      double o[K];
+#pragma unroll
+      for (int k = 0; k < K; ++k) o[k] = __shfl_sync(0xffffffffu, own[k], r);
+      op(v, o);
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) total->v[k] = v[k];
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = total->v[k];
 }
 
 // Pack `i` of a run of `len` elements at `base` (column stride `stride`):
@@ -285,13 +332,17 @@ __device__ __forceinline__ void store_pack(scalar_t* base, int64_t i, int64_t le
   }
 }
 
-// Everything a group knows about its row after sweep 1.
+// Everything a group knows about its row after sweep 1. Logits x, y with
+// row maxes m_q, m_p and sums S_q, S_p of 2^((a - m) k2) (k2 = log2(e) / T):
+// q = 2^((x - m_q) k2) / S_q and log q = (x - m_q) / T - ln S_q, and the same
+// for p; d = log p - log q - (y - x) / T, a row constant. Every argument
+// starts from x - m_q: exact at the max, and rounded relative to the
+// distance from it, not to the size of the logit or of log S. Probs: q = x *
+// inv_sum_q, log q = log x - log_sum_q, and the same for p.
 template <typename acc_t>
 struct RowConsts {
-  acc_t shift_q, shift_p;      // the maxes of x / T and y / T (logits)
-  acc_t log_sum_q, log_sum_p;  // log of the sums of exp(a - shift) (probs: of the values)
+  acc_t m_q, m_p, log_sum_q, log_sum_p, d;
   acc_t inv_sum_q, inv_sum_p;
-  acc_t c;  // log_sum_p - log_sum_q, for the two KLs from logits
 };
 
 template <typename scalar_t, Divergence kDiv, bool kProbs>
@@ -304,7 +355,7 @@ struct RowWork {
 
   const LogitsLaunch& p;
   const Grid& grid;
-  acc_t inv_t, scale;
+  acc_t inv_t, k2, scale;  // k2 = log2(e) / T
   JSDWeights<acc_t> w;
   bool want_gx, want_gy;
 
@@ -314,8 +365,10 @@ struct RowWork {
   }
 
 
-  // Sweep 1 bookkeeping of one pack of distribution d.
-  __device__ __forceinline__ void observe(const P& pk, acc_t& m, acc_t& s, bool& bad) const {
+  // Sweep 1 bookkeeping of one pack of one distribution: the running max m
+  // of the raw logits and s = sum of 2^((a - m) k2). A NaN, or a +inf
+  // (through inf - inf), makes s NaN, which the row's total then shows.
+  __device__ __forceinline__ void observe(const P& pk, acc_t& m, acc_t& s) const {
     if constexpr (kProbs) {
 #pragma unroll
       for (int e = 0; e < N; ++e) s += static_cast<acc_t>(pk.v[e]);
@@ -324,18 +377,21 @@ struct RowWork {
       acc_t pm = -std::numeric_limits<acc_t>::infinity();
 #pragma unroll
       for (int e = 0; e < N; ++e) {
-        a[e] = static_cast<acc_t>(pk.v[e]) * inv_t;
-        // NaN and +inf leave no distribution (the row becomes NaN).
-        bad |= !(a[e] < std::numeric_limits<acc_t>::infinity());
-        pm = a[e] > pm ? a[e] : pm;
+        a[e] = static_cast<acc_t>(pk.v[e]);
+        pm = max_skip_nan(pm, a[e]);
       }
       if (pm > m) {
-        s *= Ops::exp(m - pm);  // 0 * 0 while m was -inf
+        s *= exp2_fast((m - pm) * k2);  // 0 * 0 while m was -inf
         m = pm;
       }
       if (m != -std::numeric_limits<acc_t>::infinity()) {
 #pragma unroll
-        for (int e = 0; e < N; ++e) s += Ops::exp(a[e] - m);
+        for (int e = 0; e < N; ++e) s += exp2_fast((a[e] - m) * k2);
+      } else {
+        // Nothing but NaN and -inf so far: the max skipped the NaN, so it
+        // must reach s here.
+#pragma unroll
+        for (int e = 0; e < N; ++e) s = a[e] != a[e] ? a[e] : s;
       }
     }
   }
@@ -346,13 +402,13 @@ struct RowWork {
       pr = y * k.inv_sum_p;
       return Term(Ops::log(x) - k.log_sum_q, q, Ops::log(y) - k.log_sum_p, pr, w);
     } else {
-      const acc_t aq = x * inv_t - k.shift_q, ap = y * inv_t - k.shift_p;
-      q = Ops::exp(aq) * k.inv_sum_q;
-      pr = Ops::exp(ap) * k.inv_sum_p;
+      const acc_t dx = x - k.m_q, dy = y - k.m_p;
+      q = exp2_fast(dx * k2) * k.inv_sum_q;
+      pr = exp2_fast(dy * k2) * k.inv_sum_p;
       if constexpr (kDiv == Divergence::kJSD) {
-        return Term(aq - k.log_sum_q, q, ap - k.log_sum_p, pr, w);
+        return Term(fma_(dx, inv_t, -k.log_sum_q), q, fma_(dy, inv_t, -k.log_sum_p), pr, w);
       } else {
-        return Term(ap - aq - k.c, q, pr);
+        return Term(fma_(y - x, inv_t, k.d), q, pr);
       }
     }
   }
@@ -448,7 +504,6 @@ struct RowWork {
     // Sweep 1.
     acc_t m[2] = {-std::numeric_limits<acc_t>::infinity(), -std::numeric_limits<acc_t>::infinity()};
     acc_t s[2] = {0, 0};
-    bool bad = false;
     for (int64_t i0 = tid; i0 < npacks; i0 += int64_t{group} * kUnroll) {
       P xs[kUnroll], ys[kUnroll];
 #pragma unroll
@@ -463,38 +518,64 @@ struct RowWork {
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t i = i0 + int64_t{u} * group;
         if (i >= npacks) continue;
-        observe(xs[u], m[0], s[0], bad);
-        observe(ys[u], m[1], s[1], bad);
+        observe(xs[u], m[0], s[0]);
+        observe(ys[u], m[1], s[1]);
       }
     }
-    double stats[5] = {kProbs ? 0.0 : static_cast<double>(m[0]), static_cast<double>(s[0]),
-                       kProbs ? 0.0 : static_cast<double>(m[1]), static_cast<double>(s[1]), bad ? 1.0 : 0.0};
-    if (group == 32) {
-      warp_allreduce(stats, StatsOp{});
-    } else {
-      cta_allreduce(stats, StatsOp{}, slots, cluster);
+    // The group's totals, combined in a fixed order: for logits the maxes
+    // first, then every thread's sums rescaled to them once (so that no
+    // merge needs an exp), then the sums.
+    const auto allreduce = [&](auto& v, auto op, int exchange) {
+      if (group == 32) {
+        warp_allreduce(v, op);
+      } else {
+        cta_allreduce(v, op, slots + exchange * kSlotsPerExchange, cluster);
+      }
+    };
+    double mx[2] = {0.0, 0.0};
+    double tot[2] = {static_cast<double>(s[0]), static_cast<double>(s[1])};
+    if constexpr (!kProbs) {
+      mx[0] = static_cast<double>(m[0]);
+      mx[1] = static_cast<double>(m[1]);
+      allreduce(mx, MaxOp{}, 0);
+#pragma unroll
+      for (int d = 0; d < 2; ++d) {
+        const acc_t top = static_cast<acc_t>(mx[d]);  // exact: the max of acc_t values
+        tot[d] = static_cast<double>(m[d] == top ? s[d] : s[d] * exp2_fast((m[d] - top) * k2));
+      }
     }
-    if (!kProbs && stats[4] != 0.0) {
+    allreduce(tot, AddOp{}, 1);
+    if (!kProbs && (tot[0] != tot[0] || tot[1] != tot[1])) {
       // A +inf logit (or a NaN) leaves no distribution: NaN for the row and
       // its gradients, as PyTorch gives.
       fill_grads(std::numeric_limits<acc_t>::quiet_NaN());
       return std::numeric_limits<double>::quiet_NaN();
     }
-    RowConsts<acc_t> k;
-    k.shift_q = static_cast<acc_t>(stats[0]);
-    k.shift_p = static_cast<acc_t>(stats[2]);
-    k.log_sum_q = static_cast<acc_t>(::log(stats[1]));
-    k.log_sum_p = static_cast<acc_t>(::log(stats[3]));
-    k.inv_sum_q = static_cast<acc_t>(1.0 / stats[1]);
-    k.inv_sum_p = static_cast<acc_t>(1.0 / stats[3]);
-    k.c = static_cast<acc_t>(static_cast<double>(k.log_sum_p) - static_cast<double>(k.log_sum_q));
+    // The row constants, with the logs in acc_t arithmetic (float for all
+    // but float64 inputs): a double log costs every thread hundreds of
+    // instructions. d takes the log of the sums' ratio, so that it stays
+    // exact to a few ulp of itself when the two rows are alike.
+    RowConsts<acc_t> k{};
+    k.log_sum_q = log_(static_cast<acc_t>(tot[0]));
+    k.log_sum_p = log_(static_cast<acc_t>(tot[1]));
+    k.inv_sum_q = acc_t(1) / static_cast<acc_t>(tot[0]);
+    k.inv_sum_p = acc_t(1) / static_cast<acc_t>(tot[1]);
+    if constexpr (!kProbs) {
+      k.m_q = static_cast<acc_t>(mx[0]);
+      k.m_p = static_cast<acc_t>(mx[1]);
+      // log p - log q = (y - x) / T + d
+      k.d = fma_(k.m_q - k.m_p, inv_t, log_(static_cast<acc_t>(tot[0] / tot[1])));
+    }
 
     const bool third = needs_row_totals(kDiv, want_gx, want_gy);
     const acc_t minus_one(-1);
 
     // One pass over the slice: sums the divergence and the row totals of gq
-    // and gp; with `write`, writes the gradients, given the row constants.
-    const auto sweep = [&](bool write, acc_t cq, acc_t cp, double(&sums)[3]) {
+    // and gp, and writes the gradients that kGX / kGY select, given their row
+    // constants cq / cp. A compile-time choice, so that a pass computes only
+    // those and keeps its packs in registers (a run-time one spilled them).
+    const auto sweep = [&](auto write_gx, auto write_gy, acc_t cq, acc_t cp, double(&sums)[3]) {
+      constexpr bool kGX = decltype(write_gx)::value, kGY = decltype(write_gy)::value;
       acc_t loss = 0, sum_gq = 0, sum_gp = 0;
       for (int64_t i = tid; i < npacks; i += group) {
         const P xp = load_pack(rx, rsx, i, len, rvx, fill());
@@ -508,29 +589,44 @@ struct RowWork {
           loss += t.loss;
           sum_gq += t.gq;
           sum_gp += t.gp;
-          if (write) {
-            ox.v[e] = static_cast<scalar_t>(raw_grad(t.gq, q, xv, cq, k.inv_sum_q));
-            oy.v[e] = static_cast<scalar_t>(raw_grad(t.gp, pr, yv, cp, k.inv_sum_p));
-          }
+          if constexpr (kGX) ox.v[e] = static_cast<scalar_t>(raw_grad(t.gq, q, xv, cq, k.inv_sum_q));
+          if constexpr (kGY) oy.v[e] = static_cast<scalar_t>(raw_grad(t.gp, pr, yv, cp, k.inv_sum_p));
         }
-        if (write && gx) store_pack(gx, i, len, vgx, ox);
-        if (write && gy) store_pack(gy, i, len, vgy, oy);
+        if constexpr (kGX) store_pack(gx, i, len, vgx, ox);
+        if constexpr (kGY) store_pack(gy, i, len, vgy, oy);
       }
       sums[0] = static_cast<double>(loss);
       sums[1] = static_cast<double>(sum_gq);
       sums[2] = static_cast<double>(sum_gp);
     };
+    using On = std::true_type;
+    using Off = std::false_type;
+    const auto writing_sweep = [&](acc_t cq, acc_t cp, double(&sums)[3]) {
+      if (gx != nullptr && gy != nullptr) {
+        sweep(On{}, On{}, cq, cp, sums);
+      } else if (gx != nullptr) {
+        sweep(On{}, Off{}, cq, cp, sums);
+      } else if (gy != nullptr) {
+        sweep(Off{}, On{}, cq, cp, sums);
+      } else {
+        sweep(Off{}, Off{}, cq, cp, sums);
+      }
+    };
     double sums[3];
-    sweep(!third, minus_one, minus_one, sums);
+    if (third) {
+      sweep(Off{}, Off{}, minus_one, minus_one, sums);
+    } else {
+      writing_sweep(minus_one, minus_one, sums);
+    }
     if (group == 32) {
       warp_allreduce(sums, AddOp{});
     } else {
-      cta_allreduce(sums, AddOp{}, slots + kWarps + 1, cluster);
+      cta_allreduce(sums, AddOp{}, slots + 2 * kSlotsPerExchange, cluster);
     }
     if (third) {
       double unused[3];
-      sweep(true, kDiv == Divergence::kForward ? minus_one : static_cast<acc_t>(sums[1]),
-            kDiv == Divergence::kReverse ? minus_one : static_cast<acc_t>(sums[2]), unused);
+      writing_sweep(kDiv == Divergence::kForward ? minus_one : static_cast<acc_t>(sums[1]),
+                    kDiv == Divergence::kReverse ? minus_one : static_cast<acc_t>(sums[2]), unused);
     }
     return sums[0];
   }
@@ -575,6 +671,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const Work work{p,
                   grid,
                   static_cast<acc_t>(p.inv_temperature),
+                  static_cast<acc_t>(p.inv_temperature * 1.4426950408889634),  // log2(e) / T
                   static_cast<acc_t>((kProbs ? 1.0 : p.inv_temperature) / divisor),
                   JSDWeights<acc_t>{static_cast<acc_t>(b), static_cast<acc_t>(1.0 - b), static_cast<acc_t>(::log(b)),
                                     static_cast<acc_t>(::log1p(-b))},

@@ -218,19 +218,31 @@ void launch(unsigned grid, unsigned block, size_t smem, unsigned cluster, Kernel
 inline void __syncthreads() { ::batchkl_emu::arrive_and_wait(::batchkl_emu::tls.cta->bar); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
-template <typename T>
-T __shfl_xor_sync(unsigned mask, T v, int offset) {
+namespace batchkl_emu {
+// A warp shuffle: every lane publishes v, then reads lane src(lane)'s.
+template <typename T, typename Src>
+T shuffle(unsigned mask, T v, Src src) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of at most 8 bytes");
   if (mask != 0xffffffffu) throw std::logic_error("emulated shuffles need the full warp");
-  auto& tls = ::batchkl_emu::tls;
   auto& warp = tls.cta->warps[tls.thread_idx.x / 32];
   const unsigned lane = tls.thread_idx.x % 32;
   std::memcpy(&warp.slot[lane], &v, sizeof(T));
-  ::batchkl_emu::arrive_and_wait(warp.bar);
+  arrive_and_wait(warp.bar);
   T out;
-  std::memcpy(&out, &warp.slot[lane ^ static_cast<unsigned>(offset)], sizeof(T));
-  ::batchkl_emu::arrive_and_wait(warp.bar);
+  std::memcpy(&out, &warp.slot[src(lane) % 32], sizeof(T));
+  arrive_and_wait(warp.bar);
   return out;
+}
+}  // namespace batchkl_emu
+
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int offset) {
+  return ::batchkl_emu::shuffle(mask, v, [&](unsigned lane) { return lane ^ static_cast<unsigned>(offset); });
+}
+
+template <typename T>
+T __shfl_sync(unsigned mask, T v, int src_lane) {
+  return ::batchkl_emu::shuffle(mask, v, [&](unsigned) { return static_cast<unsigned>(src_lane); });
 }
 
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }

@@ -267,7 +267,7 @@ void test_special_values() {
   for (const auto& [dev_name, dev] : kDevices) {
     g_device = dev;
     for (const int64_t cols : {33, 12000}) {
-      auto x = logits(6, cols, at::kDouble), t = logits(6, cols, at::kDouble);
+      auto x = logits(11, cols, at::kDouble), t = logits(11, cols, at::kDouble);
       x.select(1, 1).fill_(-inf);                      // student masks an entry
       t.select(1, 2).fill_(-inf);                      // teacher masks an entry
       x.select(1, 4).fill_(-inf);
@@ -275,6 +275,16 @@ void test_special_values() {
       x[1][cols / 2] = std::numeric_limits<double>::quiet_NaN();  // a NaN row
       t[2][cols - 1] = inf;                            // a +inf logit: NaN row
       x[3].fill_(-inf);                                // a row of -inf only: NaN
+      x[5][0] = inf;                                   // the student's +inf, in the first pack
+      t[6][cols / 3] = std::numeric_limits<double>::quiet_NaN();  // the teacher's NaN
+      t[7].fill_(-inf);                                // the teacher's row of -inf only
+      x[8][cols - 1] = -inf;                           // -inf and +inf in one row
+      x[8][cols / 2] = inf;
+      // A NaN in a pack whose thread has seen nothing but -inf and NaN so far
+      // (the max skips NaN): the last column alone in its pack (33 = 4 * 8 +
+      // 1), and the first pack of a row.
+      x[9][cols - 1] = std::numeric_limits<double>::quiet_NaN();
+      t[10].narrow(0, 0, 8).fill_(std::numeric_limits<double>::quiet_NaN());
       for (const auto dt : {at::kFloat, at::kBFloat16}) {
         for (const double beta : {0.0, 0.5, 1.0}) {
           Call c;
@@ -282,7 +292,7 @@ void test_special_values() {
           c.reduction = "none";
           compare_with_cpu(x.to(dt), t.to(dt), c, str(dev_name, " special values V=", cols, " ", dt, " beta=", beta));
           Call m = c;
-          auto mask = at::ones({6}, at::kBool);
+          auto mask = at::ones({11}, at::kBool);
           mask[1] = false;  // the NaN row, excluded: 0 whatever it holds
           m.mask = mask;
           m.reduction = "batchmean";
