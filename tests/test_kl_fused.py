@@ -104,6 +104,36 @@ def test_exp_underflow_range_matches_torch(dtype, device):
         torch.testing.assert_close(ours[finite], theirs[finite].to(dtype).float(), atol=1e-37, rtol=1e-2)
 
 
+@pytest.mark.parametrize("log_target", [False, True], ids=["prob", "logt"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_none_backward_of_the_input_alone_does_not_read_the_input(device, dtype, log_target):
+    """reduction='none', only the input requiring grad: the backward skips the
+    input (its gradient, -t or -exp(t) times grad_output, does not depend on
+    it). The gradient is bitwise the same whatever the input holds (NaN and
+    +-inf included) and, for probability targets, bitwise PyTorch's."""
+    x = make_logprobs((37, 1001), dtype).to(device)
+    t = make_target((37, 1001), log_target, dtype).to(device)
+    g = torch.randn(37, 1001, dtype=dtype, device=device)
+    wild = torch.full_like(x, float("nan"))
+    wild[::3] = float("inf")
+    wild[1::3] = -float("inf")
+    grads = []
+    for inp in (x, wild):
+        leaf = inp.clone().requires_grad_()
+        kl_op(leaf, t, "none", log_target).backward(g)
+        grads.append(leaf.grad)
+    assert grads[0].dtype == dtype and grads[0].shape == x.shape
+    assert torch.equal(grads[0], grads[1])
+    assert not grads[0].isnan().any()
+    ref = x.clone().requires_grad_()
+    F.kl_div(ref, t, reduction="none", log_target=log_target).backward(g)
+    if log_target:  # exp(t): the two exps may differ by an ulp
+        torch.testing.assert_close(grads[0], ref.grad)
+    else:
+        assert torch.equal(grads[0], ref.grad)
+
+
 @pytest.mark.huge
 @pytest.mark.parametrize("device", DEVICES)
 def test_more_than_2_pow_31_elements(device):

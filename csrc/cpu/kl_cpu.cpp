@@ -29,6 +29,9 @@ struct TileWorker {
   // tile's loss sum (kReduce) or 0.
   acc_t run(scalar_t* const (&ptr)[kNumOperands], const int64_t (&stride)[kNumOperands], int64_t n) const {
     const bool gx = ptr[kGradInput] != nullptr, gt = ptr[kGradTarget] != nullptr;
+    // The backward of 'none' reads the input only for the target's gradient:
+    // the input's, -t (or -exp(t)) times grad_output, does not depend on it.
+    const bool reads_input = kMode != Mode::kBackward || gt;
     bool unit = true;
     for (int k = 0; k < kNumOperands; ++k) unit &= ptr[k] == nullptr || stride[k] == 1;
     acc_t total = 0;
@@ -40,7 +43,11 @@ struct TileWorker {
       const Acc vscale(scale);
       for (; j + IO::kWidth <= n; j += IO::kWidth) {
         Acc xv[IO::kVecs], tv[IO::kVecs], gv[IO::kVecs], ox[IO::kVecs], ot[IO::kVecs];
-        IO::load(x + j, xv);
+        if (reads_input) {
+          IO::load(x + j, xv);
+        } else {
+          for (auto& v : xv) v = Acc(0);
+        }
         IO::load(t + j, tv);
         if constexpr (kMode == Mode::kBackward) IO::load(ptr[kOut] + j, gv);
         for (int v = 0; v < IO::kVecs; ++v) {
@@ -74,7 +81,7 @@ struct TileWorker {
     // double: in float32 the running sum's rounding grows with the tile.
     double scalar_total = 0;
     for (; j < n; ++j) {
-      const acc_t x = static_cast<acc_t>(ptr[kInput][j * stride[kInput]]);
+      const acc_t x = reads_input ? static_cast<acc_t>(ptr[kInput][j * stride[kInput]]) : acc_t(0);
       const KLTerm<kLog, acc_t> term(static_cast<acc_t>(ptr[kTarget][j * stride[kTarget]]));
       if constexpr (kMode == Mode::kElementwise) {
         ptr[kOut][j * stride[kOut]] = static_cast<scalar_t>(term.loss(x));

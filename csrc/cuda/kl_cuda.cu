@@ -61,13 +61,18 @@ struct TileRunner {
   acc_t scale;
   bool gx, gt;
 
+  // The backward of 'none' reads the input only for the target's gradient:
+  // the input's, -t (or -exp(t)) times grad_output, does not depend on it,
+  // so skipping it saves one of the four N x V streams.
+  __device__ __forceinline__ bool reads_input() const { return kMode != Mode::kBackward || gt; }
+
   // Scalar path: `count` elements from `j0`, lane-strided (coalesced when the
   // column stride is 1). Returns this lane's loss sum.
   __device__ __forceinline__ acc_t scalar(scalar_t* const (&ptr)[kNumOperands], const int64_t (&stride)[kNumOperands],
                                           int64_t j0, int64_t count, int lane) const {
     acc_t sum = 0;
     for (int64_t j = j0 + lane; j < j0 + count; j += 32) {
-      const acc_t x = static_cast<acc_t>(ptr[kInput][j * stride[kInput]]);
+      const acc_t x = reads_input() ? static_cast<acc_t>(ptr[kInput][j * stride[kInput]]) : acc_t(0);
       const acc_t t = static_cast<acc_t>(ptr[kTarget][j * stride[kTarget]]);
       acc_t s = scale;
       if constexpr (kMode == Mode::kBackward) s = static_cast<acc_t>(ptr[kOut][j * stride[kOut]]);
@@ -124,7 +129,7 @@ struct TileRunner {
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t i = base + u * 32 + lane;
         if (i < nvec) {
-          xv[u] = load<kVec>(at[kInput], i, stride[kInput]);
+          xv[u] = reads_input() ? load<kVec>(at[kInput], i, stride[kInput]) : V{};
           tv[u] = load<kVec>(at[kTarget], i, stride[kTarget]);
           if constexpr (kMode == Mode::kBackward) gv[u] = load<kVec>(at[kOut], i, stride[kOut]);
         }
