@@ -11,7 +11,9 @@
 # A device call runs at most 10 minutes. DEADLINE_S (seconds from the start,
 # default 580) bounds the whole script: the benchmark, last, gets what is
 # left (it writes its JSON after every configuration, so a cut run keeps what
-# it measured). Logs and JSON go to $OUT.
+# it measured). Logs and JSON go to $OUT: at most 8 files, what a lent
+# machine sends back (env, build, cuda_check, checks, sanitizer, pytest, ncu,
+# the benchmark's JSON).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/batchkl-gpu}
@@ -112,5 +114,5 @@ if want bench; then
   step benchmark
   left=$((DEADLINE_S - (SECONDS - T0)))
   if [ "$left" -lt 30 ]; then echo "benchmark skipped: ${left}s left of DEADLINE_S"; exit 0; fi
-  timeout ${BENCH_TIMEOUT:-$left} $PY -m bench --device cuda --out "$OUT/bench_cuda.json" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
+  timeout ${BENCH_TIMEOUT:-$left} $PY -m bench --device cuda --out "$OUT/bench_cuda.json" "$@" 2>&1 | tail -60
 fi
