@@ -28,7 +28,6 @@ from batchkl_ext import _build_config
 try:
     import batchkl_ext  # noqa: F401  (registers torch.ops.batchkl.*)
 except ModuleNotFoundError:  # `pytest tests` from a checkout with the extension built in place
-    import sys
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import batchkl_ext  # noqa: F401
 
@@ -261,18 +260,38 @@ def assert_close_scaled(actual, expected, mag, dtype=None, tol=None, what=""):
                 f"err={err.flatten()[i].item():.3e} bound={bound.flatten()[i].item():.3e} (dtype {dtype})")
 
 
-def run_in_fresh_process(module: str, function: str, timeout: float = 300) -> None:
-    """Runs tests/<module>.py's `function` in a new Python process; fails with
-    its stderr if it raises. For checks of process-wide state (the CUDA
-    allocator's peak) that the tests before them in a process, or pytest-xdist
-    workers' history, would blur."""
+def run_python(code: str, what: str, timeout: float = 300) -> None:
+    """Runs `code` in a new Python process (the repository and tests/ on its
+    path); fails with its stderr if it exits non-zero or dies."""
     tests = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(tests)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, root, os.environ.get("PYTHONPATH", "")]))
-    code = f"import {module}\n{module}.{function}()\n"
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                           timeout=timeout)
-    assert proc.returncode == 0, f"{module}.{function}: exit code {proc.returncode}: {proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"{what}: exit code {proc.returncode}: {proc.stderr[-3000:]}"
+
+
+def run_in_fresh_process(module: str, function: str) -> None:
+    """Runs tests/<module>.py's `function` in a new Python process. For checks
+    of process-wide state (the CUDA allocator's peak) that the tests before
+    them in a process, or pytest-xdist workers' history, would blur."""
+    run_python(f"import {module}\n{module}.{function}()\n", f"{module}.{function}")
+
+
+def assert_cuda_memory_flat(step, warmup: int, calls: int) -> None:
+    """After `warmup` calls of step(), `calls` more leave the allocated CUDA
+    memory exactly where one call left it, and peak no higher than it did."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    base, peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+    for _ in range(calls):
+        step()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == base
+    assert torch.cuda.max_memory_allocated() == peak
 
 
 @contextlib.contextmanager

@@ -2,9 +2,6 @@
 CPU kernel and F.kl_div; layouts the 16-byte vector path cannot take;
 determinism and batch invariance; streams; opcheck; torch.compile; errors."""
 import math
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -12,7 +9,8 @@ import torch
 
 import batchkl_ext
 from conftest import (FLOAT_DTYPES, REDUCTIONS, apply_layout, assert_bitwise_equal, assert_close_scaled,
-                      assert_same_under_deterministic_algorithms, busy_side_stream, run_in_fresh_process,
+                      assert_cuda_memory_flat, assert_same_under_deterministic_algorithms, busy_side_stream,
+                      run_in_fresh_process, run_python,
                       check_against_reference, kl_op, leaf, make_logprobs, make_target, ref_grads, ref_kl,
                       run_and_grad, torch_kl)
 
@@ -185,11 +183,7 @@ def test_cuda_row_backward_empty_rows_subprocess():
             "torch.ops.batchkl.kl(x, t, 'row', False).sum().backward()\n"
             "torch.cuda.synchronize()\n"
             "assert x.grad.shape == (5, 0)\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, f"exit code {proc.returncode}: {proc.stderr[-2000:]}"
+    run_python(code, "'row' backward of (5, 0) on CUDA")
 
 
 # --------------------------------------------------------------------------
@@ -343,17 +337,7 @@ def check_memory_flat():
             for reduction in ("batchmean", "row", "none"):
                 _fwd_bwd(x, t, reduction, log_target)
 
-    for _ in range(20):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    base, peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
-    for _ in range(500):
-        step()
-    torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() == base
-    assert torch.cuda.max_memory_allocated() == peak
+    assert_cuda_memory_flat(step, warmup=20, calls=500)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

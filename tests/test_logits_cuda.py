@@ -11,7 +11,7 @@ import torch
 
 import batchkl_ext
 from conftest import (assert_bitwise_equal, assert_close_scaled, assert_same_under_deterministic_algorithms,
-                      busy_side_stream, run_in_fresh_process)
+                      assert_cuda_memory_flat, busy_side_stream, run_in_fresh_process)
 from test_logits import (DT_ID, LOGIT_REDUCTIONS, TOL, _layout, check_batch_invariance, check_logits, make_logits,
                          make_mask, op, ref_logits, run_op)
 
@@ -327,17 +327,7 @@ def check_memory_flat():
         loss.backward()
         x.grad = t.grad = None
 
-    for _ in range(50):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    before, peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
-    for _ in range(2000):
-        step()
-    torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() == before
-    assert torch.cuda.max_memory_allocated() == peak
+    assert_cuda_memory_flat(step, warmup=50, calls=2000)
 
 
 @pytest.mark.parametrize("amp_dtype", [torch.float16, torch.bfloat16], ids=DT_ID.get)

@@ -364,7 +364,6 @@ struct RowWork {
     return static_cast<scalar_t>(kProbs ? acc_t(0) : -std::numeric_limits<acc_t>::infinity());
   }
 
-
   // Sweep 1 bookkeeping of one pack of one distribution: the running max m
   // of the raw logits and s = sum of 2^((a - m) k2). A NaN, or a +inf
   // (through inf - inf), makes s NaN, which the row's total then shows.
@@ -618,11 +617,7 @@ struct RowWork {
     } else {
       writing_sweep(minus_one, minus_one, sums);
     }
-    if (group == 32) {
-      warp_allreduce(sums, AddOp{});
-    } else {
-      cta_allreduce(sums, AddOp{}, slots + 2 * kSlotsPerExchange, cluster);
-    }
+    allreduce(sums, AddOp{}, 2);
     if (third) {
       double unused[3];
       writing_sweep(kDiv == Divergence::kForward ? minus_one : static_cast<acc_t>(sums[1]),
