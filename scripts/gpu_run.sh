@@ -5,6 +5,7 @@
 #   sanitize  compute-sanitizer memcheck + racecheck on `cuda_check.py --small`
 #   test      pytest: the CUDA tests (-m cuda; PYTEST_ARGS overrides), huge tests included
 #   profile   Nsight Compute of kl_with_logits at a few shapes (scripts/profile_logits.py)
+#   tune      kl_with_logits under each launch-shape setting (scripts/tune_logits.py; not by default)
 #   bench     the CUDA benchmark (extra arguments go to `python -m bench`)
 #   bash scripts/gpu_run.sh [bench args...]          # every stage
 #   STAGES="build check test" bash scripts/gpu_run.sh  # some of them
@@ -108,6 +109,12 @@ if want profile; then
       $PY scripts/profile_logits.py $shape >> "$OUT/ncu.txt" 2>&1
     echo "ncu $shape: exit $?" | tee -a "$OUT/checks.log"
   done
+fi
+
+# The launcher's tuning knobs side by side (its table goes to checks.log).
+if want tune; then
+  step tune
+  timeout ${TUNE_TIMEOUT:-150} $PY scripts/tune_logits.py ${TUNE_ARGS:-} 2>&1 | tee -a "$OUT/checks.log"
 fi
 
 if want bench; then

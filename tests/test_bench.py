@@ -5,6 +5,8 @@ they time nothing themselves (speed is the benchmark's business, not a test's).
 """
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -197,3 +199,24 @@ def test_cases_batchkl_cannot_run_are_skipped_with_their_error():
     assert all(kl.unsupported(c, torch.device("cpu")) is None for c in CASES.values())
     # Forward-only runs have no sweeps (the sweeps are forward + backward).
     assert {c.sweep for c in kl.plan(torch.device("cpu"), False, list(CASES), ["fwd"], ["V", "N"])} == {"base"}
+
+
+def test_tune_script_runs_on_the_cpu(tmp_path):
+    """scripts/tune_logits.py (a GPU tuning run) checked where there is no GPU:
+    one worker process per setting, a row per shape and dtype, and losses
+    that agree across settings (on the CPU the knobs change nothing)."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "tune.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "tune_logits.py"), "--device", "cpu", "--shapes",
+                           "8x300", "3x5000", "--dtypes", "float32", "bfloat16", "--settings", "default", "stream",
+                           "--repeats", "2", "--json", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 8×300") or line.startswith("| 3×5000")]
+    assert len(rows) == 4 and all(row.endswith("| 0.0e+00 |") for row in rows), proc.stdout
+    data = json.loads(out.read_text())
+    assert set(data["results"]) == {"default", "stream"} and data["copy_bandwidth"] > 0
+    assert [(r["N"], r["V"], r["dtype"]) for r in data["results"]["stream"]] == [
+        (8, 300, "float32"), (8, 300, "bfloat16"), (3, 5000, "float32"), (3, 5000, "bfloat16")]
+    assert all(r["ms"] > 0 and r["bytes"] == 3 * r["N"] * r["V"] * (4 if r["dtype"] == "float32" else 2)
+               for r in data["results"]["default"])

@@ -11,7 +11,7 @@ import torch
 
 import batchkl_ext
 from conftest import (assert_bitwise_equal, assert_close_scaled, assert_same_under_deterministic_algorithms,
-                      assert_cuda_memory_flat, busy_side_stream, run_in_fresh_process)
+                      assert_cuda_memory_flat, busy_side_stream, run_in_fresh_process, run_python)
 from test_logits import (DT_ID, LOGIT_REDUCTIONS, TOL, _layout, check_batch_invariance, check_logits, make_logits,
                          make_mask, op, ref_logits, run_op)
 
@@ -374,3 +374,36 @@ def test_cuda_compile(dynamic):
         (gc,) = torch.autograd.grad(got, x)
         assert_bitwise_equal(got, eager, "compiled loss")
         assert_bitwise_equal(gc, ge, "compiled grad")
+
+
+@pytest.mark.parametrize("knobs", [{"BATCHKL_LOGITS_STAGE": "0"}, {"BATCHKL_LOGITS_SLICE_KIB": "16"},
+                                   {"BATCHKL_LOGITS_SLICE_KIB": "256"}], ids=str)
+def test_tuning_knobs_change_the_launch_not_the_results(knobs):
+    """The launcher's developer knobs (read once per process, hence a fresh
+    one): streamed rows, and slices that take more or fewer CTAs per row,
+    still give the float64 reference's values and gradients at every launch
+    shape, and each setting is deterministic."""
+    env = "".join(f"os.environ[{k!r}] = {v!r}\n" for k, v in knobs.items())
+    run_python(f"import os\n{env}import test_logits_cuda\ntest_logits_cuda.check_under_knobs()\n", str(knobs))
+
+
+def check_under_knobs():
+    for v in VOCABS:
+        for dtype in (torch.float32, torch.bfloat16):
+            x, t = make_logits((3, v), dtype), make_logits((3, v), dtype)
+            check_cuda(x, t, beta=0.0)
+            check_cuda(x, t, beta=0.5, reduction="none")
+            a = op(x.to(DEV), t.to(DEV), beta=0.5, reduction="none")
+            assert_bitwise_equal(a, op(x.to(DEV), t.to(DEV), beta=0.5, reduction="none"))
+
+
+@pytest.mark.parametrize("knobs,message", [({"BATCHKL_LOGITS_STAGE": "no"}, "BATCHKL_LOGITS_STAGE: expected 0 or 1"),
+                                           ({"BATCHKL_LOGITS_SLICE_KIB": "64k"}, "BATCHKL_LOGITS_SLICE_KIB: expected")],
+                         ids=["stage", "slice"])
+def test_a_bad_tuning_knob_is_an_error_naming_it(knobs, message):
+    env = "".join(f"os.environ[{k!r}] = {v!r}\n" for k, v in knobs.items())
+    code = (f"import os\n{env}import torch, pytest, batchkl_ext\n"
+            "x = torch.randn(2, 5000, device='cuda')\n"
+            f"with pytest.raises(RuntimeError, match={message!r}):\n"
+            "    torch.ops.batchkl.kl_with_logits(x, x, 0.0, 1.0, 'batchmean', None)\n")
+    run_python(code, str(knobs))

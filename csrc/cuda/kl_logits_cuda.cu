@@ -10,6 +10,8 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "../register_backend.h"
 #include "kl_logits_kernel.cuh"
@@ -17,6 +19,36 @@
 namespace batchkl {
 namespace logits_cuda {
 namespace {
+
+// Developer knobs for tuning runs on a GPU (scripts/tune_logits.py), read
+// once per process; a setting changes the launch shape and so the order of
+// the sums, and results are deterministic for each setting:
+//   BATCHKL_LOGITS_SLICE_KIB  the shared memory a CTA's slice aims at (default 64)
+//   BATCHKL_LOGITS_STAGE=0    never stage a slice: every sweep reads global memory
+struct Tuning {
+  int64_t slice_budget = kSliceBudget;
+  bool stage = true;
+};
+
+const Tuning& tuning() {
+  static const Tuning t = [] {
+    Tuning v;
+    if (const char* kib = std::getenv("BATCHKL_LOGITS_SLICE_KIB")) {
+      char* end = nullptr;
+      const long long k = std::strtoll(kib, &end, 10);
+      TORCH_CHECK(end != kib && *end == '\0' && k > 0 && k <= 1024,
+                  "BATCHKL_LOGITS_SLICE_KIB: expected a whole number of KiB from 1 to 1024, got '", kib, "'");
+      v.slice_budget = k * 1024;
+    }
+    if (const char* stage = std::getenv("BATCHKL_LOGITS_STAGE")) {
+      const std::string s(stage);
+      TORCH_CHECK(s == "0" || s == "1", "BATCHKL_LOGITS_STAGE: expected 0 or 1, got '", s, "'");
+      v.stage = s == "1";
+    }
+    return v;
+  }();
+  return t;
+}
 
 // What the current GPU offers `kernel`, which is prepared once per device
 // (`seen[device]`: 0 not yet, 1 done and without clusters, 2 with them):
@@ -47,6 +79,8 @@ DeviceLimits prepare(Kernel kernel, std::array<std::atomic<int>, 64>& seen) {
   dev.sms = prop->multiProcessorCount;
   dev.max_smem = prop->sharedMemPerBlockOptin;
   dev.clusters = state == 2;
+  dev.slice_budget = tuning().slice_budget;
+  dev.stage = tuning().stage;
   return dev;
 }
 

@@ -6,11 +6,11 @@
 // The picture: a row (one distribution pair, `cols` logits each) belongs to a
 // group of threads, a warp for short rows (several rows per CTA), else a CTA,
 // or on Hopper a thread-block cluster of up to 8 CTAs, each CTA owning one
-// slice of the row. Where the slice fits in shared memory, the CTA first
-// copies it there (16-byte loads whatever the row's alignment: the copy
-// keeps the source's offset within 16 bytes) and every sweep reads it from
-// there; otherwise (a warp's short row, a slice too large) from global
-// memory. A group sweeps its row
+// slice of the row. Where the slice fits in shared memory, it is copied
+// there (contiguous aligned rows: asynchronously, each thread copying the
+// packs it reads; other rows through registers, keeping the source's offset
+// within 16 bytes) and every sweep reads it from there; otherwise (a warp's
+// short row, a slice too large) from global memory. A group sweeps its row
 //   1. for both online log-sum-exps (running max and rescaled sum);
 //   2. for the divergence and, when the gradient's row constant is known a
 //      priori (LogitsTerm in kl_math.h), the gradients;
@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -99,6 +100,10 @@ struct DeviceLimits {
   int sms = 1;
   size_t max_smem = 48 * 1024;  // per CTA, opted in
   bool clusters = false;        // sm_90+: thread-block clusters with distributed shared memory
+  // Developer knobs for tuning runs (the launcher's tuning()): the bytes a
+  // slice aims at, and whether slices may be staged at all.
+  int64_t slice_budget = kSliceBudget;
+  bool stage = true;
 };
 
 // Shared memory for one operand's staged slice: the slice, plus up to 16
@@ -119,11 +124,11 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
   }
   const int max_cluster = dev.clusters ? kMaxCluster : 1;
   int c = 1;
-  while (c < max_cluster && 2 * round_up((cols + c - 1) / c) * elem > kSliceBudget) c *= 2;
+  while (c < max_cluster && 2 * round_up((cols + c - 1) / c) * elem > dev.slice_budget) c *= 2;
   g.cluster = c;
   g.slice = round_up((cols + c - 1) / c);
   const size_t staged = kFixedSmem + static_cast<size_t>(2 * stage_bytes(g.slice, elem));
-  g.stage = staged <= dev.max_smem;
+  g.stage = dev.stage && staged <= dev.max_smem;
   g.smem = g.stage ? staged : kFixedSmem;
   g.blocks = rows * c;
   return g;
@@ -137,6 +142,36 @@ struct alignas(16) Pack {
   static constexpr int kSize = 16 / sizeof(scalar_t);
   scalar_t v[kSize];
 };
+
+__device__ __forceinline__ float float_from_bits(uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+#endif
+}
+
+// A pack's values in the accumulation type. bfloat16 is the top half of a
+// float: reading the pack as 32-bit words gives each value in one
+// instruction (a shift or a mask) where the element-wise conversion also
+// extracts the half-word first. The same values either way.
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ void unpack(const Pack<scalar_t> pk, acc_t (&a)[Pack<scalar_t>::kSize]) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    uint32_t w[4];
+    std::memcpy(w, &pk, sizeof w);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      a[2 * k] = float_from_bits(w[k] << 16);
+      a[2 * k + 1] = float_from_bits(w[k] & 0xffff0000u);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < Pack<scalar_t>::kSize; ++e) a[e] = static_cast<acc_t>(pk.v[e]);
+  }
+}
 
 // exp of float: the SFU's (a few ulp; its arguments here are <= 0, and a
 // result below FLT_MIN is a probability of 0 either way). double keeps exp.
@@ -170,6 +205,57 @@ __device__ __forceinline__ float max_skip_nan(float a, float b) { return ::fmaxf
 __device__ __forceinline__ double max_skip_nan(double a, double b) { return ::fmax(a, b); }
 __device__ __forceinline__ float log_(float v) { return ::logf(v); }
 __device__ __forceinline__ double log_(double v) { return ::log(v); }
+
+// Asynchronous 16-byte copies from global to shared memory (sm_80+), so that
+// a CTA has its whole slice in flight at once and sweep 1 works on the packs
+// that have landed while the rest stream in. (Copying through registers
+// first, then sweeping: on the H200, rows staged that way ran slower per
+// element than rows read twice from global memory.) They are grouped per
+// thread: a thread waits for its own groups only, and only the thread that
+// issued a copy reads what it wrote.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src) {
+#if defined(BATCHKL_CUDA_EMULATOR)
+  ::batchkl_emu::cp_async(dst, src, 16);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const auto s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(__cvta_generic_to_global(src))
+               : "memory");
+#else
+  *static_cast<uint4*>(dst) = *static_cast<const uint4*>(src);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(BATCHKL_CUDA_EMULATOR)
+  ::batchkl_emu::cp_async_commit();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most `pending` of this thread's committed groups are still
+// in flight. The instruction takes that count as an immediate, so a count
+// above 7 waits for 7 (more than asked, never less).
+__device__ __forceinline__ void cp_async_wait(int pending) {
+#if defined(BATCHKL_CUDA_EMULATOR)
+  ::batchkl_emu::cp_async_wait(std::min(pending, 7));
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define BATCHKL_CP_ASYNC_WAIT(n) asm volatile("cp.async.wait_group " #n ";\n" ::: "memory")
+  switch (pending) {
+    case 0: BATCHKL_CP_ASYNC_WAIT(0); break;
+    case 1: BATCHKL_CP_ASYNC_WAIT(1); break;
+    case 2: BATCHKL_CP_ASYNC_WAIT(2); break;
+    case 3: BATCHKL_CP_ASYNC_WAIT(3); break;
+    case 4: BATCHKL_CP_ASYNC_WAIT(4); break;
+    case 5: BATCHKL_CP_ASYNC_WAIT(5); break;
+    case 6: BATCHKL_CP_ASYNC_WAIT(6); break;
+    default: BATCHKL_CP_ASYNC_WAIT(7); break;
+  }
+#undef BATCHKL_CP_ASYNC_WAIT
+#else
+  (void)pending;
+#endif
+}
 
 // Symmetric reduction steps: op(a, b) and op(b, a) give the same bits, so
 // every lane of a butterfly ends with the same value.
@@ -368,17 +454,15 @@ struct RowWork {
   // of the raw logits and s = sum of 2^((a - m) k2). A NaN, or a +inf
   // (through inf - inf), makes s NaN, which the row's total then shows.
   __device__ __forceinline__ void observe(const P& pk, acc_t& m, acc_t& s) const {
+    acc_t a[N];
+    unpack(pk, a);
     if constexpr (kProbs) {
 #pragma unroll
-      for (int e = 0; e < N; ++e) s += static_cast<acc_t>(pk.v[e]);
+      for (int e = 0; e < N; ++e) s += a[e];
     } else {
-      acc_t a[N];
       acc_t pm = -std::numeric_limits<acc_t>::infinity();
 #pragma unroll
-      for (int e = 0; e < N; ++e) {
-        a[e] = static_cast<acc_t>(pk.v[e]);
-        pm = max_skip_nan(pm, a[e]);
-      }
+      for (int e = 0; e < N; ++e) pm = max_skip_nan(pm, a[e]);
       if (pm > m) {
         s *= exp2_fast((m - pm) * k2);  // 0 * 0 while m was -inf
         m = pm;
@@ -457,6 +541,38 @@ struct RowWork {
     return dst;
   }
 
+  // Stages a slice whose two rows are contiguous and 16-byte aligned with
+  // asynchronous copies, each thread issuing the packs it reads in sweep 1,
+  // in that order: one commit group per sweep-1 step (kUnroll packs of each
+  // operand). A last, partial pack is copied element by element, at once,
+  // by the thread that owns it. Returns the number of groups, which the
+  // sweep waits for one at a time.
+  __device__ __forceinline__ static int stage_async(const scalar_t* x, const scalar_t* y, scalar_t* to_x,
+                                                    scalar_t* to_y, int64_t len, int tid, int group) {
+    const int64_t whole = len / N, npacks = (len + N - 1) / N;
+    int groups = 0;
+    for (int64_t i0 = tid; i0 < npacks; i0 += int64_t{group} * kUnroll) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = i0 + int64_t{u} * group;
+        if (i < whole) {
+          BATCHKL_CHECK_ALIGNED(x + i * N);
+          BATCHKL_CHECK_ALIGNED(y + i * N);
+          cp_async_16(to_x + i * N, x + i * N);
+          cp_async_16(to_y + i * N, y + i * N);
+        } else if (i < npacks) {
+          for (int64_t j = i * N; j < len; ++j) {
+            to_x[j] = x[j];
+            to_y[j] = y[j];
+          }
+        }
+      }
+      cp_async_commit();
+      ++groups;
+    }
+    return groups;
+  }
+
   // One row, or one CTA's slice of it. `tid` / `group`: this thread's rank
   // in the group and the group's size (32: a warp, reducing with shuffles
   // alone; kThreads: the CTA); `cluster`: CTAs per row. Returns the row's
@@ -492,18 +608,61 @@ struct RowWork {
     const scalar_t* rx = x;
     const scalar_t* ry = y;
     int64_t rsx = sx, rsy = sy;
+    int async_groups = 0;  // stage_async's groups still to wait for, one per sweep-1 step
     if (stage != nullptr) {
-      rx = stage_copy(x, sx, len, stage, tid, group);
-      ry = stage_copy(y, sy, len, stage + stage_bytes(grid.slice, sizeof(scalar_t)), tid, group);
+      unsigned char* const stage_y = stage + stage_bytes(grid.slice, sizeof(scalar_t));
+      if (sx == 1 && sy == 1 && vector_ok(x, 1) && vector_ok(y, 1)) {
+        rx = reinterpret_cast<const scalar_t*>(stage);
+        ry = reinterpret_cast<const scalar_t*>(stage_y);
+        async_groups = stage_async(x, y, reinterpret_cast<scalar_t*>(stage), reinterpret_cast<scalar_t*>(stage_y),
+                                   len, tid, group);
+      } else {
+        // Strided or misaligned rows: another thread may own a pack's
+        // leading elements, hence the barrier. (Staging is for a CTA per
+        // row only.)
+        rx = stage_copy(x, sx, len, stage, tid, group);
+        ry = stage_copy(y, sy, len, stage_y, tid, group);
+        __syncthreads();
+      }
       rsx = rsy = 1;
-      __syncthreads();  // (staging is for a CTA per row only)
     }
     const bool rvx = vector_ok(rx, rsx), rvy = vector_ok(ry, rsy);
+
+    // Each sweep runs in two loops over a thread's packs, in the same
+    // order: while every access is a whole, aligned 16-byte pack, with no
+    // per-pack checks; then the rest (a partial last pack, or a layout that
+    // allows no 16-byte accesses) through load_pack / store_pack.
+    const int64_t whole = len > 0 ? len / N : 0;
 
     // Sweep 1.
     acc_t m[2] = {-std::numeric_limits<acc_t>::infinity(), -std::numeric_limits<acc_t>::infinity()};
     acc_t s[2] = {0, 0};
-    for (int64_t i0 = tid; i0 < npacks; i0 += int64_t{group} * kUnroll) {
+    int64_t i0 = tid;
+    // (Not for a warp's short row: it seldom fills a step, and the loop
+    // would cost the warp path registers.)
+    if (group != 32 && rvx && rvy) {
+      const P* const vx = reinterpret_cast<const P*>(rx);
+      const P* const vy = reinterpret_cast<const P*>(ry);
+      for (; i0 + int64_t{kUnroll - 1} * group < whole; i0 += int64_t{group} * kUnroll) {
+        if (async_groups > 0) cp_async_wait(--async_groups);
+        P xs[kUnroll], ys[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t i = i0 + int64_t{u} * group;
+          BATCHKL_CHECK_ALIGNED(vx + i);
+          BATCHKL_CHECK_ALIGNED(vy + i);
+          xs[u] = vx[i];
+          ys[u] = vy[i];
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          observe(xs[u], m[0], s[0]);
+          observe(ys[u], m[1], s[1]);
+        }
+      }
+    }
+    for (; i0 < npacks; i0 += int64_t{group} * kUnroll) {
+      if (async_groups > 0) cp_async_wait(--async_groups);
       P xs[kUnroll], ys[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
@@ -569,28 +728,76 @@ struct RowWork {
     const bool third = needs_row_totals(kDiv, want_gx, want_gy);
     const acc_t minus_one(-1);
 
-    // One pass over the slice: sums the divergence and the row totals of gq
-    // and gp, and writes the gradients that kGX / kGY select, given their row
-    // constants cq / cp. A compile-time choice, so that a pass computes only
-    // those and keeps its packs in registers (a run-time one spilled them).
-    const auto sweep = [&](auto write_gx, auto write_gy, acc_t cq, acc_t cp, double(&sums)[3]) {
+    // One pass over the slice: sums the divergence (and when kTotals, the
+    // row totals of gq and gp that a third sweep needs), and writes the
+    // gradients that kGX / kGY select, given their row constants cq / cp.
+    // Compile-time choices, so that a pass computes only those and keeps its
+    // packs in registers (a run-time one spilled them).
+    const auto sweep = [&](auto write_gx, auto write_gy, auto totals, acc_t cq, acc_t cp, double(&sums)[3]) {
       constexpr bool kGX = decltype(write_gx)::value, kGY = decltype(write_gy)::value;
+      constexpr bool kTotals = decltype(totals)::value;
       acc_t loss = 0, sum_gq = 0, sum_gp = 0;
-      for (int64_t i = tid; i < npacks; i += group) {
-        const P xp = load_pack(rx, rsx, i, len, rvx, fill());
-        const P yp = load_pack(ry, rsy, i, len, rvy, fill());
-        P ox, oy;
+      const auto step = [&](const P xp, const P yp, P& ox, P& oy) {  // by value: one 16-byte load each
+        acc_t xs[N], ys[N];
+        unpack(xp, xs);
+        unpack(yp, ys);
 #pragma unroll
         for (int e = 0; e < N; ++e) {
-          const acc_t xv = static_cast<acc_t>(xp.v[e]), yv = static_cast<acc_t>(yp.v[e]);
           acc_t q, pr;
-          const Term t = term(xv, yv, k, q, pr);
+          const Term t = term(xs[e], ys[e], k, q, pr);
           loss += t.loss;
-          sum_gq += t.gq;
-          sum_gp += t.gp;
-          if constexpr (kGX) ox.v[e] = static_cast<scalar_t>(raw_grad(t.gq, q, xv, cq, k.inv_sum_q));
-          if constexpr (kGY) oy.v[e] = static_cast<scalar_t>(raw_grad(t.gp, pr, yv, cp, k.inv_sum_p));
+          if constexpr (kTotals) {
+            sum_gq += t.gq;
+            sum_gp += t.gp;
+          }
+          if constexpr (kGX) ox.v[e] = static_cast<scalar_t>(raw_grad(t.gq, q, xs[e], cq, k.inv_sum_q));
+          if constexpr (kGY) oy.v[e] = static_cast<scalar_t>(raw_grad(t.gp, pr, ys[e], cp, k.inv_sum_p));
         }
+      };
+      int64_t i = tid;
+      if (rvx && rvy && (!kGX || vgx) && (!kGY || vgy)) {
+        const P* const vx = reinterpret_cast<const P*>(rx);
+        const P* const vy = reinterpret_cast<const P*>(ry);
+        P* const gx_packs = reinterpret_cast<P*>(gx);
+        P* const gy_packs = reinterpret_cast<P*>(gy);
+        const auto put = [&](int64_t at, const P& ox, const P& oy) {
+          if constexpr (kGX) {
+            BATCHKL_CHECK_ALIGNED(gx_packs + at);
+            gx_packs[at] = ox;
+          }
+          if constexpr (kGY) {
+            BATCHKL_CHECK_ALIGNED(gy_packs + at);
+            gy_packs[at] = oy;
+          }
+        };
+        // Two packs per step for the KLs, both loaded before either gradient
+        // is stored: the compiler may not move a load above a store that
+        // could alias it, and two loads in flight matter when the rows
+        // stream from global memory. (JSD's longer arithmetic would spill.)
+        constexpr bool kPairs = kDiv != Divergence::kJSD;
+        for (; kPairs && i + group < whole; i += 2 * int64_t{group}) {
+          BATCHKL_CHECK_ALIGNED(vx + i);
+          BATCHKL_CHECK_ALIGNED(vy + i);
+          BATCHKL_CHECK_ALIGNED(vx + i + group);
+          BATCHKL_CHECK_ALIGNED(vy + i + group);
+          const P x0 = vx[i], y0 = vy[i], x1 = vx[i + group], y1 = vy[i + group];
+          P ox, oy;
+          step(x0, y0, ox, oy);
+          put(i, ox, oy);
+          step(x1, y1, ox, oy);
+          put(i + group, ox, oy);
+        }
+        for (; i < whole; i += group) {
+          BATCHKL_CHECK_ALIGNED(vx + i);
+          BATCHKL_CHECK_ALIGNED(vy + i);
+          P ox, oy;
+          step(vx[i], vy[i], ox, oy);
+          put(i, ox, oy);
+        }
+      }
+      for (; i < npacks; i += group) {
+        P ox, oy;
+        step(load_pack(rx, rsx, i, len, rvx, fill()), load_pack(ry, rsy, i, len, rvy, fill()), ox, oy);
         if constexpr (kGX) store_pack(gx, i, len, vgx, ox);
         if constexpr (kGY) store_pack(gy, i, len, vgy, oy);
       }
@@ -600,24 +807,28 @@ struct RowWork {
     };
     using On = std::true_type;
     using Off = std::false_type;
+    // The writing sweep needs no totals: with a third sweep, the second has them.
     const auto writing_sweep = [&](acc_t cq, acc_t cp, double(&sums)[3]) {
       if (gx != nullptr && gy != nullptr) {
-        sweep(On{}, On{}, cq, cp, sums);
+        sweep(On{}, On{}, Off{}, cq, cp, sums);
       } else if (gx != nullptr) {
-        sweep(On{}, Off{}, cq, cp, sums);
+        sweep(On{}, Off{}, Off{}, cq, cp, sums);
       } else if (gy != nullptr) {
-        sweep(Off{}, On{}, cq, cp, sums);
+        sweep(Off{}, On{}, Off{}, cq, cp, sums);
       } else {
-        sweep(Off{}, Off{}, cq, cp, sums);
+        sweep(Off{}, Off{}, Off{}, cq, cp, sums);
       }
     };
     double sums[3];
     if (third) {
-      sweep(Off{}, Off{}, minus_one, minus_one, sums);
+      sweep(Off{}, Off{}, On{}, minus_one, minus_one, sums);
+      allreduce(sums, AddOp{}, 2);
     } else {
       writing_sweep(minus_one, minus_one, sums);
+      double loss[1] = {sums[0]};
+      allreduce(loss, AddOp{}, 2);
+      sums[0] = loss[0];
     }
-    allreduce(sums, AddOp{}, 2);
     if (third) {
       double unused[3];
       writing_sweep(kDiv == Divergence::kForward ? minus_one : static_cast<acc_t>(sums[1]),

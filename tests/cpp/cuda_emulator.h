@@ -1,7 +1,8 @@
 // Runs CUDA kernel code on the CPU, for machines without a GPU: every CUDA
 // thread of a cluster (or of a CTA) is a fiber (ucontext) on the calling
 // thread, and __syncthreads, the cluster barrier and the warp shuffles are
-// barriers at which a fiber hands over to the next. Clusters run one after
+// barriers at which a fiber hands over to the next; an asynchronous copy
+// (cp.async) lands only at the wait that covers it. Clusters run one after
 // another. Blind to what only hardware shows (speed, the weaker corners of
 // the memory model, bank conflicts), but it executes the very indexing,
 // reductions, synchronisation and distributed-shared-memory exchanges of a
@@ -22,6 +23,7 @@
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
+#include <deque>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -72,8 +74,17 @@ struct ThreadState {
   unsigned rank = 0;
 };
 
+// An asynchronous copy (cp.async) not yet landed in shared memory.
+struct AsyncCopy {
+  unsigned char* dst;
+  unsigned char bytes[16];
+  size_t n;
+};
+
 struct Fiber {
   ucontext_t ctx{};
+  std::vector<AsyncCopy> open_copies;                 // issued since the last commit
+  std::deque<std::vector<AsyncCopy>> copy_groups;  // committed, oldest first
   std::unique_ptr<char[]> stack;
   std::function<void()> body;
   ThreadState state;
@@ -101,6 +112,11 @@ inline void arrive_and_wait(Barrier& b) {
 inline void fiber_main() {
   try {
     current->body();
+    // The kernel waits for every copy it issues before reading it; one
+    // still pending at exit is a slip in that bookkeeping.
+    if (!current->open_copies.empty() || !current->copy_groups.empty()) {
+      throw std::logic_error("a thread finished with cp.async copies it never waited for");
+    }
   } catch (...) {
     if (!failure) failure = std::current_exception();
   }
@@ -155,6 +171,35 @@ inline unsigned char* dynamic_smem() { return tls.cta->smem.data(); }
 inline void check_aligned(const void* p) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) throw std::logic_error("misaligned 16-byte access");
 }
+// cp.async: the source is read when the copy is issued, and the bytes land
+// in shared memory only when a wait covers the copy's group, the latest a
+// GPU may deliver them. A read before that wait sees the 0xff filling (NaN).
+// (.cg copies move 16 bytes, both addresses aligned to 16.)
+inline void cp_async(void* dst, const void* src, size_t n) {
+  auto* d = static_cast<unsigned char*>(dst);
+  const auto& smem = tls.cta->smem;
+  if (d < smem.data() || d + n > smem.data() + smem.size()) {
+    throw std::logic_error("cp_async: destination outside this CTA's shared memory");
+  }
+  if (n != 16) throw std::logic_error("cp_async: a .cg copy moves 16 bytes");
+  check_aligned(dst);
+  check_aligned(src);
+  AsyncCopy c{d, {}, n};
+  std::memcpy(c.bytes, src, n);
+  current->open_copies.push_back(c);
+}
+inline void cp_async_commit() {
+  current->copy_groups.push_back(std::move(current->open_copies));
+  current->open_copies.clear();
+}
+inline void cp_async_wait(int pending) {
+  auto& groups = current->copy_groups;
+  while (groups.size() > static_cast<size_t>(pending)) {
+    for (const auto& c : groups.front()) std::memcpy(c.dst, c.bytes, c.n);
+    groups.pop_front();
+  }
+}
+
 inline unsigned cluster_rank() { return tls.rank; }
 inline void cluster_sync() { arrive_and_wait(tls.cluster->bar); }
 

@@ -244,6 +244,32 @@ void test_layouts_reductions_masks() {
   }
 }
 
+// A thread sees the same values in the same order whether its packs move as
+// whole 16-byte accesses (the fast loops; asynchronously staged, for
+// contiguous aligned rows) or element by element: bitwise the same results
+// for every layout. V = 40000 runs whole sweep-1 steps of the fast loop;
+// 40003 adds a partial last pack to them, and its odd rows start off a
+// 16-byte boundary. ('sum': 'batchmean' divides by size(0), which "lead"
+// changes.)
+void test_layouts_bitwise() {
+  g_device = kDevices[1].second;
+  for (const int64_t cols : {37, 3001, 40000, 40003}) {
+    for (const auto dt : {at::kFloat, at::kBFloat16}) {
+      const auto x = logits(6, cols, dt), t = logits(6, cols, dt);
+      for (const std::string kind : {"misaligned", "strided", "lead"}) {
+        for (const double beta : {0.0, 0.5}) {  // two sweeps, and three
+          Call c;
+          c.beta = beta;
+          c.reduction = "sum";
+          auto [loss, gx, gt] = emulated(layout(x, kind), layout(t, kind), c);  // "lead": (2, 3, V)
+          check_bitwise({loss, gx.reshape(x.sizes()), gt.reshape(x.sizes())}, emulated(x, t, c),
+                        str("layout ", kind, " vs contiguous V=", cols, " beta=", beta, " ", dt));
+        }
+      }
+    }
+  }
+}
+
 void test_probs_mode() {
   for (const auto& [dev_name, dev] : kDevices) {
     g_device = dev;
@@ -380,6 +406,7 @@ int main() {
   test_plan();
   test_shapes_dtypes_divergences();
   test_layouts_reductions_masks();
+  test_layouts_bitwise();
   test_probs_mode();
   test_special_values();
   test_staged_equals_streamed();

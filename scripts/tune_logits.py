@@ -1,0 +1,158 @@
+"""Times kl_with_logits forward + backward on a GPU under each setting of the
+CUDA launcher's tuning knobs (BATCHKL_LOGITS_SLICE_KIB, BATCHKL_LOGITS_STAGE;
+see csrc/cuda/kl_logits_cuda.cu), one process per setting, against the
+device-to-device copy bandwidth measured in the same run: which launch shape
+should be the default. A lent GPU's short session runs this in about a
+minute; the benchmark (`python -m bench`) is the reference measurement.
+
+  python scripts/tune_logits.py [--shapes 8192x32000 ...] [--dtypes bfloat16 float32]
+                                [--settings default stream slice32 ...] [--beta 0.0] [--json PATH]
+
+Prints one table: milliseconds (median of --repeats) and the bandwidth over
+the minimal bytes (both inputs read once, the gradient written once) as a
+percentage of copy bandwidth, per shape and setting, with each setting's
+loss (they must agree to float rounding: a setting changes the order of the
+sums, not the result).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SETTINGS = {
+    "default": {},
+    "stream": {"BATCHKL_LOGITS_STAGE": "0"},  # every sweep reads global memory
+    "slice32": {"BATCHKL_LOGITS_SLICE_KIB": "32"},  # more, smaller CTAs per row
+    "slice128": {"BATCHKL_LOGITS_SLICE_KIB": "128"},  # fewer, larger ones
+}
+SHAPES = ["8192x32000", "8192x128256", "4096x256000", "65536x512"]
+
+
+def shape(text: str) -> tuple[int, int]:
+    n, _, v = text.partition("x")
+    if not (n.isdigit() and v.isdigit() and int(n) > 0 and int(v) > 0):
+        raise argparse.ArgumentTypeError(f"expected a shape NxV of positive integers, got {text!r}")
+    return int(n), int(v)
+
+
+def seconds(fn, device: str) -> float:
+    """One call of fn, timed by CUDA events on a GPU (by the clock on the CPU, to check the script)."""
+    import torch
+
+    if device == "cpu":
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / 1e3
+
+
+def copy_bandwidth(device: str) -> float:
+    """Copy bandwidth on the device, bytes per second (read + write), median of 20."""
+    import torch
+
+    src = torch.empty(1 << (30 if device == "cuda" else 27), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = [seconds(lambda: dst.copy_(src), device) for _ in range(25)][5:]
+    return 2 * src.numel() / statistics.median(times)
+
+
+def time_shape(n: int, v: int, name: str, args: argparse.Namespace) -> dict:
+    """Forward + backward of one shape and dtype: the median time and the loss."""
+    import torch
+
+    import batchkl_ext  # noqa: F401  (registers torch.ops.batchkl)
+
+    dtype = getattr(torch, name)
+    g = torch.Generator(device=args.device).manual_seed(0)
+    x = (2 * torch.randn(n, v, device=args.device, generator=g)).to(dtype).requires_grad_()
+    t = (2 * torch.randn(n, v, device=args.device, generator=g)).to(dtype)
+    losses = []
+
+    def step():
+        x.grad = None
+        value = torch.ops.batchkl.kl_with_logits(x, t, args.beta, 1.0, "batchmean", None)
+        value.backward()
+        losses.append(value)
+
+    times = [seconds(step, args.device) for _ in range(args.repeats + 3)][3:]
+    return {"N": n, "V": v, "dtype": name, "ms": 1e3 * statistics.median(times), "loss": losses[-1].item(),
+            "bytes": 3 * n * v * x.element_size()}
+
+
+def worker(args: argparse.Namespace) -> int:
+    """One setting (from the environment): every shape and dtype, as JSON on stdout."""
+    import torch
+
+    out = []
+    for n, v in args.shapes:
+        for name in args.dtypes:
+            out.append(time_shape(n, v, name, args))
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    print(json.dumps(out))
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", type=shape, default=[shape(s) for s in SHAPES], metavar="NxV")
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--beta", type=float, default=0.0, help="0: forward KL (the default), else GKD's JSD")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cpu: check the script where there is no GPU (the knobs then change nothing)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("tune_logits.py: needs a CUDA GPU (torch.cuda.is_available() is False); --device cpu checks the script")
+    bandwidth = copy_bandwidth(args.device)
+    argv = [sys.executable, __file__, "--worker", "--device", args.device, "--beta", str(args.beta),
+            "--repeats", str(args.repeats),
+            "--shapes", *[f"{n}x{v}" for n, v in args.shapes], "--dtypes", *args.dtypes]
+    results = {}
+    for name in args.settings:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHKL_LOGITS_")}
+        env.update(SETTINGS[name])
+        run = subprocess.run(argv, env=env, capture_output=True, text=True)
+        if run.returncode != 0:
+            print(f"setting {name}: exit {run.returncode}\n{run.stderr[-2000:]}")
+            continue
+        results[name] = json.loads(run.stdout.strip().splitlines()[-1])
+
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; kl_with_logits beta={args.beta}, forward + backward,"
+          f" median of {args.repeats}; ms (% of copy bandwidth over the minimal bytes)")
+    names = list(results)
+    print("| N×V | dtype | " + " | ".join(names) + " | losses agree |")
+    print("|---|---|" + "---|" * (len(names) + 1))
+    if names:
+        for k, row in enumerate(results[names[0]]):
+            cells, losses = [], []
+            for name in names:
+                r = results[name][k]
+                cells.append(f"{r['ms']:.3g} ({100 * r['bytes'] / (r['ms'] / 1e3) / bandwidth:.0f}%)")
+                losses.append(r["loss"])
+            spread = (max(losses) - min(losses)) / max(abs(losses[0]), 1e-30)
+            print(f"| {row['N']}×{row['V']} | {row['dtype']} | " + " | ".join(cells) + f" | {spread:.1e} |")
+    if args.json:
+        args.json.write_text(json.dumps({"copy_bandwidth": bandwidth, "beta": args.beta, "results": results}, indent=1))
+    return 0 if len(results) == len(args.settings) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
