@@ -545,8 +545,9 @@ struct RowWork {
   // asynchronous copies, each thread issuing the packs it reads in sweep 1,
   // in that order: one commit group per sweep-1 step (kUnroll packs of each
   // operand). A last, partial pack is copied element by element, at once,
-  // by the thread that owns it. Returns the number of groups, which the
-  // sweep waits for one at a time.
+  // by the thread that owns it. Returns the number of groups, which sweep
+  // 1's step loop waits for one at a time (its pack-at-a-time rest, for all
+  // that remain).
   __device__ __forceinline__ static int stage_async(const scalar_t* x, const scalar_t* y, scalar_t* to_x,
                                                     scalar_t* to_y, int64_t len, int tid, int group) {
     const int64_t whole = len / N, npacks = (len + N - 1) / N;
@@ -638,9 +639,7 @@ struct RowWork {
     acc_t m[2] = {-std::numeric_limits<acc_t>::infinity(), -std::numeric_limits<acc_t>::infinity()};
     acc_t s[2] = {0, 0};
     int64_t i0 = tid;
-    // (Not for a warp's short row: it seldom fills a step, and the loop
-    // would cost the warp path registers.)
-    if (group != 32 && rvx && rvy) {
+    if (rvx && rvy) {
       const P* const vx = reinterpret_cast<const P*>(rx);
       const P* const vy = reinterpret_cast<const P*>(ry);
       for (; i0 + int64_t{kUnroll - 1} * group < whole; i0 += int64_t{group} * kUnroll) {
@@ -661,24 +660,16 @@ struct RowWork {
         }
       }
     }
-    for (; i0 < npacks; i0 += int64_t{group} * kUnroll) {
-      if (async_groups > 0) cp_async_wait(--async_groups);
-      P xs[kUnroll], ys[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t i = i0 + int64_t{u} * group;
-        if (i < npacks) {
-          xs[u] = load_pack(rx, rsx, i, len, rvx, fill());
-          ys[u] = load_pack(ry, rsy, i, len, rvy, fill());
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t i = i0 + int64_t{u} * group;
-        if (i >= npacks) continue;
-        observe(xs[u], m[0], s[0]);
-        observe(ys[u], m[1], s[1]);
-      }
+    // The rest, a pack at a time, in the same order (each pair of running
+    // statistics sees its own operand's packs in turn). Unrolled, with its
+    // bounds checks and element-wise loads, this loop cost the whole kernel
+    // registers: 27 of the 48 kernels spilled. What it reads was staged by
+    // the last copies issued.
+    if (async_groups > 0) cp_async_wait(0);
+#pragma unroll 1
+    for (; i0 < npacks; i0 += group) {
+      observe(load_pack(rx, rsx, i0, len, rvx, fill()), m[0], s[0]);
+      observe(load_pack(ry, rsy, i0, len, rvy, fill()), m[1], s[1]);
     }
     // The group's totals, combined in a fixed order: for logits the maxes
     // first, then every thread's sums rescaled to them once (so that no
@@ -774,25 +765,22 @@ struct RowWork {
         // is stored: the compiler may not move a load above a store that
         // could alias it, and two loads in flight matter when the rows
         // stream from global memory. (JSD's longer arithmetic would spill.)
-        constexpr bool kPairs = kDiv != Divergence::kJSD;
-        for (; kPairs && i + group < whole; i += 2 * int64_t{group}) {
-          BATCHKL_CHECK_ALIGNED(vx + i);
-          BATCHKL_CHECK_ALIGNED(vy + i);
-          BATCHKL_CHECK_ALIGNED(vx + i + group);
-          BATCHKL_CHECK_ALIGNED(vy + i + group);
-          const P x0 = vx[i], y0 = vy[i], x1 = vx[i + group], y1 = vy[i + group];
-          P ox, oy;
-          step(x0, y0, ox, oy);
-          put(i, ox, oy);
-          step(x1, y1, ox, oy);
-          put(i + group, ox, oy);
-        }
-        for (; i < whole; i += group) {
-          BATCHKL_CHECK_ALIGNED(vx + i);
-          BATCHKL_CHECK_ALIGNED(vy + i);
-          P ox, oy;
-          step(vx[i], vy[i], ox, oy);
-          put(i, ox, oy);
+        constexpr int kStep = kDiv != Divergence::kJSD ? 2 : 1;
+        for (; i + int64_t{kStep - 1} * group < whole; i += int64_t{kStep} * group) {
+          P xs[kStep], ys[kStep];
+#pragma unroll
+          for (int u = 0; u < kStep; ++u) {
+            BATCHKL_CHECK_ALIGNED(vx + i + u * group);
+            BATCHKL_CHECK_ALIGNED(vy + i + u * group);
+            xs[u] = vx[i + u * group];
+            ys[u] = vy[i + u * group];
+          }
+#pragma unroll
+          for (int u = 0; u < kStep; ++u) {
+            P ox, oy;
+            step(xs[u], ys[u], ox, oy);
+            put(i + u * group, ox, oy);
+          }
         }
       }
       for (; i < npacks; i += group) {

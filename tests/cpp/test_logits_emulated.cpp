@@ -247,13 +247,13 @@ void test_layouts_reductions_masks() {
 // A thread sees the same values in the same order whether its packs move as
 // whole 16-byte accesses (the fast loops; asynchronously staged, for
 // contiguous aligned rows) or element by element: bitwise the same results
-// for every layout. V = 40000 runs whole sweep-1 steps of the fast loop;
-// 40003 adds a partial last pack to them, and its odd rows start off a
-// 16-byte boundary. ('sum': 'batchmean' divides by size(0), which "lead"
-// changes.)
+// for every layout. V = 1500 runs a warp per row, with whole sweep-1 steps
+// of the fast loop and a rest; 40000 whole steps on a CTA; 40003 adds a
+// partial last pack to them, and its odd rows start off a 16-byte boundary.
+// ('sum': 'batchmean' divides by size(0), which "lead" changes.)
 void test_layouts_bitwise() {
   g_device = kDevices[1].second;
-  for (const int64_t cols : {37, 3001, 40000, 40003}) {
+  for (const int64_t cols : {37, 1500, 3001, 40000, 40003}) {
     for (const auto dt : {at::kFloat, at::kBFloat16}) {
       const auto x = logits(6, cols, dt), t = logits(6, cols, dt);
       for (const std::string kind : {"misaligned", "strided", "lead"}) {
