@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import warnings
+from typing import Dict, Optional
 
 import pytest
 import torch
@@ -260,15 +261,15 @@ def assert_close_scaled(actual, expected, mag, dtype=None, tol=None, what=""):
                 f"err={err.flatten()[i].item():.3e} bound={bound.flatten()[i].item():.3e} (dtype {dtype})")
 
 
-def run_python(code: str, what: str, timeout: float = 300, env: dict[str, str] | None = None) -> None:
+def run_python(code: str, what: str, timeout: float = 300, env: Optional[Dict[str, str]] = None) -> None:
     """Runs `code` in a new Python process (the repository and tests/ on its
     path, `env` added to this process's environment); fails with its stderr
     if it exits non-zero or dies."""
     tests = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(tests)
-    env = dict(os.environ, **(env or {}),
-               PYTHONPATH=os.pathsep.join([tests, root, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+    child = {**os.environ, **(env or {})}
+    child["PYTHONPATH"] = os.pathsep.join([tests, root, child.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=child, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, f"{what}: exit code {proc.returncode}: {proc.stderr[-3000:]}"
 

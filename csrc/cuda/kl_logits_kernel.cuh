@@ -630,9 +630,10 @@ struct RowWork {
     const bool rvx = vector_ok(rx, rsx), rvy = vector_ok(ry, rsy);
 
     // Each sweep runs in two loops over a thread's packs, in the same
-    // order: while every access is a whole, aligned 16-byte pack, with no
-    // per-pack checks; then the rest (a partial last pack, or a layout that
-    // allows no 16-byte accesses) through load_pack / store_pack.
+    // order: while every access is a whole, aligned 16-byte pack and a step
+    // is full, with no per-pack checks; then the rest (whole packs too few
+    // for a step, a partial last pack, or every pack of a layout that allows
+    // no 16-byte accesses) through load_pack / store_pack.
     const int64_t whole = len > 0 ? len / N : 0;
 
     // Sweep 1.
