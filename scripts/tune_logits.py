@@ -20,8 +20,10 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+# The benchmark's measuring code (bench/measure.py) lives at the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SETTINGS = {
     "default": {},
@@ -37,32 +39,6 @@ def shape(text: str) -> tuple[int, int]:
     if not (n.isdigit() and v.isdigit() and int(n) > 0 and int(v) > 0):
         raise argparse.ArgumentTypeError(f"expected a shape NxV of positive integers, got {text!r}")
     return int(n), int(v)
-
-
-def seconds(fn, device: str) -> float:
-    """One call of fn, timed by CUDA events on a GPU (by the clock on the CPU, to check the script)."""
-    import torch
-
-    if device == "cpu":
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    fn()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / 1e3
-
-
-def copy_bandwidth(device: str) -> float:
-    """Copy bandwidth on the device, bytes per second (read + write), median of 20."""
-    import torch
-
-    src = torch.empty(1 << (30 if device == "cuda" else 27), dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    times = [seconds(lambda: dst.copy_(src), device) for _ in range(25)][5:]
-    return 2 * src.numel() / statistics.median(times)
 
 
 def time_shape(n: int, v: int, name: str, args: argparse.Namespace) -> dict:
@@ -83,8 +59,12 @@ def time_shape(n: int, v: int, name: str, args: argparse.Namespace) -> dict:
         value.backward()
         losses.append(value)
 
-    times = [seconds(step, args.device) for _ in range(args.repeats + 3)][3:]
-    return {"N": n, "V": v, "dtype": name, "ms": 1e3 * statistics.median(times), "loss": losses[-1].item(),
+    # The benchmark's own timer (bench/measure.py), so that the percentages
+    # below are of the copy bandwidth the benchmark reports.
+    from bench.measure import time_ms
+
+    times = time_ms(step, lambda: None, torch.device(args.device), args.repeats + 3)[3:]
+    return {"N": n, "V": v, "dtype": name, "ms": statistics.median(times), "loss": losses[-1].item(),
             "bytes": 3 * n * v * x.element_size()}
 
 
@@ -121,7 +101,9 @@ def main() -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("tune_logits.py: needs a CUDA GPU (torch.cuda.is_available() is False); --device cpu checks the script")
-    bandwidth = copy_bandwidth(args.device)
+    from bench.measure import copy_bandwidth
+
+    bandwidth = 1e9 * copy_bandwidth(torch.device(args.device), 20)["gbps"]
     argv = [sys.executable, __file__, "--worker", "--device", args.device, "--beta", str(args.beta),
             "--repeats", str(args.repeats),
             "--shapes", *[f"{n}x{v}" for n, v in args.shapes], "--dtypes", *args.dtypes]

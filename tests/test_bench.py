@@ -5,7 +5,6 @@ they time nothing themselves (speed is the benchmark's business, not a test's).
 """
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -207,10 +206,9 @@ def test_tune_script_runs_on_the_cpu(tmp_path):
     that agree across settings (on the CPU the knobs change nothing)."""
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "tune.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, str(root / "scripts" / "tune_logits.py"), "--device", "cpu", "--shapes",
                            "8x300", "3x5000", "--dtypes", "float32", "bfloat16", "--settings", "default", "stream",
-                           "--repeats", "2", "--json", str(out)], env=env, capture_output=True, text=True, timeout=300)
+                           "--repeats", "2", "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| 8×300") or line.startswith("| 3×5000")]
     assert len(rows) == 4 and all(row.endswith("| 0.0e+00 |") for row in rows), proc.stdout
