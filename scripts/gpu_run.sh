@@ -47,13 +47,6 @@ if want build; then
   fi
 fi
 
-if want check; then
-  step self-check
-  $PY scripts/cuda_check.py > "$OUT/cuda_check.log" 2>&1
-  echo "cuda_check exit $? ($(date +%T)): $(tail -1 "$OUT/cuda_check.log")" | tee -a "$OUT/checks.log"
-  grep FAIL "$OUT/cuda_check.log" | head -20
-fi
-
 sanitize() {
   for tool in memcheck racecheck; do
     # racecheck is slow: two dtypes (one 4-byte, one 2-byte: different vector widths) unless SANITIZER_DTYPES says otherwise.
@@ -66,12 +59,19 @@ sanitize() {
   done
 }
 
-# The sanitizer runs beside the tests: both are checks, not timings, and
-# device time is what a lent GPU is short of.
+# The sanitizer runs beside the self-check and the tests: all three are
+# checks, not timings, and device time is what a lent GPU is short of.
 if want sanitize; then
   step compute-sanitizer
   sanitize &
   sanitizer_pid=$!
+fi
+
+if want check; then
+  step self-check
+  $PY scripts/cuda_check.py > "$OUT/cuda_check.log" 2>&1
+  echo "cuda_check exit $? ($(date +%T)): $(tail -1 "$OUT/cuda_check.log")" | tee -a "$OUT/checks.log"
+  grep FAIL "$OUT/cuda_check.log" | head -20
 fi
 
 if want test; then

@@ -1,6 +1,7 @@
 // CUDA backend of `batchkl::kl_with_logits*`: the launcher of the kernel in
 // kl_logits_kernel.cuh (the loss and the gradients in one launch; a second,
 // tiny one counts the rows a mask keeps when the loss is divided by that).
+// The kernels themselves are compiled in kl_logits_kernel_<dtype>.cu.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -88,7 +89,7 @@ template <typename scalar_t, Divergence kDiv, bool kProbs>
 void launch_typed(const LogitsLaunch& p) {
   constexpr int64_t elem = sizeof(scalar_t);
   const RowGeometry& geo = p.geo;
-  auto* const kernel = logits_kernel<scalar_t, kDiv, kProbs>;
+  const LogitsKernel kernel = logits_kernel_for(DtypeTag<scalar_t>{}, kDiv, kProbs);
   static std::array<std::atomic<int>, 64> seen{};  // this kernel, per device (prepare)
   Grid grid = plan_grid(geo.rows, geo.cols, elem, prepare(kernel, seen));
 

@@ -828,11 +828,15 @@ struct RowWork {
 };
 
 // The number of rows the mask keeps (integer atomics: exact in any order).
-__global__ void __launch_bounds__(kThreads) count_kept_kernel(const bool* __restrict__ mask, int64_t rows,
+// A template only because several files include this header (the launcher
+// and each dtype's kernels): a plain __global__ function would be defined in
+// every one of them.
+template <typename Index>
+__global__ void __launch_bounds__(kThreads) count_kept_kernel(const bool* __restrict__ mask, Index rows,
                                                               unsigned long long* __restrict__ kept) {
   unsigned long long c = 0;
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; r < rows;
-       r += static_cast<int64_t>(gridDim.x) * kThreads) {
+  for (Index r = static_cast<Index>(blockIdx.x) * kThreads + threadIdx.x; r < rows;
+       r += static_cast<Index>(gridDim.x) * kThreads) {
     c += mask[r] ? 1 : 0;
   }
 #pragma unroll
@@ -916,6 +920,39 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   if (threadIdx.x == 0) *p.scalar_out = final_sum[0] / divisor;
 }
+
+// The launcher (kl_logits_cuda.cu) gets its kernel through a host pointer
+// from logits_kernel_for, defined for each dtype in a file of its own
+// (kl_logits_kernel_<dtype>.cu): a parallel build then compiles the four
+// dtypes' kernels side by side, where one file took minutes per GPU target.
+using LogitsKernel = void (*)(LogitsLaunch, Grid, double*, unsigned int*, const unsigned long long*);
+
+template <typename scalar_t, Divergence kDiv>
+LogitsKernel logits_kernel_of(bool probs) {
+  return probs ? logits_kernel<scalar_t, kDiv, true> : logits_kernel<scalar_t, kDiv, false>;
+}
+
+template <typename scalar_t>
+LogitsKernel logits_kernel_of(Divergence div, bool probs) {
+  switch (div) {
+    case Divergence::kForward:
+      return logits_kernel_of<scalar_t, Divergence::kForward>(probs);
+    case Divergence::kReverse:
+      return logits_kernel_of<scalar_t, Divergence::kReverse>(probs);
+    case Divergence::kJSD:
+      return logits_kernel_of<scalar_t, Divergence::kJSD>(probs);
+  }
+  return nullptr;
+}
+
+// Selects the overload for a dtype; a tag and not a value of the type, which
+// would convert (an at::Half to float) where an overload were missing.
+template <typename scalar_t>
+struct DtypeTag {};
+LogitsKernel logits_kernel_for(DtypeTag<float>, Divergence div, bool probs);
+LogitsKernel logits_kernel_for(DtypeTag<double>, Divergence div, bool probs);
+LogitsKernel logits_kernel_for(DtypeTag<at::Half>, Divergence div, bool probs);
+LogitsKernel logits_kernel_for(DtypeTag<at::BFloat16>, Divergence div, bool probs);
 
 }  // namespace logits_cuda
 }  // namespace batchkl

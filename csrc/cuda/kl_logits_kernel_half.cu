@@ -1,0 +1,14 @@
+// The kl_with_logits kernels for float16 inputs (kl_logits_kernel.cuh), in a
+// file of their own so that a parallel build compiles each dtype's kernels
+// beside the others'.
+#include "kl_logits_kernel.cuh"
+
+namespace batchkl {
+namespace logits_cuda {
+
+LogitsKernel logits_kernel_for(DtypeTag<at::Half>, Divergence div, bool probs) {
+  return logits_kernel_of<at::Half>(div, probs);
+}
+
+}  // namespace logits_cuda
+}  // namespace batchkl
