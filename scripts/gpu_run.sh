@@ -52,7 +52,7 @@ sanitize() {
     # racecheck is slow: two dtypes (one 4-byte, one 2-byte: different vector widths) unless SANITIZER_DTYPES says otherwise.
     dtypes=""
     [ $tool = racecheck ] && dtypes="--dtypes ${SANITIZER_DTYPES:-float32 bfloat16}"
-    timeout ${SANITIZER_TIMEOUT:-150} compute-sanitizer --tool $tool --error-exitcode 99 $PY scripts/cuda_check.py --small $dtypes > /tmp/sanitizer_$tool.log 2>&1
+    OMP_NUM_THREADS=$CHECK_THREADS timeout ${SANITIZER_TIMEOUT:-150} compute-sanitizer --tool $tool --error-exitcode 99 $PY scripts/cuda_check.py --small $dtypes > /tmp/sanitizer_$tool.log 2>&1
     rc=$?
     { echo "== compute-sanitizer --tool $tool: exit $rc"; tail -25 /tmp/sanitizer_$tool.log; } >> "$OUT/sanitizer.log"
     echo "compute-sanitizer $tool: exit $rc ($(date +%T))" | tee -a "$OUT/checks.log"
@@ -60,7 +60,10 @@ sanitize() {
 }
 
 # The sanitizer runs beside the self-check and the tests: all three are
-# checks, not timings, and device time is what a lent GPU is short of.
+# checks, not timings, and device time is what a lent GPU is short of. The
+# sanitized run and the self-check share the cores for their float64
+# references on the CPU (the tests take 2 threads per worker below).
+CHECK_THREADS=${CHECK_THREADS:-$(( ($(nproc) + 1) / 2 ))}
 if want sanitize; then
   step compute-sanitizer
   sanitize &
@@ -69,7 +72,7 @@ fi
 
 if want check; then
   step self-check
-  $PY scripts/cuda_check.py > "$OUT/cuda_check.log" 2>&1
+  OMP_NUM_THREADS=$CHECK_THREADS $PY scripts/cuda_check.py > "$OUT/cuda_check.log" 2>&1
   echo "cuda_check exit $? ($(date +%T)): $(tail -1 "$OUT/cuda_check.log")" | tee -a "$OUT/checks.log"
   grep FAIL "$OUT/cuda_check.log" | head -20
 fi

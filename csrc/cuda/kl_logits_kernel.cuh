@@ -831,12 +831,12 @@ struct RowWork {
 // A template only because several files include this header (the launcher
 // and each dtype's kernels): a plain __global__ function would be defined in
 // every one of them.
-template <typename Index>
-__global__ void __launch_bounds__(kThreads) count_kept_kernel(const bool* __restrict__ mask, Index rows,
+template <typename = void>
+__global__ void __launch_bounds__(kThreads) count_kept_kernel(const bool* __restrict__ mask, int64_t rows,
                                                               unsigned long long* __restrict__ kept) {
   unsigned long long c = 0;
-  for (Index r = static_cast<Index>(blockIdx.x) * kThreads + threadIdx.x; r < rows;
-       r += static_cast<Index>(gridDim.x) * kThreads) {
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * kThreads) {
     c += mask[r] ? 1 : 0;
   }
 #pragma unroll

@@ -51,11 +51,11 @@ void launch_typed(const LogitsLaunch& p) {
   double* row_loss = p.row_out != nullptr ? p.row_out : workspace.data();
   if (p.divide_by_kept_rows) {
     const auto blocks = static_cast<unsigned>(std::min<int64_t>((p.geo.rows + kThreads - 1) / kThreads, 4));
-    batchkl_emu::launch(blocks, kThreads, 0, 1, count_kept_kernel<int64_t>, p.mask, p.geo.rows, &kept);
+    batchkl_emu::launch(blocks, kThreads, 0, 1, count_kept_kernel<>, p.mask, p.geo.rows, &kept);
   }
   const unsigned long long* kept_ptr = &kept;
   batchkl_emu::launch(static_cast<unsigned>(grid.blocks), kThreads, grid.smem, grid.warp_rows ? 1 : grid.cluster,
-                      logits_kernel<scalar_t, kDiv, kProbs>, p, grid, row_loss, &ticket, kept_ptr);
+                      logits_kernel_of<scalar_t>(kDiv, kProbs), p, grid, row_loss, &ticket, kept_ptr);
 }
 
 void launch_emulated(const LogitsLaunch& p) {
