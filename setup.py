@@ -92,6 +92,17 @@ def _extra_cuda_includes():
     return [p for p in found if os.path.isdir(p)]
 
 
+def _sources_digest():
+    """scripts/sources_digest.py's digest of the sources (None where scripts/ is absent)."""
+    path = os.path.join(ROOT, "scripts", "sources_digest.py")
+    if not os.path.isfile(path):
+        return None
+    spec = importlib.util.spec_from_file_location("batchkl_sources_digest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.digest(ROOT)
+
+
 def _extension():
     use_cuda = _want_cuda()
     simd = os.environ.get("BATCHKL_CPU_SIMD") or _native_simd()
@@ -110,12 +121,15 @@ def _extension():
     elif simd == "avx512":
         cxx += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
                 "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
+    if use_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     with open(os.path.join(ROOT, "batchkl_ext", "_build_config.py"), "w") as f:
         f.write("# Written by setup.py: how the extension in this folder was built.\n")
         f.write(f"CUDA = {use_cuda!r}\nCPU_SIMD = {simd!r}\n")
+        f.write(f"CUDA_ARCHS = {os.environ['TORCH_CUDA_ARCH_LIST'] if use_cuda else None!r}\n")
+        f.write(f"TORCH = {torch.__version__!r}\nSOURCES = {_sources_digest()!r}\n")
     if not use_cuda:
         return CppExtension("batchkl_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     # --threads=0: nvcc compiles the GPU targets side by side, one per core
     # (each kl_logits_kernel_<dtype>.cu takes a minute or more per target).

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA verification for a lent GPU machine (see README), in stages:
-#   build     build for the local GPU (sm of this GPU only: faster)
+#   build     take .prebuilt/ (scripts/prebuild_gpu.sh) where it matches, else
+#             build for the local GPU (sm of this GPU only: faster)
 #   check     scripts/cuda_check.py: both ops, every launch shape, against float64
 #   sanitize  compute-sanitizer memcheck + racecheck on `cuda_check.py --small`
 #   test      pytest: the CUDA tests (-m cuda; PYTEST_ARGS overrides), huge tests included
@@ -38,12 +39,40 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/env.txt"
 $PY -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])" | tee -a "$OUT/env.txt"
 
+# The extension built ahead of time (scripts/prebuild_gpu.sh, carried in
+# .prebuilt/), where it was built from exactly these sources, for this torch
+# and this GPU, and loads with its CUDA kernels; the caller builds otherwise.
+use_prebuilt() {
+  compgen -G ".prebuilt/_C.*.so" > /dev/null && [ -f .prebuilt/_build_config.py ] || return 1
+  $PY scripts/sources_digest.py --matches .prebuilt/_build_config.py || return 1
+  cp .prebuilt/_C.*.so .prebuilt/_build_config.py batchkl_ext/
+  if ! $PY - <<'EOF'
+import runpy, sys, torch
+cfg = runpy.run_path("batchkl_ext/_build_config.py")
+cap = "%d.%d" % torch.cuda.get_device_capability()
+archs = [a.replace("+PTX", "") for a in (cfg["CUDA_ARCHS"] or "").split(";")]
+if cfg["TORCH"] != torch.__version__ or cap not in archs:
+    sys.exit(f".prebuilt: built for torch {cfg['TORCH']}, sm {cfg['CUDA_ARCHS']}; here torch {torch.__version__}, sm {cap}")
+import batchkl_ext  # noqa: F401
+for op in ("kl", "kl_with_logits"):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"batchkl::{op}", "CUDA"), op
+EOF
+  then
+    rm -f batchkl_ext/_C.*.so batchkl_ext/_build_config.py
+    return 1
+  fi
+}
+
 if want build; then
   step build
-  cap=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-  if ! TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cap} BATCHKL_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
-      $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
-    tail -40 "$OUT/build.log"; exit 1
+  if use_prebuilt > "$OUT/build.log" 2>&1; then
+    echo "using the prebuilt extension in .prebuilt/" | tee -a "$OUT/build.log"
+  else
+    cap=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+    if ! TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cap} BATCHKL_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
+        $PY setup.py build_ext --inplace >> "$OUT/build.log" 2>&1; then
+      tail -40 "$OUT/build.log"; exit 1
+    fi
   fi
 fi
 
