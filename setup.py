@@ -123,19 +123,27 @@ def _extension():
                 "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-    with open(os.path.join(ROOT, "batchkl_ext", "_build_config.py"), "w") as f:
+    config = os.path.join(ROOT, "batchkl_ext", "_build_config.py")
+    with open(config, "w") as f:
         f.write("# Written by setup.py: how the extension in this folder was built.\n")
         f.write(f"CUDA = {use_cuda!r}\nCPU_SIMD = {simd!r}\n")
         f.write(f"CUDA_ARCHS = {os.environ['TORCH_CUDA_ARCH_LIST'] if use_cuda else None!r}\n")
         f.write(f"TORCH = {torch.__version__!r}\nSOURCES = {_sources_digest()!r}\n")
+    # The record, written just now, is a dependency, so setuptools never skips
+    # the build as up to date: it compares only the .cpp/.cu files' times with
+    # the library's, missing a header or a setting that changed. ninja then
+    # recompiles what did change (it tracks headers and command lines) and
+    # the library is relinked, so it always matches the record.
+    depends = [config]
     if not use_cuda:
-        return CppExtension("batchkl_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+        return CppExtension("batchkl_ext._C", sources, depends=depends, extra_compile_args={"cxx": cxx},
+                            extra_link_args=link)
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     # --threads=0: nvcc compiles the GPU targets side by side, one per core
     # (each kl_logits_kernel_<dtype>.cu takes a minute or more per target).
     nvcc = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr", "--threads=0", "-DBATCHKL_WITH_CUDA"]
     return CUDAExtension(
-        "batchkl_ext._C", sources,
+        "batchkl_ext._C", sources, depends=depends,
         include_dirs=_extra_cuda_includes(),
         extra_compile_args={"cxx": cxx + ["-DBATCHKL_WITH_CUDA"], "nvcc": nvcc},
         extra_link_args=link)

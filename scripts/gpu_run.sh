@@ -40,27 +40,45 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 $PY -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])" | tee -a "$OUT/env.txt"
 
 # The extension built ahead of time (scripts/prebuild_gpu.sh, carried in
-# .prebuilt/), where it was built from exactly these sources, for this torch
-# and this GPU, and loads with its CUDA kernels; the caller builds otherwise.
+# .prebuilt/), where it was built from exactly these sources, for this
+# Python, torch and GPU, and loads with its CUDA kernels; the caller builds
+# otherwise. PREBUILT=0, TORCH_CUDA_ARCH_LIST or BATCHKL_CPU_SIMD: build.
 use_prebuilt() {
-  compgen -G ".prebuilt/_C.*.so" > /dev/null && [ -f .prebuilt/_build_config.py ] || return 1
+  if [ "${PREBUILT:-1}" = 0 ] || [ -n "${TORCH_CUDA_ARCH_LIST:-}${BATCHKL_CPU_SIMD:-}" ]; then
+    echo "not looking at .prebuilt/: PREBUILT=0 or a build setting given"; return 1
+  fi
+  [ -f .prebuilt/_build_config.py ] || { echo "no .prebuilt/"; return 1; }
   $PY scripts/sources_digest.py --matches .prebuilt/_build_config.py || return 1
-  cp .prebuilt/_C.*.so .prebuilt/_build_config.py batchkl_ext/
-  if ! $PY - <<'EOF'
-import runpy, sys, torch
-cfg = runpy.run_path("batchkl_ext/_build_config.py")
+  # Checked before anything is copied: the library's name (Python's ABI
+  # tag), the torch it was built against, the GPU targets.
+  so=$($PY - <<'EOF'
+import os, runpy, sys, sysconfig, torch
+cfg = runpy.run_path(".prebuilt/_build_config.py")
+so = ".prebuilt/_C" + sysconfig.get_config_var("EXT_SUFFIX")
 cap = "%d.%d" % torch.cuda.get_device_capability()
 archs = [a.replace("+PTX", "") for a in (cfg["CUDA_ARCHS"] or "").split(";")]
-if cfg["TORCH"] != torch.__version__ or cap not in archs:
-    sys.exit(f".prebuilt: built for torch {cfg['TORCH']}, sm {cfg['CUDA_ARCHS']}; here torch {torch.__version__}, sm {cap}")
-import batchkl_ext  # noqa: F401
+if not os.path.isfile(so) or cfg["TORCH"] != torch.__version__ or cap not in archs:
+    sys.exit(f".prebuilt/ holds {sorted(os.listdir('.prebuilt'))} for torch {cfg['TORCH']}, sm {cfg['CUDA_ARCHS']}; "
+             f"here {so}, torch {torch.__version__}, sm {cap}")
+print(so)
+EOF
+  ) || return 1
+  # Whatever an earlier call on this machine left goes first, so that the
+  # library imported below can only be the one copied.
+  rm -f batchkl_ext/_C.*.so batchkl_ext/_build_config.py
+  if cp "$so" .prebuilt/_build_config.py batchkl_ext/ && $PY - "$so" <<'EOF'
+import os, sys, torch
+import batchkl_ext
+loaded = batchkl_ext._C.__file__
+assert os.path.basename(loaded) == os.path.basename(sys.argv[1]), loaded
 for op in ("kl", "kl_with_logits"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"batchkl::{op}", "CUDA"), op
 EOF
   then
-    rm -f batchkl_ext/_C.*.so batchkl_ext/_build_config.py
-    return 1
+    return 0
   fi
+  rm -f batchkl_ext/_C.*.so batchkl_ext/_build_config.py
+  return 1
 }
 
 if want build; then
@@ -68,6 +86,7 @@ if want build; then
   if use_prebuilt > "$OUT/build.log" 2>&1; then
     echo "using the prebuilt extension in .prebuilt/" | tee -a "$OUT/build.log"
   else
+    echo "building: $(tail -1 "$OUT/build.log")"
     cap=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
     if ! TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cap} BATCHKL_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
         $PY setup.py build_ext --inplace >> "$OUT/build.log" 2>&1; then

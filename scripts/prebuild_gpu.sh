@@ -21,10 +21,12 @@ ARCHS=${ARCHS:-9.0}
 VENV=${VENV:-/tmp/batchkl-prebuild-venv}
 
 if [[ -z "${PYTHON312:-}" ]]; then
-  PYTHON312=$(command -v python3.12 || ls -d "$HOME"/.pyenv/versions/3.12*/bin/python 2>/dev/null | tail -1 || true)
+  PYTHON312=$(command -v python3.12 || ls -d "${HOME:-/root}"/.pyenv/versions/3.12*/bin/python 2>/dev/null | sort -V | tail -1 || true)
 fi
 [[ -n "$PYTHON312" && -x "$PYTHON312" ]] || { echo "prebuild_gpu: no Python 3.12 found (set PYTHON312)" >&2; exit 1; }
 [[ -x "$VENV/bin/python" ]] || "$PYTHON312" -m venv "$VENV"
+"$VENV/bin/python" -c "import sys; assert sys.version_info[:2] == (3, 12), sys.version" \
+  || { echo "prebuild_gpu: $VENV is not a Python 3.12 environment" >&2; exit 1; }
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" ninja setuptools wheel numpy
 
 # A copy of the tree (tracked and untracked, not ignored), so that this
@@ -41,10 +43,11 @@ import torch, batchkl_ext
 assert torch._C._dispatch_has_kernel_for_dispatch_key('batchkl::kl_with_logits', 'CUDA')
 assert torch._C._dispatch_has_kernel_for_dispatch_key('batchkl::kl', 'CUDA')
 ")
-rm -rf "$ROOT/.prebuilt"
-mkdir -p "$ROOT/.prebuilt"
-cp "$work"/batchkl_ext/_C.*.so "$work/batchkl_ext/_build_config.py" "$ROOT/.prebuilt/"
+mkdir "$work/out"
+cp "$work"/batchkl_ext/_C.*.so "$work/batchkl_ext/_build_config.py" "$work/out/"
 # The host code's debug information is half the file, and a device call
 # carries 64 MiB at most.
-strip --strip-debug "$ROOT"/.prebuilt/_C.*.so
-echo "prebuild_gpu: $(ls "$ROOT"/.prebuilt/*.so) ($(du -sh "$ROOT/.prebuilt" | cut -f1)), for $TORCH_SPEC, sm $ARCHS; sources $("$VENV/bin/python" "$ROOT/scripts/sources_digest.py")"
+strip --strip-debug "$work"/out/_C.*.so
+rm -rf "$ROOT/.prebuilt"
+mv "$work/out" "$ROOT/.prebuilt"
+echo "prebuild_gpu: $(ls "$ROOT"/.prebuilt/*.so) ($(du -sh "$ROOT/.prebuilt" | cut -f1)); $(grep -E '^(TORCH|CUDA_ARCHS|SOURCES)' "$ROOT/.prebuilt/_build_config.py" | tr '\n' ' ')"

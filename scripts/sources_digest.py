@@ -16,15 +16,20 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _scratch(name):
+    """Editor and tool leftovers (.swp, backups, caches) that no build reads."""
+    return name.startswith(".") or name.endswith(("~", ".orig", ".rej")) or name == "__pycache__"
+
+
 def digest(root=ROOT):
     h = hashlib.sha256()
     paths = [os.path.join(root, "setup.py")]
     for base, dirs, files in os.walk(os.path.join(root, "csrc")):
-        dirs.sort()
-        paths += [os.path.join(base, f) for f in sorted(files)]
+        dirs[:] = sorted(d for d in dirs if not _scratch(d))
+        paths += [os.path.join(base, f) for f in sorted(files) if not _scratch(f)]
     for path in paths:
         # The path is hashed too: a renamed file changes what is built.
-        h.update(os.path.relpath(path, root).encode() + b"\0")
+        h.update(os.path.relpath(path, root).replace(os.sep, "/").encode() + b"\0")
         with open(path, "rb") as f:
             h.update(f.read())
         h.update(b"\0")

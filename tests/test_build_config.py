@@ -1,6 +1,7 @@
 """The build's record of itself (batchkl_ext/_build_config.py, written by
 setup.py) and scripts/sources_digest.py, which decides whether an extension
 built elsewhere (scripts/prebuild_gpu.sh) may stand in for a build of this tree."""
+import importlib.util
 import os
 import re
 import subprocess
@@ -13,19 +14,23 @@ from batchkl_ext import _build_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "sources_digest.py")
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import sources_digest  # noqa: E402
+_spec = importlib.util.spec_from_file_location("sources_digest", SCRIPT)
+sources_digest = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sources_digest)
 
 
 def test_build_config_records_the_build():
-    assert isinstance(_build_config.CUDA, bool)
-    assert _build_config.CPU_SIMD in ("avx512", "avx2", "default")
-    assert _build_config.TORCH == torch.__version__
-    assert re.fullmatch(r"[0-9a-f]{64}", _build_config.SOURCES), _build_config.SOURCES
-    if _build_config.CUDA:
-        assert re.fullmatch(r"[0-9.;+PTX ]+", _build_config.CUDA_ARCHS), _build_config.CUDA_ARCHS
+    record = {k: v for k, v in vars(_build_config).items() if k.isupper()}
+    assert set(record) == {"CUDA", "CPU_SIMD", "CUDA_ARCHS", "TORCH", "SOURCES"}, (
+        f"{record}: a build from before setup.py recorded all of these; rebuild the extension")
+    assert isinstance(record["CUDA"], bool)
+    assert record["CPU_SIMD"] in ("avx512", "avx2", "default")
+    assert record["TORCH"] == torch.__version__
+    assert re.fullmatch(r"[0-9a-f]{64}", record["SOURCES"] or ""), record["SOURCES"]
+    if record["CUDA"]:
+        assert isinstance(record["CUDA_ARCHS"], str) and record["CUDA_ARCHS"], record["CUDA_ARCHS"]
     else:
-        assert _build_config.CUDA_ARCHS is None
+        assert record["CUDA_ARCHS"] is None
 
 
 @pytest.fixture
@@ -36,14 +41,17 @@ def tree(tmp_path):
     (tmp_path / "csrc" / "kl.h").write_text("int a;\n")
     (tmp_path / "csrc" / "cuda" / "k.cu").write_text("int b;\n")
     (tmp_path / "README.md").write_text("not a source\n")
+    (tmp_path / "csrc" / ".kl.h.swp").write_text("editor state\n")
+    (tmp_path / "csrc" / "kl.h~").write_text("a backup\n")
     return tmp_path
 
 
 def test_digest_follows_every_source_and_nothing_else(tree):
     base = sources_digest.digest(str(tree))
     assert sources_digest.digest(str(tree)) == base
-    (tree / "README.md").write_text("changed\n")
-    assert sources_digest.digest(str(tree)) == base
+    for scratch in ("README.md", "csrc/.kl.h.swp", "csrc/kl.h~"):
+        (tree / scratch).write_text("changed\n")
+        assert sources_digest.digest(str(tree)) == base, scratch
     changes = [
         lambda: (tree / "csrc" / "cuda" / "k.cu").write_text("int c;\n"),
         lambda: (tree / "setup.py").write_text("setup(x=1)\n"),
