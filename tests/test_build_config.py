@@ -79,4 +79,3 @@ def test_matches_accepts_only_this_trees_digest(tmp_path):
     assert run().returncode == 1
     printed = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, timeout=60)
     assert printed.stdout.strip() == sources_digest.digest()
-

@@ -89,7 +89,7 @@ template <typename scalar_t, Divergence kDiv, bool kProbs>
 void launch_typed(const LogitsLaunch& p) {
   constexpr int64_t elem = sizeof(scalar_t);
   const RowGeometry& geo = p.geo;
-  const LogitsKernel kernel = logits_kernel_for(DtypeTag<scalar_t>{}, kDiv, kProbs);
+  const LogitsKernel kernel = logits_kernel_for(DtypeTag<scalar_t>{}, p);
   TORCH_INTERNAL_ASSERT(kernel != nullptr, "batchkl.kl_with_logits: no CUDA kernel for this divergence");
   static std::array<std::atomic<int>, 64> seen{};  // this kernel, per device (prepare)
   Grid grid = plan_grid(geo.rows, geo.cols, elem, prepare(kernel, seen));

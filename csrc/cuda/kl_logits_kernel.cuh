@@ -927,32 +927,24 @@ __global__ void __launch_bounds__(kThreads, 2)
 // dtypes' kernels side by side, where one file took minutes per GPU target.
 using LogitsKernel = void (*)(LogitsLaunch, Grid, double*, unsigned int*, const unsigned long long*);
 
-template <typename scalar_t, Divergence kDiv>
-LogitsKernel logits_kernel_of(bool probs) {
-  return probs ? logits_kernel<scalar_t, kDiv, true> : logits_kernel<scalar_t, kDiv, false>;
-}
-
+// The kernel for p's divergence and inputs (dispatch_logits, as every backend).
 template <typename scalar_t>
-LogitsKernel logits_kernel_of(Divergence div, bool probs) {
-  switch (div) {
-    case Divergence::kForward:
-      return logits_kernel_of<scalar_t, Divergence::kForward>(probs);
-    case Divergence::kReverse:
-      return logits_kernel_of<scalar_t, Divergence::kReverse>(probs);
-    case Divergence::kJSD:
-      return logits_kernel_of<scalar_t, Divergence::kJSD>(probs);
-  }
-  return nullptr;
+LogitsKernel logits_kernel_of(const LogitsLaunch& p) {
+  LogitsKernel kernel = nullptr;
+  dispatch_logits(p, [&](auto div, auto probs) {
+    kernel = logits_kernel<scalar_t, decltype(div)::value, decltype(probs)::value>;
+  });
+  return kernel;
 }
 
 // Selects the overload for a dtype; a tag and not a value of the type, which
 // would convert (an at::Half to float) where an overload were missing.
 template <typename scalar_t>
 struct DtypeTag {};
-LogitsKernel logits_kernel_for(DtypeTag<float>, Divergence div, bool probs);
-LogitsKernel logits_kernel_for(DtypeTag<double>, Divergence div, bool probs);
-LogitsKernel logits_kernel_for(DtypeTag<at::Half>, Divergence div, bool probs);
-LogitsKernel logits_kernel_for(DtypeTag<at::BFloat16>, Divergence div, bool probs);
+LogitsKernel logits_kernel_for(DtypeTag<float>, const LogitsLaunch& p);
+LogitsKernel logits_kernel_for(DtypeTag<double>, const LogitsLaunch& p);
+LogitsKernel logits_kernel_for(DtypeTag<at::Half>, const LogitsLaunch& p);
+LogitsKernel logits_kernel_for(DtypeTag<at::BFloat16>, const LogitsLaunch& p);
 
 }  // namespace logits_cuda
 }  // namespace batchkl

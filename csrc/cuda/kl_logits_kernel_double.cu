@@ -6,8 +6,8 @@
 namespace batchkl {
 namespace logits_cuda {
 
-LogitsKernel logits_kernel_for(DtypeTag<double>, Divergence div, bool probs) {
-  return logits_kernel_of<double>(div, probs);
+LogitsKernel logits_kernel_for(DtypeTag<double>, const LogitsLaunch& p) {
+  return logits_kernel_of<double>(p);
 }
 
 }  // namespace logits_cuda

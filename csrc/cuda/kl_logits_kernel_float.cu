@@ -6,8 +6,8 @@
 namespace batchkl {
 namespace logits_cuda {
 
-LogitsKernel logits_kernel_for(DtypeTag<float>, Divergence div, bool probs) {
-  return logits_kernel_of<float>(div, probs);
+LogitsKernel logits_kernel_for(DtypeTag<float>, const LogitsLaunch& p) {
+  return logits_kernel_of<float>(p);
 }
 
 }  // namespace logits_cuda

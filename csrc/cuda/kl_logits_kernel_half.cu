@@ -6,8 +6,8 @@
 namespace batchkl {
 namespace logits_cuda {
 
-LogitsKernel logits_kernel_for(DtypeTag<at::Half>, Divergence div, bool probs) {
-  return logits_kernel_of<at::Half>(div, probs);
+LogitsKernel logits_kernel_for(DtypeTag<at::Half>, const LogitsLaunch& p) {
+  return logits_kernel_of<at::Half>(p);
 }
 
 }  // namespace logits_cuda

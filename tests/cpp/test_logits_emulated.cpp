@@ -55,7 +55,7 @@ void launch_typed(const LogitsLaunch& p) {
   }
   const unsigned long long* kept_ptr = &kept;
   batchkl_emu::launch(static_cast<unsigned>(grid.blocks), kThreads, grid.smem, grid.warp_rows ? 1 : grid.cluster,
-                      logits_kernel_of<scalar_t>(kDiv, kProbs), p, grid, row_loss, &ticket, kept_ptr);
+                      logits_kernel_of<scalar_t>(p), p, grid, row_loss, &ticket, kept_ptr);
 }
 
 void launch_emulated(const LogitsLaunch& p) {
