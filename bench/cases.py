@@ -26,6 +26,10 @@ LOG_PROBS, PROBS_TARGET, LOGITS = "log_probs", "probs_target", "logits"
 # value per row, or one per element (backward then gets a fixed upstream
 # gradient of that shape, as a weighted loss would).
 SCALAR, PER_ROW, ELEMENTWISE = "scalar", "per_row", "elementwise"
+# How a scalar loss combines its rows: their sum, or their sum divided by the
+# number of rows ('batchmean'). The reference runs in row chunks and needs it
+# to weight each chunk's loss and gradient.
+SUM_ROWS, MEAN_ROWS = "sum", "mean"
 
 
 @dataclass(frozen=True)
@@ -39,9 +43,16 @@ class Case:
     # Builds Liger's loss; None where Liger has no equivalent. A factory so
     # that Liger is imported only when it is benchmarked.
     liger: Optional[Callable[[], LossFn]] = None
-    # N x V temporaries eager PyTorch holds at its peak (measured on the CPU),
-    # to skip configurations that would not fit on a GPU.
+    # SUM_ROWS or MEAN_ROWS for a scalar loss; None for a per-row or elementwise one.
+    over_rows: Optional[str] = None
+    # N x V tensors of the input's dtype each baseline holds at its peak in
+    # forward + backward, gradient and elementwise loss included (eager and
+    # compile measured on the CPU, Liger counted from its source and the H100
+    # runs), so that on a GPU only the implementations that fit are run. The
+    # eager count also sizes the reference's row chunks.
     eager_temporaries: int = 3
+    compile_temporaries: int = 1
+    liger_temporaries: int = 2
 
 
 JSD_BETA = 0.5
@@ -88,15 +99,18 @@ CASES: dict[str, Case] = {
         Case("batchmean", "drop-in: reduction='batchmean', log_target=True",
              lambda x, t: batchkl_ext.kl_div(x, t, reduction="batchmean", log_target=True),
              lambda x, t: F.kl_div(x, t, reduction="batchmean", log_target=True),
-             LOG_PROBS, SCALAR, _liger_kl("batchmean", True)),
+             LOG_PROBS, SCALAR, _liger_kl("batchmean", True), over_rows=MEAN_ROWS),
         Case("sum", "drop-in: reduction='sum', probability targets",
              lambda x, t: batchkl_ext.kl_div(x, t, reduction="sum"),
              lambda x, t: F.kl_div(x, t, reduction="sum"),
-             PROBS_TARGET, SCALAR, _liger_kl("sum", False)),
+             PROBS_TARGET, SCALAR, _liger_kl("sum", False), over_rows=SUM_ROWS),
         Case("none", "drop-in: reduction='none' (elementwise), probability targets",
              lambda x, t: batchkl_ext.kl_div(x, t, reduction="none"),
              lambda x, t: F.kl_div(x, t, reduction="none"),
-             PROBS_TARGET, ELEMENTWISE, _liger_kl("none", False), eager_temporaries=4),
+             # Liger: its elementwise loss in float32 (2 units in bf16), the
+             # gradient, and the gradient times the upstream one.
+             PROBS_TARGET, ELEMENTWISE, _liger_kl("none", False), eager_temporaries=4, compile_temporaries=2,
+             liger_temporaries=4),
         Case("row", "per-row KL: reduction='row' vs F.kl_div(reduction='none').sum(-1)",
              lambda x, t: batchkl_ext.kl_div(x, t, reduction="row"),
              lambda x, t: F.kl_div(x, t, reduction="none").sum(-1),
@@ -104,13 +118,17 @@ CASES: dict[str, Case] = {
         Case("logits_kl", "kl_div_with_logits (batchmean) vs F.kl_div(log_softmax(x), log_softmax(t), log_target=True)",
              lambda x, t: batchkl_ext.kl_div_with_logits(x, t, reduction="batchmean"),
              lambda x, t: _composite_logits_kl(x, t, "batchmean"),
-             LOGITS, SCALAR, _liger_kl("batchmean", True, logits=True), eager_temporaries=5),
+             LOGITS, SCALAR, _liger_kl("batchmean", True, logits=True), over_rows=MEAN_ROWS,
+             eager_temporaries=5, compile_temporaries=3, liger_temporaries=4),
         Case("logits_kl_row", "kl_div_with_logits (reduction='none': per row) vs the composite formula summed per row",
              lambda x, t: batchkl_ext.kl_div_with_logits(x, t, reduction="none"),
              lambda x, t: _composite_logits_kl(x, t, "none").sum(-1),
-             LOGITS, PER_ROW, eager_temporaries=5),
+             LOGITS, PER_ROW, eager_temporaries=5, compile_temporaries=3),
         Case("logits_jsd", f"jsd_with_logits (beta={JSD_BETA}, batchmean) vs TRL's generalized_jsd_loss formula",
              lambda x, t: batchkl_ext.jsd_with_logits(x, t, beta=JSD_BETA, reduction="batchmean"),
-             _trl_jsd, LOGITS, SCALAR, _liger_jsd, eager_temporaries=12),
+             # Eager measured 12.25 (float32) and 12.5 (bf16); Liger 4, plus the
+             # float32 per-element loss some of its versions allocate.
+             _trl_jsd, LOGITS, SCALAR, _liger_jsd, over_rows=MEAN_ROWS,
+             eager_temporaries=13, compile_temporaries=8, liger_temporaries=6),
     )
 }

@@ -15,11 +15,14 @@ scaling: over V at a fixed number of elements N·V, and over N at a fixed V.
 All implementations of a configuration run in the same process on the same
 tensors, timed round by round (each round times each once, in a rotating
 order), so a slow phase of a shared machine hits them all alike. The
-machine's copy bandwidth is measured first in the same run. A Markdown table
-goes to stdout; every figure, with a description of the machine, goes to a
-JSON file (default ``bench/results/<device-name-slug>-<date>[-quick].json``),
-from which ``python -m bench.report`` and ``python -m bench.plot`` make the
-README's tables and plots.
+machine's copy bandwidth is measured first in the same run. On a GPU an
+implementation runs only where its estimated peak memory (need_bytes) fits in
+80 % of the free memory; one that does not gets a row saying so, and the
+others are still measured. A Markdown table goes to stdout; every figure,
+with a description of the machine, goes to a JSON file (default
+``bench/results/<device-name-slug>-<date>[-quick].json``), from which
+``python -m bench.report`` and ``python -m bench.plot`` make the README's
+tables and plots.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .cases import CASES, ELEMENTWISE, LOGITS, LOG_PROBS, PER_ROW, Case, LossFn
+from .cases import CASES, ELEMENTWISE, LOGITS, LOG_PROBS, MEAN_ROWS, PER_ROW, SCALAR, SUM_ROWS, Case, LossFn
 from .measure import GIB, REPO, Step, copy_bandwidth, machine_info, peak_extra_mib, time_ms
 from .report import dtype_name, markdown_table, summary_lines
 
@@ -46,6 +49,7 @@ SEED = 0
 FWD, FWD_BWD = "fwd", "fwd+bwd"
 MODES = (FWD, FWD_BWD)
 BASE_SWEEP, V_SWEEP, N_SWEEP = "base", "V", "N"
+IMPLS = ("batchkl", "eager", "compile", "liger")
 Shape = tuple[int, int]
 
 # Base (shape, dtype) configurations, run for every case and mode. The last
@@ -85,6 +89,12 @@ SWEEPS = {
 # which a result is flagged: the benchmark is meaningless if the
 # implementations disagree.
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+# Device memory: the reference runs in row chunks of at most this much
+# temporaries; each implementation may hold this much per row besides its N x V
+# tensors (row statistics, a per-row loss, its upstream gradient), generously.
+REF_CHUNK_BYTES = GIB
+ROW_BYTES = 64
 
 
 @dataclass(frozen=True)
@@ -163,19 +173,6 @@ def make_inputs(cfg: Config, device: torch.device) -> Inputs:
     return Inputs(x.requires_grad_(grad), t, upstream, grad)
 
 
-def estimate_bytes(cfg: Config) -> int:
-    """Rough peak device memory of one configuration, to skip what does not fit.
-
-    x, t, x.grad and the upstream gradient; the reference (eager, in float32
-    for 16-bit inputs) with its temporaries and the gradient kept; the
-    float32 tensors input generation goes through.
-    """
-    elsize = cfg.dtype.itemsize
-    ref_elsize = max(elsize, 4)
-    per_element = 4 * elsize + ref_elsize * (cfg.case.eager_temporaries + 2) + 8
-    return cfg.shape[0] * cfg.shape[1] * per_element
-
-
 def minimal_bytes(cfg: Config) -> int:
     """Bytes any implementation must move.
 
@@ -226,20 +223,69 @@ def _max_rel_err(out: Tensor, ref: Tensor, chunk_rows: int = 1024) -> float:
     return err / scale if scale else err
 
 
-def reference(case: Case, inp: Inputs) -> tuple[Tensor, Optional[Tensor]]:
+def _reference_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _reference_row_bytes(case: Case, v: int, dtype: torch.dtype) -> int:
+    """Memory one row of a reference chunk takes: its eager temporaries and its copies of x,
+    t and the upstream gradient, in the reference dtype."""
+    return v * _reference_dtype(dtype).itemsize * (case.eager_temporaries + 3)
+
+
+def reference_chunk_rows(case: Case, shape: Shape, dtype: torch.dtype) -> int:
+    """Rows per chunk of the reference, so that a chunk stays under REF_CHUNK_BYTES."""
+    return max(1, REF_CHUNK_BYTES // _reference_row_bytes(case, shape[-1], dtype))
+
+
+def _chunk_weight(case: Case, rows: int, total: int) -> float:
+    """What a chunk's loss counts for in the whole loss: a row-mean chunk is a mean over its own rows."""
+    if case.output != SCALAR or case.over_rows == SUM_ROWS:
+        return 1.0
+    if case.over_rows == MEAN_ROWS:
+        return rows / total
+    raise ValueError(f"case {case.name}: a scalar loss needs over_rows (SUM_ROWS or MEAN_ROWS) to be chunked")
+
+
+def _reference_rows(case: Case, inp: Inputs, rows: slice, weight: float) -> tuple[Tensor, Optional[Tensor]]:
+    dtype = _reference_dtype(inp.x.dtype)
+    x = inp.x.detach()[rows].to(dtype).requires_grad_(inp.grad)
+    up = inp.upstream[rows].to(dtype) if inp.upstream is not None else None
+    loss = case.torch_fn(x, inp.t[rows].to(dtype))
+    if weight != 1.0:
+        loss = loss * weight
+    if inp.grad:
+        loss.backward(up)
+    return loss.detach(), x.grad
+
+
+def reference(case: Case, inp: Inputs, chunk_rows: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
     """Loss and input gradient to check every implementation against.
 
     Eager PyTorch on the same inputs, in float32 for 16-bit inputs: a
     16-bit composite formula rounds every intermediate, so it is not the
     yardstick for a kernel that accumulates in float32 (all implementations
-    are flagged against the same reference).
+    are flagged against the same reference). Computed ``chunk_rows`` rows at
+    a time (default: reference_chunk_rows) so that its memory stays bounded
+    whatever the shape: a shape batchkl handles must not be skipped for want
+    of room for the eager temporaries of its yardstick.
     """
-    low = inp.x.dtype in (torch.float16, torch.bfloat16)
-    x = inp.x.detach().float() if low else inp.x.detach()
-    up = inp.upstream.float() if low and inp.upstream is not None else inp.upstream
-    ref_inp = Inputs(x.requires_grad_(inp.grad), inp.t.float() if low else inp.t, up, inp.grad)
-    loss = make_step(case.torch_fn, ref_inp)()
-    return loss, x.grad
+    n, dtype, device = inp.x.shape[0], _reference_dtype(inp.x.dtype), inp.x.device
+    chunk_rows = chunk_rows or reference_chunk_rows(case, tuple(inp.x.shape), inp.x.dtype)
+    # Filled chunk by chunk: no list of chunks to concatenate into a second copy.
+    shape = {SCALAR: (), PER_ROW: inp.x.shape[:-1], ELEMENTWISE: inp.x.shape}[case.output]
+    loss = torch.zeros(shape, dtype=dtype, device=device)
+    grad = torch.empty(inp.x.shape, dtype=dtype, device=device) if inp.grad else None
+    for start in range(0, n, chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        chunk_loss, chunk_grad = _reference_rows(case, inp, rows, _chunk_weight(case, min(chunk_rows, n - start), n))
+        if case.output == SCALAR:
+            loss += chunk_loss
+        else:
+            loss[rows] = chunk_loss
+        if grad is not None:
+            grad[rows] = chunk_grad
+    return loss, grad
 
 
 def loss_fns(case: Case, liger: bool) -> dict[str, LossFn]:
@@ -309,25 +355,36 @@ def measure(steps: dict[str, Step], inp: Inputs, ref: tuple[Tensor, Optional[Ten
     return out
 
 
-def run_config(cfg: Config, device: torch.device, warmup: int, repeats: int, liger: bool) -> list[dict]:
-    """All implementations of one configuration: one result row each."""
+def _measure_config(cfg: Config, fns: dict[str, LossFn], device: torch.device, warmup: int,
+                    repeats: int) -> dict[str, dict]:
     try:
         inp = make_inputs(cfg, device)
         ref = reference(cfg.case, inp)
     except Exception as e:  # e.g. out of memory: the run goes on with the next configuration
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        return [{**cfg.key(), "impl": "batchkl", "error": f"inputs or reference: {_one_line(e)}"}]
-    rows = []
+        failed = {impl: {"error": f"inputs or reference: {_one_line(e)}"} for impl in fns}
+    else:
+        return measure({impl: make_step(fn, inp) for impl, fn in fns.items()}, inp, ref, device, warmup, repeats)
+    if device.type == "cuda":  # here, where the exception no longer holds the tensors
+        torch.cuda.empty_cache()
+    return failed
+
+
+def run_config(cfg: Config, device: torch.device, warmup: int, repeats: int, liger: bool) -> list[dict]:
+    """All implementations of one configuration: one result row each, measured, failed or
+    skipped (an implementation that would not fit in the device's free memory)."""
+    rows: dict[str, dict] = {}
     try:
         fns = loss_fns(cfg.case, liger)
     except Exception as e:  # Liger present but broken: the others still run
         fns = loss_fns(cfg.case, False)
-        rows.append({**cfg.key(), "impl": "liger", "error": _one_line(e)})
-    figures = measure({impl: make_step(fn, inp) for impl, fn in fns.items()}, inp, ref, device, warmup, repeats)
-    rows += [{**cfg.key(), "impl": impl, **figures[impl]} for impl in fns]
+        rows["liger"] = {"error": _one_line(e)}
+    skipped = too_big(cfg, list(fns), free_bytes(device))
+    rows.update({impl: {"skipped": why} for impl, why in skipped.items()})
+    live = {impl: fn for impl, fn in fns.items() if impl not in skipped}
+    if live:
+        rows.update(_measure_config(cfg, live, device, warmup, repeats))
     torch._dynamo.reset()
-    return rows
+    return [{**cfg.key(), "impl": impl, **rows[impl]} for impl in IMPLS if impl in rows]
 
 
 def _one_line(e: Exception) -> str:
@@ -350,16 +407,57 @@ def annotate(rows: list[dict], cfg: Config, copy_gbps: Optional[float]) -> None:
         r["agrees_with_reference"] = r["rel_err_loss"] <= tol and (r["rel_err_grad"] or 0.0) <= tol
 
 
-def fits(cfg: Config, device: torch.device) -> tuple[bool, str]:
-    """Whether a configuration fits comfortably (80 % of free memory) on the device."""
+def _units(cfg: Config, impl: str) -> int:
+    """N x V tensors of the input's dtype an implementation holds at its peak (see Case)."""
+    case = cfg.case
+    if impl == "batchkl":
+        # The gradient and an elementwise loss, plus one gradient more: backward
+        # scales it by grad_output in place only when the graph is freed.
+        return (cfg.mode == FWD_BWD) + (case.output == ELEMENTWISE) + 1
+    return {"eager": case.eager_temporaries, "compile": case.compile_temporaries,
+            "liger": case.liger_temporaries}[impl]
+
+
+def _shared_bytes(cfg: Config) -> int:
+    """What stays allocated while every implementation runs: x, t, the upstream
+    gradient, the reference's gradient and elementwise loss, per-row odds and ends."""
+    nv, elsize = cfg.shape[0] * cfg.shape[1], cfg.dtype.itemsize
+    ref_elsize = _reference_dtype(cfg.dtype).itemsize
+    grad, elementwise = cfg.mode == FWD_BWD, cfg.case.output == ELEMENTWISE
+    tensors = 2 * elsize + grad * ref_elsize + elementwise * ref_elsize + (grad and elementwise) * elsize
+    return nv * tensors + cfg.shape[0] * ROW_BYTES
+
+
+def _setup_bytes(cfg: Config) -> int:
+    """Peak before any implementation runs: input generation (two float32 N x V
+    tensors in flight) or the reference (one row chunk of its temporaries)."""
+    n, v = cfg.shape
+    generation = n * v * (2 * cfg.dtype.itemsize + 8)
+    chunk_rows = min(n, reference_chunk_rows(cfg.case, cfg.shape, cfg.dtype))
+    return max(generation, _shared_bytes(cfg) + chunk_rows * _reference_row_bytes(cfg.case, v, cfg.dtype))
+
+
+def need_bytes(cfg: Config, impl: str) -> int:
+    """Rough peak device memory of one configuration while ``impl`` runs (or while its inputs are made)."""
+    own = _units(cfg, impl) * cfg.shape[0] * cfg.shape[1] * cfg.dtype.itemsize + cfg.shape[0] * ROW_BYTES
+    return max(_setup_bytes(cfg), _shared_bytes(cfg) + own)
+
+
+def free_bytes(device: torch.device) -> Optional[int]:
+    """Free device memory now; None on the CPU, where the benchmark runs whatever it is given."""
     if device.type != "cuda":
-        return True, ""
+        return None
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
-    need = estimate_bytes(cfg)
-    if need <= 0.8 * free:
-        return True, ""
-    return False, f"needs ~{need / GIB:.1f} GiB, {free / GIB:.1f} GiB free"
+    return free
+
+
+def too_big(cfg: Config, impls: list[str], free: Optional[int]) -> dict[str, str]:
+    """The implementations that do not fit comfortably (80 % of ``free`` bytes), each with why."""
+    if free is None:
+        return {}
+    return {impl: f"needs ~{need / GIB:.3g} GiB, {free / GIB:.3g} GiB free"
+            for impl in impls if (need := need_bytes(cfg, impl)) > 0.8 * free}
 
 
 def unsupported(case: Case, device: torch.device) -> Optional[str]:
@@ -530,13 +628,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     progress = Progress(len(configs))
     for cfg in configs:
         progress.show(cfg.label)
-        ok, why = fits(cfg, device)
-        if ok:
-            config_rows = run_config(cfg, device, args.warmup, args.repeats, liger_skip is None)
-            annotate(config_rows, cfg, copy["gbps"])
-            rows += config_rows
-        else:
-            rows.append({**cfg.key(), "impl": "batchkl", "skipped": why})
+        config_rows = run_config(cfg, device, args.warmup, args.repeats, liger_skip is None)
+        annotate(config_rows, cfg, copy["gbps"])
+        rows += config_rows
         write(complete=False)
         progress.step()
     progress.close()

@@ -42,10 +42,12 @@ $PY -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.versi
 # The extension built ahead of time (scripts/prebuild_gpu.sh, carried in
 # .prebuilt/), where it was built from exactly these sources, for this
 # Python, torch and GPU, and loads with its CUDA kernels; the caller builds
-# otherwise. PREBUILT=0, TORCH_CUDA_ARCH_LIST or BATCHKL_CPU_SIMD: build.
+# otherwise. PREBUILT=0 or BATCHKL_CPU_SIMD: build. TORCH_CUDA_ARCH_LIST
+# alone does not force a build: the lent machines set it (to 9.0a) for every
+# command, and the GPU's own sm is checked below.
 use_prebuilt() {
-  if [ "${PREBUILT:-1}" = 0 ] || [ -n "${TORCH_CUDA_ARCH_LIST:-}${BATCHKL_CPU_SIMD:-}" ]; then
-    echo "not looking at .prebuilt/: PREBUILT=0 or a build setting given"; return 1
+  if [ "${PREBUILT:-1}" = 0 ] || [ -n "${BATCHKL_CPU_SIMD:-}" ]; then
+    echo "not looking at .prebuilt/: PREBUILT=0 or BATCHKL_CPU_SIMD given"; return 1
   fi
   [ -f .prebuilt/_build_config.py ] || { echo "no .prebuilt/"; return 1; }
   $PY scripts/sources_digest.py --matches .prebuilt/_build_config.py || return 1

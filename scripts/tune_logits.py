@@ -30,6 +30,8 @@ SETTINGS = {
     "stream": {"BATCHKL_LOGITS_STAGE": "0"},  # every sweep reads global memory
     "slice32": {"BATCHKL_LOGITS_SLICE_KIB": "32"},  # more, smaller CTAs per row
     "slice128": {"BATCHKL_LOGITS_SLICE_KIB": "128"},  # fewer, larger ones
+    "lanes32": {"BATCHKL_LOGITS_ROW_LANES": "32"},  # a whole warp per short row (before 2026-11-26)
+    "lanes4": {"BATCHKL_LOGITS_ROW_LANES": "4"},  # fewer lanes per short row than the default at 512
 }
 SHAPES = ["8192x32000", "8192x128256", "4096x256000", "65536x512"]
 
@@ -64,8 +66,21 @@ def time_shape(n: int, v: int, name: str, args: argparse.Namespace) -> dict:
     from bench.measure import time_ms
 
     times = time_ms(step, lambda: None, torch.device(args.device), args.repeats + 3)[3:]
-    return {"N": n, "V": v, "dtype": name, "ms": statistics.median(times), "loss": losses[-1].item(),
-            "bytes": 3 * n * v * x.element_size()}
+    # The same calls queued back to back (the host runs ahead, as in a
+    # training loop): the GPU's time per call without the host's launch
+    # latency, which dominates the synchronized time of a small call.
+    queued = None
+    if args.device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(args.repeats):
+            step()
+        end.record()
+        end.synchronize()
+        queued = start.elapsed_time(end) / args.repeats
+    return {"N": n, "V": v, "dtype": name, "ms": statistics.median(times), "queued_ms": queued,
+            "loss": losses[-1].item(), "bytes": 3 * n * v * x.element_size()}
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -117,17 +132,22 @@ def main() -> int:
             continue
         results[name] = json.loads(run.stdout.strip().splitlines()[-1])
 
-    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; kl_with_logits beta={args.beta}, forward + backward,"
-          f" median of {args.repeats}; ms (% of copy bandwidth over the minimal bytes)")
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; kl_with_logits beta={args.beta}, forward + backward;"
+          f" ms (% of copy bandwidth over the minimal bytes): the median of {args.repeats} synchronized calls,"
+          f" then / the mean of {args.repeats} calls queued back to back")
     names = list(results)
     print("| N×V | dtype | " + " | ".join(names) + " | losses agree |")
     print("|---|---|" + "---|" * (len(names) + 1))
+
+    def cell(ms, nbytes):
+        return "-" if ms is None else f"{ms:.3g} ({100 * nbytes / (ms / 1e3) / bandwidth:.0f}%)"
+
     if names:
         for k, row in enumerate(results[names[0]]):
             cells, losses = [], []
             for name in names:
                 r = results[name][k]
-                cells.append(f"{r['ms']:.3g} ({100 * r['bytes'] / (r['ms'] / 1e3) / bandwidth:.0f}%)")
+                cells.append(f"{cell(r['ms'], r['bytes'])} / {cell(r.get('queued_ms'), r['bytes'])}")
                 losses.append(r["loss"])
             spread = (max(losses) - min(losses)) / max(abs(losses[0]), 1e-30)
             print(f"| {row['N']}×{row['V']} | {row['dtype']} | " + " | ".join(cells) + f" | {spread:.1e} |")

@@ -377,19 +377,23 @@ def test_cuda_compile(dynamic):
 
 
 @pytest.mark.parametrize("knobs", [{"BATCHKL_LOGITS_STAGE": "0"}, {"BATCHKL_LOGITS_SLICE_KIB": "16"},
-                                   {"BATCHKL_LOGITS_SLICE_KIB": "256"}], ids=str)
+                                   {"BATCHKL_LOGITS_SLICE_KIB": "256"}, {"BATCHKL_LOGITS_ROW_LANES": "1"},
+                                   {"BATCHKL_LOGITS_ROW_LANES": "32"}], ids=str)
 def test_tuning_knobs_change_the_launch_not_the_results(knobs):
     """The launcher's developer knobs (read once per process, hence a fresh
-    one): streamed rows, and slices that take more or fewer CTAs per row,
-    still give the float64 reference's values and gradients at every launch
-    shape, and each setting is deterministic."""
+    one): streamed rows, slices that take more or fewer CTAs per row, and
+    short rows on one lane or a whole warp each, still give the float64
+    reference's values and gradients at every launch shape, and each setting
+    is deterministic."""
     run_python("import test_logits_cuda\ntest_logits_cuda.check_under_knobs()\n", str(knobs), env=knobs)
 
 
 def check_under_knobs():
-    for v in VOCABS:
+    for v in (*VOCABS, 512):
         for dtype in (torch.float32, torch.bfloat16):
-            x, t = make_logits((3, v), dtype), make_logits((3, v), dtype)
+            # Short rows: enough of them for several rows per warp.
+            rows = 37 if v <= 2048 else 3
+            x, t = make_logits((rows, v), dtype), make_logits((rows, v), dtype)
             check_cuda(x, t, beta=0.0)
             check_cuda(x, t, beta=0.5, reduction="none")
             a = op(x.to(DEV), t.to(DEV), beta=0.5, reduction="none")
@@ -397,8 +401,10 @@ def check_under_knobs():
 
 
 @pytest.mark.parametrize("knobs,message", [({"BATCHKL_LOGITS_STAGE": "no"}, "BATCHKL_LOGITS_STAGE: expected 0 or 1"),
-                                           ({"BATCHKL_LOGITS_SLICE_KIB": "64k"}, "BATCHKL_LOGITS_SLICE_KIB: expected")],
-                         ids=["stage", "slice"])
+                                           ({"BATCHKL_LOGITS_SLICE_KIB": "64k"}, "BATCHKL_LOGITS_SLICE_KIB: expected"),
+                                           ({"BATCHKL_LOGITS_ROW_LANES": "3"},
+                                            "BATCHKL_LOGITS_ROW_LANES: expected 1, 2, 4, 8, 16 or 32, got '3'")],
+                         ids=["stage", "slice", "lanes"])
 def test_a_bad_tuning_knob_is_an_error_naming_it(knobs, message):
     code = ("import torch, pytest, batchkl_ext\n"
             "x = torch.randn(2, 5000, device='cuda')\n"

@@ -26,9 +26,12 @@ namespace {
 // the sums, and results are deterministic for each setting:
 //   BATCHKL_LOGITS_SLICE_KIB  the shared memory a CTA's slice aims at (default 64)
 //   BATCHKL_LOGITS_STAGE=0    never stage a slice: every sweep reads global memory
+//   BATCHKL_LOGITS_ROW_LANES  threads per short row (1, 2, 4, 8, 16 or 32; default: by
+//                             its length, kPacksPerLane)
 struct Tuning {
   int64_t slice_budget = kSliceBudget;
   bool stage = true;
+  int row_lanes = 0;
 };
 
 const Tuning& tuning() {
@@ -45,6 +48,12 @@ const Tuning& tuning() {
       const std::string s(stage);
       TORCH_CHECK(s == "0" || s == "1", "BATCHKL_LOGITS_STAGE: expected 0 or 1, got '", s, "'");
       v.stage = s == "1";
+    }
+    if (const char* lanes = std::getenv("BATCHKL_LOGITS_ROW_LANES")) {
+      const std::string s(lanes);
+      TORCH_CHECK(s == "1" || s == "2" || s == "4" || s == "8" || s == "16" || s == "32",
+                  "BATCHKL_LOGITS_ROW_LANES: expected 1, 2, 4, 8, 16 or 32, got '", s, "'");
+      v.row_lanes = std::stoi(s);
     }
     return v;
   }();
@@ -82,6 +91,7 @@ DeviceLimits prepare(Kernel kernel, std::array<std::atomic<int>, 64>& seen) {
   dev.clusters = state == 2;
   dev.slice_budget = tuning().slice_budget;
   dev.stage = tuning().stage;
+  dev.row_lanes = tuning().row_lanes;
   return dev;
 }
 

@@ -4,7 +4,8 @@
 // (tests/cpp/cuda_emulator.h), where no GPU is at hand.
 //
 // The picture: a row (one distribution pair, `cols` logits each) belongs to a
-// group of threads, a warp for short rows (several rows per CTA), else a CTA,
+// group of threads, part of a warp for short rows (several rows per warp),
+// else a CTA,
 // or on Hopper a thread-block cluster of up to 8 CTAs, each CTA owning one
 // slice of the row. Where the slice fits in shared memory, it is copied
 // there (contiguous aligned rows: asynchronously, each thread copying the
@@ -59,9 +60,17 @@ namespace logits_cuda {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// Rows up to this many columns get a warp each: a CTA per row would leave
-// most of its threads idle, and a short row is re-read from L1.
+// Rows up to this many columns get a warp each, or a part of one: a CTA per
+// row would leave most of its threads idle, and a short row is re-read from
+// L1.
 constexpr int64_t kWarpRowCols = 2048;
+// A short row gets as many lanes (a power of two up to 32) as give each about
+// this many 16-byte packs per operand: two sweep-1 steps of kUnroll loads.
+// With a whole warp on a row of 512 bfloat16 logits (2 packs a lane), the
+// per-row work (three butterflies of doubles, the row constants) outweighed
+// the sweeps, and a lane had 4 loads in flight (H100, 2026-11-26: 32% of
+// copy bandwidth).
+constexpr int64_t kPacksPerLane = 8;
 constexpr int kMaxCluster = 8;  // the portable cluster size
 // A CTA's slice (both operands) is aimed at this many bytes of shared
 // memory, so that several CTAs fit on an SM (the kernel's launch bounds ask
@@ -89,6 +98,7 @@ constexpr size_t kFixedSmem = kFinalBytes + kExchangeBytes;
 // device (plan_grid), never of the number of rows.
 struct Grid {
   bool warp_rows = false;
+  int lanes = 32;       // threads per row when warp_rows (1 to 32, a power of two)
   int cluster = 1;      // CTAs per row
   int64_t slice = 0;    // columns per CTA, a whole number of 16-byte packs
   bool stage = false;   // the slice stays in shared memory between sweeps
@@ -104,6 +114,7 @@ struct DeviceLimits {
   // slice aims at, and whether slices may be staged at all.
   int64_t slice_budget = kSliceBudget;
   bool stage = true;
+  int row_lanes = 0;  // lanes per short row; 0: kPacksPerLane decides
 };
 
 // Shared memory for one operand's staged slice: the slice, plus up to 16
@@ -117,8 +128,13 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
   if (cols <= kWarpRowCols) {
     g.warp_rows = true;
     g.slice = cols;
+    const int64_t packs = (cols + pack - 1) / pack;
+    int lanes = 1;
+    while (lanes < 32 && int64_t{lanes} * kPacksPerLane < packs) lanes *= 2;
+    g.lanes = dev.row_lanes > 0 ? dev.row_lanes : lanes;
+    const int64_t rows_per_cta = kThreads / g.lanes;
     // Enough CTAs to fill every SM several times over; a grid-stride loop takes the rest.
-    g.blocks = std::max<int64_t>(1, std::min<int64_t>((rows + kWarps - 1) / kWarps, int64_t{dev.sms} * 8));
+    g.blocks = std::max<int64_t>(1, std::min<int64_t>((rows + rows_per_cta - 1) / rows_per_cta, int64_t{dev.sms} * 8));
     g.smem = kFinalBytes;
     return g;
   }
@@ -277,13 +293,19 @@ struct MaxOp {
   }
 };
 
+// Over the `width` lanes (a power of two up to 32) of this thread's aligned
+// group within its warp. The mask names that group alone: the warp's other
+// groups work on other rows and may not reach this shuffle (a row the mask
+// excludes returns early).
 template <int K, class Op>
-__device__ __forceinline__ void warp_allreduce(double (&v)[K], Op op) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
+__device__ __forceinline__ void warp_allreduce(double (&v)[K], Op op, int width = 32) {
+  const unsigned lane = threadIdx.x % 32;
+  const unsigned mask =
+      width == 32 ? 0xffffffffu : ((1u << width) - 1u) << (lane / static_cast<unsigned>(width) * width);
+  for (int offset = width / 2; offset > 0; offset >>= 1) {
     double o[K];
 #pragma unroll
-    for (int k = 0; k < K; ++k) o[k] = __shfl_xor_sync(0xffffffffu, v[k], offset);
+    for (int k = 0; k < K; ++k) o[k] = __shfl_xor_sync(mask, v[k], offset);
     op(v, o);
   }
 }
@@ -575,8 +597,8 @@ struct RowWork {
   }
 
   // One row, or one CTA's slice of it. `tid` / `group`: this thread's rank
-  // in the group and the group's size (32: a warp, reducing with shuffles
-  // alone; kThreads: the CTA); `cluster`: CTAs per row. Returns the row's
+  // in the group and the group's size (up to 32: lanes of one warp, reducing
+  // with shuffles alone; kThreads: the CTA); `cluster`: CTAs per row. Returns the row's
   // loss (the same in every thread of the group).
   __device__ double row(int64_t r, int64_t c0, int64_t len, int tid, int group, int cluster,
                         unsigned char* stage, Slot* slots) const {
@@ -676,8 +698,8 @@ struct RowWork {
     // first, then every thread's sums rescaled to them once (so that no
     // merge needs an exp), then the sums.
     const auto allreduce = [&](auto& v, auto op, int exchange) {
-      if (group == 32) {
-        warp_allreduce(v, op);
+      if (group <= 32) {
+        warp_allreduce(v, op, group);
       } else {
         cta_allreduce(v, op, slots + exchange * kSlotsPerExchange, cluster);
       }
@@ -879,11 +901,12 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t rows = p.geo.rows, cols = p.geo.cols;
 
   if (grid.warp_rows) {
-    const int lane = threadIdx.x % 32;
-    for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; r < rows;
-         r += static_cast<int64_t>(gridDim.x) * kWarps) {
-      const double loss = work.row(r, 0, cols, lane, 32, 1, nullptr, nullptr);
-      if (lane == 0) row_loss[r] = loss;
+    const int lanes = grid.lanes, rows_per_cta = kThreads / lanes;
+    const int tid = static_cast<int>(threadIdx.x) % lanes;
+    for (int64_t r = static_cast<int64_t>(blockIdx.x) * rows_per_cta + threadIdx.x / lanes; r < rows;
+         r += static_cast<int64_t>(gridDim.x) * rows_per_cta) {
+      const double loss = work.row(r, 0, cols, tid, lanes, 1, nullptr, nullptr);
+      if (tid == 0) row_loss[r] = loss;
     }
   } else {
     const int cluster = grid.cluster;

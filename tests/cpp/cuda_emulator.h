@@ -26,6 +26,7 @@
 #include <deque>
 #include <exception>
 #include <functional>
+#include <map>
 #include <memory>
 #include <stdexcept>
 #include <vector>
@@ -50,8 +51,10 @@ struct Barrier {
   uint64_t generation = 0;
 };
 
+// A shuffle's lanes meet at the barrier of its mask: the lanes it names,
+// which are all that must reach it (a warp's other lanes may be elsewhere).
 struct Warp {
-  Barrier bar{32};
+  std::map<unsigned, Barrier> bars;  // by mask; map nodes stay put (a waiting fiber points at one)
   uint64_t slot[32] = {};
 };
 
@@ -264,18 +267,26 @@ inline void __syncthreads() { ::batchkl_emu::arrive_and_wait(::batchkl_emu::tls.
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 namespace batchkl_emu {
-// A warp shuffle: every lane publishes v, then reads lane src(lane)'s.
+// A warp shuffle: every lane of `mask` publishes v, then reads lane
+// src(lane)'s. A lane outside the mask, or a source outside it, is an error
+// (undefined on a GPU).
 template <typename T, typename Src>
 T shuffle(unsigned mask, T v, Src src) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of at most 8 bytes");
-  if (mask != 0xffffffffu) throw std::logic_error("emulated shuffles need the full warp");
   auto& warp = tls.cta->warps[tls.thread_idx.x / 32];
   const unsigned lane = tls.thread_idx.x % 32;
+  const unsigned from = src(lane) % 32;
+  if (!(mask >> lane & 1u) || !(mask >> from & 1u)) {
+    throw std::logic_error("emulated shuffle: a lane, or the lane it reads, outside the mask");
+  }
+  auto [it, fresh] = warp.bars.try_emplace(mask);
+  if (fresh) it->second.expected = static_cast<unsigned>(__builtin_popcount(mask));
+  Barrier& bar = it->second;
   std::memcpy(&warp.slot[lane], &v, sizeof(T));
-  arrive_and_wait(warp.bar);
+  arrive_and_wait(bar);
   T out;
-  std::memcpy(&out, &warp.slot[src(lane) % 32], sizeof(T));
-  arrive_and_wait(warp.bar);
+  std::memcpy(&out, &warp.slot[from], sizeof(T));
+  arrive_and_wait(bar);
   return out;
 }
 }  // namespace batchkl_emu

@@ -379,7 +379,17 @@ void test_batch_invariance() {
 void test_plan() {
   const DeviceLimits h100{132, 227 * 1024, true}, a100{108, 163 * 1024, false};
   // The shapes: a cluster split for long rows on Hopper, every row staged where it fits.
-  check(plan_grid(65536, 512, 2, h100).warp_rows, "65536x512: a warp per row");
+  // Short rows: as many lanes as give each about kPacksPerLane packs.
+  const Grid s16 = plan_grid(65536, 512, 2, h100), s32 = plan_grid(65536, 512, 4, h100);
+  check(s16.warp_rows && s16.lanes == 8, str("65536x512 bf16: ", s16.lanes, " lanes per row"));
+  check(s32.warp_rows && s32.lanes == 16, str("65536x512 f32: ", s32.lanes, " lanes per row"));
+  check(plan_grid(9, 2048, 2, h100).lanes == 32 && plan_grid(3, 1, 4, h100).lanes == 1 &&
+            plan_grid(5, 37, 4, h100).lanes == 2,
+        "2048 bf16: a warp; 1 f32: a lane; 37 f32: two lanes");
+  check(s16.blocks == std::min<int64_t>(65536 / (kThreads / 8), 132 * 8), str("65536x512 bf16: ", s16.blocks, " CTAs"));
+  DeviceLimits forced = h100;
+  forced.row_lanes = 32;
+  check(plan_grid(65536, 512, 2, forced).lanes == 32, "BATCHKL_LOGITS_ROW_LANES=32: a warp per row");
   const Grid g32 = plan_grid(8192, 32000, 2, h100);
   check(g32.cluster == 2 && g32.stage, str("8192x32000 bf16: cluster ", g32.cluster, " stage ", g32.stage));
   const Grid g128 = plan_grid(8192, 128256, 2, h100);
@@ -399,6 +409,43 @@ void test_plan() {
   }
 }
 
+// Short rows at every lane count (BATCHKL_LOGITS_ROW_LANES): several rows per
+// warp, each group reducing over its own lanes, while a neighbouring group's
+// row is masked out (returns early, reaches no shuffle) or NaN; each row
+// against the CPU kernel, and bitwise alone vs in its batch.
+void test_row_lanes() {
+  for (const int lanes : {1, 2, 4, 8, 16, 32}) {
+    g_device = kDevices[1].second;
+    g_device.row_lanes = lanes;
+    for (const auto& [rows, cols] : std::vector<std::pair<int64_t, int64_t>>{{37, 13}, {19, 512}, {9, 2048}}) {
+      for (const auto dt : {at::kFloat, at::kBFloat16}) {
+        auto x = logits(rows, cols, dt), t = logits(rows, cols, dt);
+        x[2][cols / 2] = std::numeric_limits<double>::quiet_NaN();
+        auto mask = at::rand({rows}) < 0.7;
+        mask[1] = false;
+        mask[3] = true;
+        for (const double beta : {0.0, 0.5}) {
+          Call c;
+          c.beta = beta;
+          c.reduction = "none";
+          const std::string what = str("lanes=", lanes, " ", rows, "x", cols, " ", dt, " beta=", beta);
+          compare_with_cpu(x, t, c, what);
+          Call m = c;
+          m.mask = mask;
+          m.reduction = "batchmean";
+          compare_with_cpu(x, t, m, what + " masked");
+          const Result batch = emulated(x, t, c);
+          const Result alone = emulated(x.narrow(0, 3, 1), t.narrow(0, 3, 1), c);
+          check_bitwise(alone, {std::get<0>(batch).narrow(0, 3, 1), std::get<1>(batch).narrow(0, 3, 1),
+                                std::get<2>(batch).narrow(0, 3, 1)},
+                        what + ": row 3 alone vs in batch");
+        }
+      }
+    }
+  }
+  g_device = kDevices[1].second;
+}
+
 }  // namespace
 
 int main() {
@@ -411,6 +458,7 @@ int main() {
   test_special_values();
   test_staged_equals_streamed();
   test_batch_invariance();
+  test_row_lanes();
   std::printf("%d checks, %d failed\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }
