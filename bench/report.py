@@ -106,8 +106,11 @@ def describe(data: dict) -> str:
     copy = f", copy bandwidth {copy['gbps']:.1f} GB/s" if copy else ""
     liger = m.get("liger_kernel_version")
     liger = f", Liger-Kernel {liger}" if liger and data["settings"].get("liger") == "benchmarked" else ""
+    # A run from a tree with local changes says so: the commit alone would
+    # name code that was not the code measured.
+    dirty = " with local changes" if m.get("git_dirty") else ""
     return (f"{where}; torch {m['torch_version']}{liger}, Python {m['python_version']}, "
-            f"commit {m.get('git_commit') or 'unknown'}{copy}; {data['date']}")
+            f"commit {m.get('git_commit') or 'unknown'}{dirty}{copy}; {data['date']}")
 
 
 def report(path: Path) -> str:
