@@ -103,8 +103,8 @@ def ref_logits(x, t, beta, temperature, mask):
 def check_logits(small):
     """kl_with_logits against float64: per-row values, and the gradients of
     the per-row values weighted by w."""
-    # Short rows run 1 to 32 lanes per row by their length and dtype (37:
-    # one or two, 100: two to eight, 512: eight to 32), several rows per warp.
+    # Short rows run 1 to 32 lanes per row by their length and dtype (37: one
+    # to four, 100: two to eight, 512: eight to 32), several rows per warp.
     shapes = [(5, 37), (37, 512), (2, 5000), (2, 40000)] if small else [
         (64, 37), (40, 100), (67, 512), (9, 2048), (5, 2049), (7, 5000), (3, 40000), (3, 128256), (2, 256000)]
     checks = failures = 0

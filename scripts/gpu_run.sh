@@ -3,7 +3,7 @@
 #   build     take .prebuilt/ (scripts/prebuild_gpu.sh) where it matches, else
 #             build for the local GPU (sm of this GPU only: faster)
 #   check     scripts/cuda_check.py: both ops, every launch shape, against float64
-#   sanitize  compute-sanitizer memcheck + racecheck on `cuda_check.py --small`
+#   sanitize  compute-sanitizer memcheck, racecheck, synccheck on `cuda_check.py --small`
 #   test      pytest: the CUDA tests (-m cuda; PYTEST_ARGS overrides), huge tests included
 #   profile   Nsight Compute of kl_with_logits at a few shapes (scripts/profile_logits.py)
 #   tune      kl_with_logits under each launch-shape setting (scripts/tune_logits.py; not by default)
@@ -98,10 +98,13 @@ if want build; then
 fi
 
 sanitize() {
-  for tool in memcheck racecheck; do
-    # racecheck is slow: two dtypes (one 4-byte, one 2-byte: different vector widths) unless SANITIZER_DTYPES says otherwise.
+  # synccheck: shuffle masks and barriers in divergent code (short rows run
+  # several rows per warp, each group shuffling under its own mask).
+  for tool in memcheck racecheck synccheck; do
+    # racecheck and synccheck are slow: two dtypes (one 4-byte, one 2-byte:
+    # different vector widths and lane counts) unless SANITIZER_DTYPES says otherwise.
     dtypes=""
-    [ $tool = racecheck ] && dtypes="--dtypes ${SANITIZER_DTYPES:-float32 bfloat16}"
+    [ $tool != memcheck ] && dtypes="--dtypes ${SANITIZER_DTYPES:-float32 bfloat16}"
     OMP_NUM_THREADS=$CHECK_THREADS timeout ${SANITIZER_TIMEOUT:-150} compute-sanitizer --tool $tool --error-exitcode 99 $PY scripts/cuda_check.py --small $dtypes > /tmp/sanitizer_$tool.log 2>&1
     rc=$?
     { echo "== compute-sanitizer --tool $tool: exit $rc"; tail -25 /tmp/sanitizer_$tool.log; } >> "$OUT/sanitizer.log"
@@ -154,12 +157,24 @@ fi
 if want profile; then
   step profile
   IFS=, read -ra shapes <<< "${PROFILE_SHAPES:-8192 128256 bfloat16,4096 256000 float32,65536 512 bfloat16}"
-  for shape in "${shapes[@]}"; do
-    echo "== ncu: $shape" >> "$OUT/ncu.txt"
+  # What the warps wait on, per issued instruction (barrier, long scoreboard,
+  # ...): the sections print only the total, and the 2026-11-26 runs left
+  # open whether the staged kernel waits on its cluster barriers or on memory.
+  stalls=""
+  for r in barrier membar long_scoreboard short_scoreboard wait math_pipe_throttle mio_throttle lg_throttle \
+           dispatch_stall not_selected selected no_instruction sleeping drain branch_resolving misc; do
+    stalls="$stalls${stalls:+,}smsp__average_warps_issue_stalled_${r}_per_issue_active.ratio"
+  done
+  ncu_run() {
     timeout ${PROFILE_TIMEOUT:-60} ncu --clock-control none --kernel-name regex:logits_kernel --launch-skip 1 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section Occupancy \
       --section LaunchStats --section WarpStateStats --section SchedulerStats --section InstructionStats \
-      $PY scripts/profile_logits.py $shape >> "$OUT/ncu.txt" 2>&1
+      "$@" $PY scripts/profile_logits.py $shape >> "$OUT/ncu.txt" 2>&1
+  }
+  for shape in "${shapes[@]}"; do
+    echo "== ncu: $shape" >> "$OUT/ncu.txt"
+    # Without the stall metrics if this ncu does not know one of them.
+    ncu_run --metrics "$stalls" || { echo "== ncu: $shape, again without the stall metrics" >> "$OUT/ncu.txt"; ncu_run; }
     echo "ncu $shape: exit $?" | tee -a "$OUT/checks.log"
   done
 fi

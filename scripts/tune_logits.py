@@ -1,7 +1,8 @@
 """Times kl_with_logits forward + backward on a GPU under each setting of the
-CUDA launcher's tuning knobs (BATCHKL_LOGITS_SLICE_KIB, BATCHKL_LOGITS_STAGE;
-see csrc/cuda/kl_logits_cuda.cu), one process per setting, against the
-device-to-device copy bandwidth measured in the same run: which launch shape
+CUDA launcher's tuning knobs (BATCHKL_LOGITS_SLICE_KIB, BATCHKL_LOGITS_STAGE,
+BATCHKL_LOGITS_ROW_LANES; see csrc/cuda/kl_logits_cuda.cu), one process per
+setting, against the device-to-device copy bandwidth measured in the same
+run: which launch shape
 should be the default. A lent GPU's short session runs this in about a
 minute; the benchmark (`python -m bench`) is the reference measurement.
 
@@ -28,8 +29,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 SETTINGS = {
     "default": {},
     "stream": {"BATCHKL_LOGITS_STAGE": "0"},  # every sweep reads global memory
+    # Staged wherever the slice fits, also where one CTA then fills an SM
+    # (the default before 2026-11-26).
+    "stage_all": {"BATCHKL_LOGITS_STAGE": "1"},
     "slice32": {"BATCHKL_LOGITS_SLICE_KIB": "32"},  # more, smaller CTAs per row
-    "slice128": {"BATCHKL_LOGITS_SLICE_KIB": "128"},  # fewer, larger ones
+    # Fewer, larger ones, staged (one CTA per SM), as measured on 2026-11-26.
+    "slice128": {"BATCHKL_LOGITS_SLICE_KIB": "128", "BATCHKL_LOGITS_STAGE": "1"},
+    # Streamed with larger slices: fewer CTAs per row, more elements per
+    # thread, the second read served by L2 while the rows in flight fit there
+    # (H100: 8192x128256 bfloat16 at 128 KiB is about 33 MB in flight).
+    "stream128": {"BATCHKL_LOGITS_STAGE": "0", "BATCHKL_LOGITS_SLICE_KIB": "128"},
+    "stream256": {"BATCHKL_LOGITS_STAGE": "0", "BATCHKL_LOGITS_SLICE_KIB": "256"},
     "lanes32": {"BATCHKL_LOGITS_ROW_LANES": "32"},  # a whole warp per short row (before 2026-11-26)
     "lanes4": {"BATCHKL_LOGITS_ROW_LANES": "4"},  # fewer lanes per short row than the default at 512
 }

@@ -25,12 +25,14 @@ namespace {
 // once per process; a setting changes the launch shape and so the order of
 // the sums, and results are deterministic for each setting:
 //   BATCHKL_LOGITS_SLICE_KIB  the shared memory a CTA's slice aims at (default 64)
-//   BATCHKL_LOGITS_STAGE=0    never stage a slice: every sweep reads global memory
+//   BATCHKL_LOGITS_STAGE      0: never stage a slice (every sweep reads global memory);
+//                             1: stage it wherever it fits (the default stages only
+//                             where two CTAs still fit on an SM; see plan_grid)
 //   BATCHKL_LOGITS_ROW_LANES  threads per short row (1, 2, 4, 8, 16 or 32; default: by
 //                             its length, kPacksPerLane)
 struct Tuning {
   int64_t slice_budget = kSliceBudget;
-  bool stage = true;
+  StageMode stage = StageMode::kAuto;
   int row_lanes = 0;
 };
 
@@ -47,7 +49,7 @@ const Tuning& tuning() {
     if (const char* stage = std::getenv("BATCHKL_LOGITS_STAGE")) {
       const std::string s(stage);
       TORCH_CHECK(s == "0" || s == "1", "BATCHKL_LOGITS_STAGE: expected 0 or 1, got '", s, "'");
-      v.stage = s == "1";
+      v.stage = s == "1" ? StageMode::kWhereFits : StageMode::kNever;
     }
     if (const char* lanes = std::getenv("BATCHKL_LOGITS_ROW_LANES")) {
       const std::string s(lanes);
@@ -88,6 +90,8 @@ DeviceLimits prepare(Kernel kernel, std::array<std::atomic<int>, 64>& seen) {
   DeviceLimits dev;
   dev.sms = prop->multiProcessorCount;
   dev.max_smem = prop->sharedMemPerBlockOptin;
+  dev.smem_per_sm = prop->sharedMemPerMultiprocessor;
+  dev.smem_reserved = prop->reservedSharedMemPerBlock;
   dev.clusters = state == 2;
   dev.slice_budget = tuning().slice_budget;
   dev.stage = tuning().stage;

@@ -397,6 +397,24 @@ void test_plan() {
   const Grid g256 = plan_grid(4096, 256000, 2, h100);
   check(g256.cluster == 8 && g256.stage, str("4096x256000 bf16: cluster ", g256.cluster, " stage ", g256.stage));
   check(!plan_grid(4096, 256000, 4, h100).stage, "4096x256000 f32 does not fit: streamed");
+  // Knowing the SM's shared memory, slices that would leave one CTA per SM
+  // are streamed; BATCHKL_LOGITS_STAGE=1 stages wherever a slice fits, =0 never.
+  DeviceLimits sm = h100;
+  sm.smem_per_sm = 228 * 1024;
+  sm.smem_reserved = 1024;
+  check(plan_grid(8192, 32000, 2, sm).stage && plan_grid(8192, 128256, 2, sm).stage &&
+            plan_grid(8192, 32000, 4, sm).stage,
+        "H100: 64 KB slices (two CTAs per SM) staged");
+  check(!plan_grid(4096, 256000, 2, sm).stage && !plan_grid(8192, 128256, 4, sm).stage,
+        "H100: 128 KB slices (one CTA per SM) streamed");
+  check(plan_grid(4096, 256000, 2, sm).cluster == 8, "H100 256000 bf16: still 8 CTAs per row");
+  DeviceLimits all = sm, none = sm;
+  all.stage = StageMode::kWhereFits;
+  none.stage = StageMode::kNever;
+  check(plan_grid(4096, 256000, 2, all).stage && !plan_grid(8192, 32000, 2, none).stage, "stage knob");
+  DeviceLimits a100sm = a100;
+  a100sm.smem_per_sm = 164 * 1024;
+  check(plan_grid(8192, 32000, 2, a100sm).stage, "A100 (no clusters): staged wherever it fits (the streaming rule is measured on Hopper only)");
   const Grid a = plan_grid(8192, 32000, 2, a100);
   check(a.cluster == 1 && a.stage, "A100 8192x32000 bf16: one CTA, staged");
   // The slices cover the row and none is empty.
@@ -441,6 +459,25 @@ void test_row_lanes() {
                         what + ": row 3 alone vs in batch");
         }
       }
+    }
+  }
+  // More rows than one pass of the grid holds (one SM: 8 CTAs of 256 / lanes
+  // rows each), so that every group takes further rows in the grid-stride
+  // loop: each row against the CPU kernel.
+  for (const int lanes : {1, 4, 32}) {
+    g_device = DeviceLimits{1, 227 * 1024, true};
+    g_device.row_lanes = lanes;
+    const int64_t rows = 8 * (kThreads / lanes) * 2 + 5;
+    for (const auto dt : {at::kFloat, at::kBFloat16}) {
+      const auto x = logits(rows, 13, dt), t = logits(rows, 13, dt);
+      Call c;
+      c.reduction = "none";
+      compare_with_cpu(x, t, c, str("lanes=", lanes, " ", rows, "x13 ", dt, ": rows past the grid's first pass"));
+      Call m = c;
+      m.beta = 0.5;
+      m.mask = at::rand({rows}) < 0.5;
+      m.reduction = "batchmean";
+      compare_with_cpu(x, t, m, str("lanes=", lanes, " ", rows, "x13 ", dt, " masked JSD: rows past the first pass"));
     }
   }
   g_device = kDevices[1].second;
