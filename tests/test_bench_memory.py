@@ -20,6 +20,8 @@ if str(REPO) not in sys.path:  # `bench` is a folder of the checkout, not an ins
 
 from bench import kl, report  # noqa: E402
 from bench.cases import CASES, SCALAR  # noqa: E402
+# LigerJSD's contract in PyTorch: Liger is CUDA-only, stood in for on the CPU.
+from test_bench import _StandInJSD  # noqa: E402
 
 CPU = torch.device("cpu")
 SKIP_MESSAGE = re.compile(r"needs ~[0-9.e+-]+ GiB, [0-9.e+-]+ GiB free")
@@ -84,22 +86,6 @@ def test_the_cpu_never_skips():
     assert kl.free_bytes(CPU) is None
     cfg = kl.Config(CASES["logits_jsd"], (2**20, 2**20), torch.float32, kl.FWD_BWD, kl.BASE_SWEEP)
     assert kl.too_big(cfg, list(kl.IMPLS), None) == {}
-
-
-class _StandInJSD(torch.nn.Module):
-    """LigerJSD's contract in PyTorch (see test_bench.py): CUDA-only Liger, stood in for on the CPU."""
-
-    def __init__(self, beta=0.5):
-        super().__init__()
-        self.beta = beta
-
-    def forward(self, log_q, log_p):
-        q, p = log_q.exp(), log_p.exp()
-        log_m = (self.beta * p + (1 - self.beta) * q).log()
-        kl_div = torch.nn.functional.kl_div
-        loss = (self.beta * kl_div(log_m, log_p, reduction="sum", log_target=True)
-                + (1 - self.beta) * kl_div(log_m, log_q, reduction="sum", log_target=True))
-        return loss / log_q.shape[0]
 
 
 @pytest.fixture
