@@ -30,15 +30,9 @@ namespace {
 //                             where two CTAs still fit on an SM; see plan_grid)
 //   BATCHKL_LOGITS_ROW_LANES  threads per short row (1, 2, 4, 8, 16 or 32; default: by
 //                             its length, kPacksPerLane)
-struct Tuning {
-  int64_t slice_budget = kSliceBudget;
-  StageMode stage = StageMode::kAuto;
-  int row_lanes = 0;
-};
-
-const Tuning& tuning() {
-  static const Tuning t = [] {
-    Tuning v;
+const LaunchKnobs& tuning() {
+  static const LaunchKnobs t = [] {
+    LaunchKnobs v;
     if (const char* kib = std::getenv("BATCHKL_LOGITS_SLICE_KIB")) {
       char* end = nullptr;
       const long long k = std::strtoll(kib, &end, 10);
@@ -93,9 +87,7 @@ DeviceLimits prepare(Kernel kernel, std::array<std::atomic<int>, 64>& seen) {
   dev.smem_per_sm = prop->sharedMemPerMultiprocessor;
   dev.smem_reserved = prop->reservedSharedMemPerBlock;
   dev.clusters = state == 2;
-  dev.slice_budget = tuning().slice_budget;
-  dev.stage = tuning().stage;
-  dev.row_lanes = tuning().row_lanes;
+  dev.knobs = tuning();
   return dev;
 }
 

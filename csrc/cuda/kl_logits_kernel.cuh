@@ -113,18 +113,21 @@ enum class StageMode {
   kWhereFits,  // staged wherever the slice fits in a CTA's shared memory
 };
 
+// Developer knobs for tuning runs, read from the environment once per
+// process by the launcher (its tuning()).
+struct LaunchKnobs {
+  int64_t slice_budget = kSliceBudget;  // the bytes a CTA's slice aims at
+  StageMode stage = StageMode::kAuto;   // where slices live
+  int row_lanes = 0;                    // lanes per short row; 0: kPacksPerLane decides
+};
+
 struct DeviceLimits {
   int sms = 1;
   size_t max_smem = 48 * 1024;  // per CTA, opted in
   bool clusters = false;        // sm_90+: thread-block clusters with distributed shared memory
   size_t smem_per_sm = 0;       // 0: not known (kAuto then stages wherever the slice fits)
   size_t smem_reserved = 0;     // per CTA, taken by the system
-  // Developer knobs for tuning runs (the launcher's tuning()): the bytes a
-  // slice aims at, where slices live, lanes per short row (0: kPacksPerLane
-  // decides).
-  int64_t slice_budget = kSliceBudget;
-  StageMode stage = StageMode::kAuto;
-  int row_lanes = 0;
+  LaunchKnobs knobs;
 };
 
 // Shared memory for one operand's staged slice: the slice, plus up to 16
@@ -143,9 +146,9 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
     while (lanes < 32 && int64_t{lanes} * kPacksPerLane < packs) lanes *= 2;
     // A group must be an aligned power-of-two part of a warp: its shuffle mask
     // and the CTA's rows depend on it (the launcher only passes such values).
-    TORCH_INTERNAL_ASSERT(dev.row_lanes == 0 || (dev.row_lanes <= 32 && (dev.row_lanes & (dev.row_lanes - 1)) == 0),
-                          "row_lanes ", dev.row_lanes);
-    g.lanes = dev.row_lanes > 0 ? dev.row_lanes : lanes;
+    const int forced = dev.knobs.row_lanes;
+    TORCH_INTERNAL_ASSERT(forced == 0 || (forced <= 32 && (forced & (forced - 1)) == 0), "row_lanes ", forced);
+    g.lanes = forced > 0 ? forced : lanes;
     const int64_t rows_per_cta = kThreads / g.lanes;
     // Enough CTAs to fill every SM several times over; a grid-stride loop takes the rest.
     g.blocks = std::max<int64_t>(1, std::min<int64_t>((rows + rows_per_cta - 1) / rows_per_cta, int64_t{dev.sms} * 8));
@@ -154,11 +157,11 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
   }
   const int max_cluster = dev.clusters ? kMaxCluster : 1;
   int c = 1;
-  while (c < max_cluster && 2 * round_up((cols + c - 1) / c) * elem > dev.slice_budget) c *= 2;
+  while (c < max_cluster && 2 * round_up((cols + c - 1) / c) * elem > dev.knobs.slice_budget) c *= 2;
   g.cluster = c;
   g.slice = round_up((cols + c - 1) / c);
   const size_t staged = kFixedSmem + static_cast<size_t>(2 * stage_bytes(g.slice, elem));
-  g.stage = dev.stage != StageMode::kNever && staged <= dev.max_smem;
+  g.stage = dev.knobs.stage != StageMode::kNever && staged <= dev.max_smem;
   // A slice so large that one CTA fills an SM's shared memory (a row split
   // over the largest cluster: on an H100 bfloat16 rows past about 225k
   // columns, float32 past 113k) is streamed instead: two CTAs per SM reading
@@ -166,7 +169,7 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
   // bfloat16 4096x256000 4.67 -> 4.46 ms, JSD 11.1 -> 8.73 ms; JSD float32
   // 8192x128256 14.0 -> 13.2 ms. Measured on Hopper (clusters) only, so only
   // there.
-  if (g.stage && dev.stage == StageMode::kAuto && dev.clusters && dev.smem_per_sm > 0 &&
+  if (g.stage && dev.knobs.stage == StageMode::kAuto && dev.clusters && dev.smem_per_sm > 0 &&
       2 * (staged + dev.smem_reserved) > dev.smem_per_sm) {
     g.stage = false;
   }

@@ -388,7 +388,7 @@ void test_plan() {
         "2048 bf16: a warp; 1 f32: a lane; 37 f32: two lanes");
   check(s16.blocks == std::min<int64_t>(65536 / (kThreads / 8), 132 * 8), str("65536x512 bf16: ", s16.blocks, " CTAs"));
   DeviceLimits forced = h100;
-  forced.row_lanes = 32;
+  forced.knobs.row_lanes = 32;
   check(plan_grid(65536, 512, 2, forced).lanes == 32, "BATCHKL_LOGITS_ROW_LANES=32: a warp per row");
   const Grid g32 = plan_grid(8192, 32000, 2, h100);
   check(g32.cluster == 2 && g32.stage, str("8192x32000 bf16: cluster ", g32.cluster, " stage ", g32.stage));
@@ -409,8 +409,8 @@ void test_plan() {
         "H100: 128 KB slices (one CTA per SM) streamed");
   check(plan_grid(4096, 256000, 2, sm).cluster == 8, "H100 256000 bf16: still 8 CTAs per row");
   DeviceLimits all = sm, none = sm;
-  all.stage = StageMode::kWhereFits;
-  none.stage = StageMode::kNever;
+  all.knobs.stage = StageMode::kWhereFits;
+  none.knobs.stage = StageMode::kNever;
   check(plan_grid(4096, 256000, 2, all).stage && !plan_grid(8192, 32000, 2, none).stage, "stage knob");
   DeviceLimits a100sm = a100;
   a100sm.smem_per_sm = 164 * 1024;
@@ -434,7 +434,7 @@ void test_plan() {
 void test_row_lanes() {
   for (const int lanes : {1, 2, 4, 8, 16, 32}) {
     g_device = kDevices[1].second;
-    g_device.row_lanes = lanes;
+    g_device.knobs.row_lanes = lanes;
     for (const auto& [rows, cols] : std::vector<std::pair<int64_t, int64_t>>{{37, 13}, {19, 512}, {9, 2048}}) {
       for (const auto dt : {at::kFloat, at::kBFloat16}) {
         auto x = logits(rows, cols, dt), t = logits(rows, cols, dt);
@@ -466,7 +466,7 @@ void test_row_lanes() {
   // loop: each row against the CPU kernel.
   for (const int lanes : {1, 4, 32}) {
     g_device = DeviceLimits{1, 227 * 1024, true};
-    g_device.row_lanes = lanes;
+    g_device.knobs.row_lanes = lanes;
     const int64_t rows = 8 * (kThreads / lanes) * 2 + 5;
     for (const auto dt : {at::kFloat, at::kBFloat16}) {
       const auto x = logits(rows, 13, dt), t = logits(rows, 13, dt);
