@@ -38,8 +38,18 @@ SETTINGS = {
     # Streamed with larger slices: fewer CTAs per row, more elements per
     # thread, the second read served by L2 while the rows in flight fit there
     # (H100: 8192x128256 bfloat16 at 128 KiB is about 33 MB in flight).
+    # Larger slices at two CTAs per SM (what the registers allow anyway):
+    # 8192x128256 bfloat16 in 6 or 5 CTAs per row instead of 8.
+    "slice96": {"BATCHKL_LOGITS_SLICE_KIB": "96"},
+    "slice104": {"BATCHKL_LOGITS_SLICE_KIB": "104"},
     "stream128": {"BATCHKL_LOGITS_STAGE": "0", "BATCHKL_LOGITS_SLICE_KIB": "128"},
     "stream256": {"BATCHKL_LOGITS_STAGE": "0", "BATCHKL_LOGITS_SLICE_KIB": "256"},
+    # The forward KL's general sweep instead of its lean one; a cluster's row
+    # loss all-reduced instead of added up in rank 0; both (as before 2026-11-27).
+    "nolean": {"BATCHKL_LOGITS_LEAN": "0"},
+    "distill": {"BATCHKL_LOGITS_LEAN": "2"},  # the lean sweeps in a kernel of their own, 3 CTAs per SM
+    "noshare": {"BATCHKL_LOGITS_SHARE": "0"},
+    "neither": {"BATCHKL_LOGITS_LEAN": "0", "BATCHKL_LOGITS_SHARE": "0"},
     "lanes32": {"BATCHKL_LOGITS_ROW_LANES": "32"},  # a whole warp per short row (before 2026-11-26)
     "lanes4": {"BATCHKL_LOGITS_ROW_LANES": "4"},  # fewer lanes per short row than the default at 512
 }

@@ -379,13 +379,15 @@ def test_cuda_compile(dynamic):
 @pytest.mark.parametrize("knobs", [{"BATCHKL_LOGITS_STAGE": "0"}, {"BATCHKL_LOGITS_STAGE": "1"},
                                    {"BATCHKL_LOGITS_SLICE_KIB": "16"},
                                    {"BATCHKL_LOGITS_SLICE_KIB": "256"}, {"BATCHKL_LOGITS_ROW_LANES": "1"},
-                                   {"BATCHKL_LOGITS_ROW_LANES": "32"}], ids=str)
+                                   {"BATCHKL_LOGITS_ROW_LANES": "32"}, {"BATCHKL_LOGITS_LEAN": "0"},
+                                   {"BATCHKL_LOGITS_LEAN": "2"}, {"BATCHKL_LOGITS_SHARE": "0"}], ids=str)
 def test_tuning_knobs_change_the_launch_not_the_results(knobs):
     """The launcher's developer knobs (read once per process, hence a fresh
     one): streamed rows, slices that take more or fewer CTAs per row, and
-    short rows on one lane or a whole warp each, still give the float64
-    reference's values and gradients at every launch shape, and each setting
-    is deterministic."""
+    short rows on one lane or a whole warp each, the forward KL's general
+    sweep instead of its lean one, a cluster's loss all-reduced, still give
+    the float64 reference's values and gradients at every launch shape, and
+    each setting is deterministic."""
     run_python("import test_logits_cuda\ntest_logits_cuda.check_under_knobs()\n", str(knobs), env=knobs)
 
 
@@ -397,6 +399,7 @@ def check_under_knobs():
             rows = 37 if v <= 2048 else 2 if v > 100000 else 3
             x, t = make_logits((rows, v), dtype), make_logits((rows, v), dtype)
             check_cuda(x, t, beta=0.0)
+            check_cuda(x, t, beta=0.0, grad_target=False)  # distillation's case: the lean sweep
             check_cuda(x, t, beta=0.5, reduction="none")
             a = op(x.to(DEV), t.to(DEV), beta=0.5, reduction="none")
             assert_bitwise_equal(a, op(x.to(DEV), t.to(DEV), beta=0.5, reduction="none"))
@@ -405,8 +408,10 @@ def check_under_knobs():
 @pytest.mark.parametrize("knobs,message", [({"BATCHKL_LOGITS_STAGE": "no"}, "BATCHKL_LOGITS_STAGE: expected 0 or 1"),
                                            ({"BATCHKL_LOGITS_SLICE_KIB": "64k"}, "BATCHKL_LOGITS_SLICE_KIB: expected"),
                                            ({"BATCHKL_LOGITS_ROW_LANES": "3"},
-                                            "BATCHKL_LOGITS_ROW_LANES: expected 1, 2, 4, 8, 16 or 32, got '3'")],
-                         ids=["stage", "slice", "lanes"])
+                                            "BATCHKL_LOGITS_ROW_LANES: expected 1, 2, 4, 8, 16 or 32, got '3'"),
+                                           ({"BATCHKL_LOGITS_LEAN": "yes"}, "BATCHKL_LOGITS_LEAN: expected 0, 1 or 2"),
+                                           ({"BATCHKL_LOGITS_SHARE": "2"}, "BATCHKL_LOGITS_SHARE: expected 0 or 1")],
+                         ids=["stage", "slice", "lanes", "lean", "share"])
 def test_a_bad_tuning_knob_is_an_error_naming_it(knobs, message):
     code = ("import torch, pytest, batchkl_ext\n"
             "x = torch.randn(2, 5000, device='cuda')\n"

@@ -30,6 +30,10 @@ namespace {
 //                             where two CTAs still fit on an SM; see plan_grid)
 //   BATCHKL_LOGITS_ROW_LANES  threads per short row (1, 2, 4, 8, 16 or 32; default: by
 //                             its length, kPacksPerLane)
+//   BATCHKL_LOGITS_LEAN       the forward KL where the target needs no gradient: 0 the
+//                             general sweep, 1 the lean one (the default), 2 the lean one
+//                             in a kernel of its own that runs three CTAs per SM
+//   BATCHKL_LOGITS_SHARE      0: a cluster's row loss is all-reduced, not added up in rank 0
 const LaunchKnobs& tuning() {
   static const LaunchKnobs t = [] {
     LaunchKnobs v;
@@ -50,6 +54,16 @@ const LaunchKnobs& tuning() {
       TORCH_CHECK(s == "1" || s == "2" || s == "4" || s == "8" || s == "16" || s == "32",
                   "BATCHKL_LOGITS_ROW_LANES: expected 1, 2, 4, 8, 16 or 32, got '", s, "'");
       v.row_lanes = std::stoi(s);
+    }
+    if (const char* lean = std::getenv("BATCHKL_LOGITS_LEAN")) {
+      const std::string s(lean);
+      TORCH_CHECK(s == "0" || s == "1" || s == "2", "BATCHKL_LOGITS_LEAN: expected 0, 1 or 2, got '", s, "'");
+      v.lean = std::stoi(s);
+    }
+    if (const char* share = std::getenv("BATCHKL_LOGITS_SHARE")) {
+      const std::string s(share);
+      TORCH_CHECK(s == "0" || s == "1", "BATCHKL_LOGITS_SHARE: expected 0 or 1, got '", s, "'");
+      v.share = s == "1";
     }
     return v;
   }();
@@ -95,10 +109,12 @@ template <typename scalar_t, Divergence kDiv, bool kProbs>
 void launch_typed(const LogitsLaunch& p) {
   constexpr int64_t elem = sizeof(scalar_t);
   const RowGeometry& geo = p.geo;
-  const LogitsKernel kernel = logits_kernel_for(DtypeTag<scalar_t>{}, p);
+  const bool distill = tuning().lean == 2 && distill_case(p);
+  const LogitsKernel kernel = logits_kernel_for(DtypeTag<scalar_t>{}, p, distill);
   TORCH_INTERNAL_ASSERT(kernel != nullptr, "batchkl.kl_with_logits: no CUDA kernel for this divergence");
-  static std::array<std::atomic<int>, 64> seen{};  // this kernel, per device (prepare)
-  Grid grid = plan_grid(geo.rows, geo.cols, elem, prepare(kernel, seen));
+  // Per kernel (the general one and the kDistill one) and device (prepare).
+  static std::array<std::array<std::atomic<int>, 64>, 2> seen{};
+  Grid grid = plan_grid(geo.rows, geo.cols, elem, prepare(kernel, seen[distill ? 1 : 0]));
 
   auto stream = at::cuda::getCurrentCUDAStream();
   const auto opts = at::TensorOptions().device(at::kCUDA, at::cuda::current_device());

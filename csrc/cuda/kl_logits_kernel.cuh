@@ -89,10 +89,12 @@ constexpr int kSlotsPerExchange = kWarps + 2;
 // Exchanges per row: the maxes, the rescaled sums, the divergence sums.
 constexpr int kExchanges = 3;
 // Shared memory: the epilogue's block sum, then the exchanges' slots, then
-// the staged slice.
+// the row loss's shares of a cluster's CTAs (rank 0's are read), then the
+// staged slice.
 constexpr size_t kFinalBytes = kThreads * sizeof(double) + 16;
 constexpr size_t kExchangeBytes = kExchanges * kSlotsPerExchange * sizeof(Slot);
-constexpr size_t kFixedSmem = kFinalBytes + kExchangeBytes;
+constexpr size_t kShareBytes = kMaxCluster * sizeof(double);
+constexpr size_t kFixedSmem = kFinalBytes + kExchangeBytes + kShareBytes;
 
 // How a call is cut up; a function of the row length, the dtype and the
 // device (plan_grid), never of the number of rows.
@@ -104,6 +106,8 @@ struct Grid {
   bool stage = false;   // the slice stays in shared memory between sweeps
   int64_t blocks = 1;
   size_t smem = 0;  // dynamic shared memory per CTA
+  bool lean = true;   // the forward KL's lean sweep (RowWork::lean_step) where it applies
+  bool share = true;  // a cluster adds its CTAs' loss shares up in rank 0 (no broadcast)
 };
 
 // Where a long row's slices live between sweeps (BATCHKL_LOGITS_STAGE).
@@ -119,6 +123,11 @@ struct LaunchKnobs {
   int64_t slice_budget = kSliceBudget;  // the bytes a CTA's slice aims at
   StageMode stage = StageMode::kAuto;   // where slices live
   int row_lanes = 0;                    // lanes per short row; 0: kPacksPerLane decides
+  // The forward KL's sweeps where the target needs no gradient: 0 the
+  // general one, 1 the lean one (Grid::lean), 2 the lean one in the kDistill
+  // kernel (three CTAs per SM).
+  int lean = 1;
+  bool share = true;                    // Grid::share
 };
 
 struct DeviceLimits {
@@ -136,6 +145,8 @@ constexpr int64_t stage_bytes(int64_t slice, int64_t elem) { return (slice * ele
 
 inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimits& dev) {
   Grid g;
+  g.lean = dev.knobs.lean >= 1;
+  g.share = dev.knobs.share;
   const int64_t pack = 16 / elem;
   const auto round_up = [&](int64_t v) { return (v + pack - 1) / pack * pack; };
   if (cols <= kWarpRowCols) {
@@ -157,7 +168,11 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
   }
   const int max_cluster = dev.clusters ? kMaxCluster : 1;
   int c = 1;
-  while (c < max_cluster && 2 * round_up((cols + c - 1) / c) * elem > dev.knobs.slice_budget) c *= 2;
+  // Any cluster size up to 8 (not only powers of two): the fewest CTAs whose
+  // slices fit the budget, so that each thread's share of a row, which pays
+  // for the row's fixed costs (its three exchanges, its constants), is as
+  // large as the budget allows.
+  while (c < max_cluster && 2 * round_up((cols + c - 1) / c) * elem > dev.knobs.slice_budget) ++c;
   g.cluster = c;
   g.slice = round_up((cols + c - 1) / c);
   const size_t staged = kFixedSmem + static_cast<size_t>(2 * stage_bytes(g.slice, elem));
@@ -249,6 +264,8 @@ __device__ __forceinline__ float max_skip_nan(float a, float b) { return ::fmaxf
 __device__ __forceinline__ double max_skip_nan(double a, double b) { return ::fmax(a, b); }
 __device__ __forceinline__ float log_(float v) { return ::logf(v); }
 __device__ __forceinline__ double log_(double v) { return ::log(v); }
+__device__ __forceinline__ float log2_(float v) { return ::log2f(v); }
+__device__ __forceinline__ double log2_(double v) { return ::log2(v); }
 
 // Asynchronous 16-byte copies from global to shared memory (sm_80+), so that
 // a CTA has its whole slice in flight at once and sweep 1 works on the packs
@@ -362,7 +379,7 @@ __device__ __forceinline__ void cluster_sync() {
 
 // Where cluster rank `r` keeps the object that this CTA keeps at `p`.
 template <typename T>
-__device__ __forceinline__ const T* cluster_peer(T* p, unsigned r) {
+__device__ __forceinline__ T* cluster_peer(T* p, unsigned r) {
 #if defined(BATCHKL_CUDA_EMULATOR)
   return ::batchkl_emu::cluster_peer(p, r);
 #elif defined(BATCHKL_CLUSTERS)
@@ -428,6 +445,22 @@ __device__ __forceinline__ void cta_allreduce(double (&v)[K], Op op, Slot* slots
   for (int k = 0; k < K; ++k) v[k] = total->v[k];
 }
 
+// The CTA's total in thread 0 alone (the others' `v` is left partial): the
+// same order as cta_allreduce's, without its broadcast. `slots`: kWarps Slots.
+template <int K, class Op>
+__device__ __forceinline__ void cta_reduce(double (&v)[K], Op op, Slot* slots) {
+  warp_allreduce(v, op);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) slots[warp].v[k] = v[k];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kWarps; ++w) op(v, slots[w].v);
+  }
+}
+
 // Pack `i` of a run of `len` elements at `base` (column stride `stride`):
 // one 16-byte access where allowed, else element by element, padded with
 // `fill`. Either way a thread sees the same values in the same order.
@@ -474,15 +507,23 @@ __device__ __forceinline__ void store_pack(scalar_t* base, int64_t i, int64_t le
 // for p; d = log p - log q - (y - x) / T, a row constant. Every argument
 // starts from x - m_q: exact at the max, and rounded relative to the
 // distance from it, not to the size of the logit or of log S. Probs: q = x *
-// inv_sum_q, log q = log x - log_sum_q, and the same for p.
+// inv_sum_q, log q = log x - log_sum_q, and the same for p. The forward
+// KL's lean sweep (RowWork::lean_step) takes q = 2^((x - m_q) k2 + off_q)
+// with off_q = -log2 S_q instead (one fused multiply-add and the SFU, where
+// the scaling by 1 / S_q costs a multiply more).
 template <typename acc_t>
 struct RowConsts {
   acc_t m_q, m_p, log_sum_q, log_sum_p, d;
   acc_t inv_sum_q, inv_sum_p;
+  acc_t off_q, off_p;
 };
 
-template <typename scalar_t, Divergence kDiv, bool kProbs>
+// kDistill: the forward KL from logits with the student's gradient alone (or
+// none), distillation's case: only the lean sweeps are compiled, which take
+// few enough registers for three CTAs per SM (logits_kernel).
+template <typename scalar_t, Divergence kDiv, bool kProbs, bool kDistill = false>
 struct RowWork {
+  static_assert(!kDistill || (kDiv == Divergence::kForward && !kProbs), "kDistill: the forward KL from logits");
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t>;
   using Ops = DeviceOps<acc_t>;
@@ -546,6 +587,37 @@ struct RowWork {
     }
   }
 
+  // The forward KL from logits, the student's gradient alone (or none):
+  // distillation's case, and the one a second sweep finishes (the gradient's
+  // row constant is -1 a priori). Per element, what `term` and `raw_grad`
+  // compute, in about two thirds of the instructions (H100, 2026-11-26: the
+  // two-sweep kernel issued 1.7 warp instructions per element and was bound
+  // by issue, not memory): q and p take their normaliser in the exponent,
+  // and the loss p (log p - log q) is a fused multiply-add whose zero-
+  // probability rule is a clamp: where p = 0 because y = -inf, log p - log q
+  // is -inf or NaN (both -inf), which the clamp turns into a finite value
+  // that p = 0 then zeroes. The one case left, p = 0 from underflow where x
+  // = -inf (0 * +inf), makes the thread's sum NaN; the caller then sums its
+  // packs again through `term` (exact_loss). The gradient (q - p) * scale is
+  // the same expression as raw_grad's with its row constant -1.
+  template <bool kGX>
+  __device__ __forceinline__ void lean_step(const P& xp, const P& yp, const RowConsts<acc_t>& k, acc_t& loss,
+                                            P& ox) const {
+    acc_t xs[N], ys[N];
+    unpack(xp, xs);
+    unpack(yp, ys);
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      const acc_t pr = exp2_fast(fma_(ys[e] - k.m_p, k2, k.off_p));
+      const acc_t lr = max_skip_nan(fma_(ys[e] - xs[e], inv_t, k.d), -std::numeric_limits<acc_t>::max());
+      loss = fma_(pr, lr, loss);
+      if constexpr (kGX) {
+        const acc_t q = exp2_fast(fma_(xs[e] - k.m_q, k2, k.off_q));
+        ox.v[e] = static_cast<scalar_t>((q - pr) * scale);
+      }
+    }
+  }
+
   __device__ __forceinline__ acc_t raw_grad(acc_t g, acc_t pr, acc_t raw, acc_t c, acc_t inv_sum) const {
     return batchkl::raw_grad<kProbs, acc_t, Ops>(g, pr, raw, c, inv_sum, scale);
   }
@@ -600,26 +672,34 @@ struct RowWork {
   // that remain).
   __device__ __forceinline__ static int stage_async(const scalar_t* x, const scalar_t* y, scalar_t* to_x,
                                                     scalar_t* to_y, int64_t len, int tid, int group) {
-    const int64_t whole = len / N, npacks = (len + N - 1) / N;
+    // 32-bit pack indices (a staged slice fits in shared memory), and the
+    // partial pack after the loop: with 64-bit indices and the element-wise
+    // copy inside it, each 16-byte copy cost about 12 instructions.
+    const int whole = static_cast<int>(len / N), npacks = static_cast<int>((len + N - 1) / N);
+    const P* const fx = reinterpret_cast<const P*>(x);
+    const P* const fy = reinterpret_cast<const P*>(y);
+    P* const tx = reinterpret_cast<P*>(to_x);
+    P* const ty = reinterpret_cast<P*>(to_y);
     int groups = 0;
-    for (int64_t i0 = tid; i0 < npacks; i0 += int64_t{group} * kUnroll) {
+    for (int i0 = tid; i0 < npacks; i0 += group * kUnroll) {
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        const int64_t i = i0 + int64_t{u} * group;
+        const int i = i0 + u * group;
         if (i < whole) {
-          BATCHKL_CHECK_ALIGNED(x + i * N);
-          BATCHKL_CHECK_ALIGNED(y + i * N);
-          cp_async_16(to_x + i * N, x + i * N);
-          cp_async_16(to_y + i * N, y + i * N);
-        } else if (i < npacks) {
-          for (int64_t j = i * N; j < len; ++j) {
-            to_x[j] = x[j];
-            to_y[j] = y[j];
-          }
+          BATCHKL_CHECK_ALIGNED(fx + i);
+          BATCHKL_CHECK_ALIGNED(fy + i);
+          cp_async_16(tx + i, fx + i);
+          cp_async_16(ty + i, fy + i);
         }
       }
       cp_async_commit();
       ++groups;
+    }
+    if (whole < npacks && tid == whole % group) {
+      for (int64_t j = int64_t{whole} * N; j < len; ++j) {
+        to_x[j] = x[j];
+        to_y[j] = y[j];
+      }
     }
     return groups;
   }
@@ -627,12 +707,16 @@ struct RowWork {
   // One row, or one CTA's slice of it. `tid` / `group`: this thread's rank
   // in the group and the group's size (up to 32: lanes of one warp, reducing
   // with shuffles alone; kThreads: the CTA); `cluster`: CTAs per row. Returns the row's
-  // loss (the same in every thread of the group).
+  // loss, the same in every thread of the group, or where `share` comes back
+  // true, this CTA's share of it in thread 0 alone (the caller adds the
+  // cluster's shares up).
   __device__ double row(int64_t r, int64_t c0, int64_t len, int tid, int group, int cluster,
-                        unsigned char* stage, Slot* slots) const {
+                        unsigned char* stage, Slot* slots, bool& share) const {
+    share = false;
     const RowGeometry& g = p.geo;
     scalar_t* gx = want_gx ? static_cast<scalar_t*>(p.ptr[kGradInput]) + g.row_offset(kGradInput, r) + c0 : nullptr;
-    scalar_t* gy = want_gy ? static_cast<scalar_t*>(p.ptr[kGradTarget]) + g.row_offset(kGradTarget, r) + c0 : nullptr;
+    scalar_t* gy = !kDistill && want_gy ? static_cast<scalar_t*>(p.ptr[kGradTarget]) + g.row_offset(kGradTarget, r) + c0
+                                         : nullptr;
     const int64_t npacks = len > 0 ? (len + N - 1) / N : 0;
     // 16-byte accesses wherever this row's addresses allow them: a thread
     // sees the same values in the same order either way.
@@ -745,9 +829,10 @@ struct RowWork {
       }
     }
     allreduce(tot, AddOp{}, 1);
-    if (!kProbs && (tot[0] != tot[0] || tot[1] != tot[1])) {
-      // A +inf logit (or a NaN) leaves no distribution: NaN for the row and
-      // its gradients, as PyTorch gives.
+    if (!kProbs && (tot[0] != tot[0] || tot[1] != tot[1] || tot[0] == 0 || tot[1] == 0)) {
+      // A +inf logit (or a NaN), or a row of -inf only (a sum of 0), leaves
+      // no distribution: NaN for the row and its gradients, as PyTorch gives
+      // (and as the CPU kernel gets from its NaN log-probabilities).
       fill_grads(std::numeric_limits<acc_t>::quiet_NaN());
       return std::numeric_limits<double>::quiet_NaN();
     }
@@ -765,9 +850,11 @@ struct RowWork {
       k.m_p = static_cast<acc_t>(mx[1]);
       // log p - log q = (y - x) / T + d
       k.d = fma_(k.m_q - k.m_p, inv_t, log_(static_cast<acc_t>(tot[0] / tot[1])));
+      k.off_q = -log2_(static_cast<acc_t>(tot[0]));
+      k.off_p = -log2_(static_cast<acc_t>(tot[1]));
     }
 
-    const bool third = needs_row_totals(kDiv, want_gx, want_gy);
+    const bool third = !kDistill && needs_row_totals(kDiv, want_gx, want_gy);
     const acc_t minus_one(-1);
 
     // One pass over the slice: sums the divergence (and when kTotals, the
@@ -775,11 +862,17 @@ struct RowWork {
     // gradients that kGX / kGY select, given their row constants cq / cp.
     // Compile-time choices, so that a pass computes only those and keeps its
     // packs in registers (a run-time one spilled them).
-    const auto sweep = [&](auto write_gx, auto write_gy, auto totals, acc_t cq, acc_t cp, double(&sums)[3]) {
+    const auto sweep = [&](auto write_gx, auto write_gy, auto totals, auto lean, acc_t cq, acc_t cp,
+                           double(&sums)[3]) {
       constexpr bool kGX = decltype(write_gx)::value, kGY = decltype(write_gy)::value;
       constexpr bool kTotals = decltype(totals)::value;
       acc_t loss = 0, sum_gq = 0, sum_gp = 0;
+      constexpr bool kLean = decltype(lean)::value && kDiv == Divergence::kForward && !kProbs && !kTotals && !kGY;
       const auto step = [&](const P xp, const P yp, P& ox, P& oy) {  // by value: one 16-byte load each
+        if constexpr (kLean) {
+          lean_step<kGX>(xp, yp, k, loss, ox);
+          return;
+        }
         acc_t xs[N], ys[N];
         unpack(xp, xs);
         unpack(yp, ys);
@@ -840,6 +933,23 @@ struct RowWork {
         if constexpr (kGX) store_pack(gx, i, len, vgx, ox);
         if constexpr (kGY) store_pack(gy, i, len, vgy, oy);
       }
+      if constexpr (kLean) {
+        if (loss != loss) {
+          // lean_step's one NaN that is not the row's (see there): this
+          // thread's packs again, their loss through `term`.
+          loss = 0;
+          for (int64_t j = tid; j < npacks; j += group) {
+            acc_t xs[N], ys[N];
+            unpack(load_pack(rx, rsx, j, len, rvx, fill()), xs);
+            unpack(load_pack(ry, rsy, j, len, rvy, fill()), ys);
+#pragma unroll 1
+            for (int e = 0; e < N; ++e) {
+              acc_t q, pr;
+              loss += term(xs[e], ys[e], k, q, pr).loss;
+            }
+          }
+        }
+      }
       sums[0] = static_cast<double>(loss);
       sums[1] = static_cast<double>(sum_gq);
       sums[2] = static_cast<double>(sum_gp);
@@ -847,31 +957,56 @@ struct RowWork {
     using On = std::true_type;
     using Off = std::false_type;
     // The writing sweep needs no totals: with a third sweep, the second has them.
+    // The lean sweep, or (BATCHKL_LOGITS_LEAN=0, for measuring it) the
+    // general one, where the lean one applies.
+    const auto lean_or_not = [&](auto write_gx, acc_t cq, acc_t cp, double(&sums)[3]) {
+      if constexpr (kDiv == Divergence::kForward && !kProbs) {
+        if (!grid.lean) return sweep(write_gx, Off{}, Off{}, Off{}, cq, cp, sums);
+      }
+      sweep(write_gx, Off{}, Off{}, On{}, cq, cp, sums);
+    };
     const auto writing_sweep = [&](acc_t cq, acc_t cp, double(&sums)[3]) {
+      if constexpr (kDistill) {
+        return gx != nullptr ? sweep(On{}, Off{}, Off{}, On{}, cq, cp, sums)
+                             : sweep(Off{}, Off{}, Off{}, On{}, cq, cp, sums);
+      }
       if (gx != nullptr && gy != nullptr) {
-        sweep(On{}, On{}, Off{}, cq, cp, sums);
+        sweep(On{}, On{}, Off{}, Off{}, cq, cp, sums);
       } else if (gx != nullptr) {
-        sweep(On{}, Off{}, Off{}, cq, cp, sums);
+        lean_or_not(On{}, cq, cp, sums);
       } else if (gy != nullptr) {
-        sweep(Off{}, On{}, Off{}, cq, cp, sums);
+        sweep(Off{}, On{}, Off{}, Off{}, cq, cp, sums);
       } else {
-        sweep(Off{}, Off{}, Off{}, cq, cp, sums);
+        lean_or_not(Off{}, cq, cp, sums);
       }
     };
     double sums[3];
-    if (third) {
-      sweep(Off{}, Off{}, On{}, minus_one, minus_one, sums);
-      allreduce(sums, AddOp{}, 2);
-    } else {
+    bool done = false;
+    if constexpr (!kDistill) {
+      if (third) {
+        sweep(Off{}, Off{}, On{}, Off{}, minus_one, minus_one, sums);
+        allreduce(sums, AddOp{}, 2);
+        double unused[3];
+        writing_sweep(kDiv == Divergence::kForward ? minus_one : static_cast<acc_t>(sums[1]),
+                      kDiv == Divergence::kReverse ? minus_one : static_cast<acc_t>(sums[2]), unused);
+        done = true;
+      }
+    }
+    if (!done) {
       writing_sweep(minus_one, minus_one, sums);
       double loss[1] = {sums[0]};
-      allreduce(loss, AddOp{}, 2);
+      if (group <= 32) {
+        warp_allreduce(loss, AddOp{}, group);
+      } else if (grid.share) {
+        // Only the row's total is wanted, in one thread: no broadcast, and
+        // across a cluster no barrier of its own (the kernel's last one
+        // serves; see there).
+        cta_reduce(loss, AddOp{}, slots + 2 * kSlotsPerExchange);
+        share = true;
+      } else {
+        cta_allreduce(loss, AddOp{}, slots + 2 * kSlotsPerExchange, cluster);
+      }
       sums[0] = loss[0];
-    }
-    if (third) {
-      double unused[3];
-      writing_sweep(kDiv == Divergence::kForward ? minus_one : static_cast<acc_t>(sums[1]),
-                    kDiv == Divergence::kReverse ? minus_one : static_cast<acc_t>(sums[2]), unused);
     }
     return sums[0];
   }
@@ -897,12 +1032,15 @@ __global__ void __launch_bounds__(kThreads) count_kept_kernel(const bool* __rest
 // `row_loss`: one double per row (the per-row output itself for reduction
 // 'none', else a workspace); `ticket`: zeroed; `kept`: the count_kept_kernel
 // result when p.divide_by_kept_rows.
-template <typename scalar_t, Divergence kDiv, bool kProbs>
-__global__ void __launch_bounds__(kThreads, 2)
+// Two CTAs per SM (128 registers a thread), three for the distillation
+// kernel (kDistill, 80 registers; their staged 64 KB slices fit beside each
+// other too).
+template <typename scalar_t, Divergence kDiv, bool kProbs, bool kDistill = false>
+__global__ void __launch_bounds__(kThreads, kDistill ? 3 : 2)
     logits_kernel(const __grid_constant__ LogitsLaunch p, const __grid_constant__ Grid grid,
                   double* __restrict__ row_loss,
                   unsigned int* __restrict__ ticket, const unsigned long long* __restrict__ kept) {
-  using Work = RowWork<scalar_t, kDiv, kProbs>;
+  using Work = RowWork<scalar_t, kDiv, kProbs, kDistill>;
   using acc_t = typename Work::acc_t;
   BATCHKL_DYNAMIC_SMEM(smem);
   double* const final_sum = reinterpret_cast<double*>(smem);
@@ -933,7 +1071,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int tid = static_cast<int>(threadIdx.x) & (lanes - 1);  // lanes: a power of two
     for (int64_t r = static_cast<int64_t>(blockIdx.x) * rows_per_cta + threadIdx.x / lanes; r < rows;
          r += static_cast<int64_t>(gridDim.x) * rows_per_cta) {
-      const double loss = work.row(r, 0, cols, tid, lanes, 1, nullptr, nullptr);
+      bool share;
+      const double loss = work.row(r, 0, cols, tid, lanes, 1, nullptr, nullptr, share);
       if (tid == 0) row_loss[r] = loss;
     }
   } else {
@@ -942,11 +1081,26 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int64_t r = static_cast<int64_t>(blockIdx.x) / cluster;
     const int64_t c0 = static_cast<int64_t>(rank) * grid.slice;
     const int64_t len = std::min<int64_t>(grid.slice, cols - c0);
-    const double loss = work.row(r, c0, len, threadIdx.x, kThreads, cluster, stage, slots);
-    if (rank == 0 && threadIdx.x == 0) row_loss[r] = loss;
-    // No CTA may leave (and free its shared memory) while another of its
-    // cluster still reads from it.
-    if (cluster > 1) cluster_sync();
+    bool share;
+    const double loss = work.row(r, c0, len, threadIdx.x, kThreads, cluster, stage, slots, share);
+    if (share && cluster > 1) {
+      // Each CTA's share goes to rank 0's shared memory, which adds them up
+      // in rank order after the barrier (what cta_allreduce would have
+      // given, one barrier fewer). Peers then leave: no one reads theirs.
+      double* const shares = reinterpret_cast<double*>(smem + kFinalBytes + kExchangeBytes);
+      if (threadIdx.x == 0) *cluster_peer(shares + rank, 0) = loss;
+      cluster_sync();
+      if (rank == 0 && threadIdx.x == 0) {
+        double total = shares[0];
+        for (int k = 1; k < cluster; ++k) total += shares[k];
+        row_loss[r] = total;
+      }
+    } else {
+      if (rank == 0 && threadIdx.x == 0) row_loss[r] = loss;
+      // No CTA may leave (and free its shared memory) while another of its
+      // cluster still reads from it.
+      if (cluster > 1) cluster_sync();
+    }
   }
 
   if (p.scalar_out == nullptr) return;
@@ -978,9 +1132,16 @@ __global__ void __launch_bounds__(kThreads, 2)
 // dtypes' kernels side by side, where one file took minutes per GPU target.
 using LogitsKernel = void (*)(LogitsLaunch, Grid, double*, unsigned int*, const unsigned long long*);
 
-// The kernel for p's divergence and inputs (dispatch_logits, as every backend).
+// Whether p is distillation's case, which the kDistill kernel serves.
+inline bool distill_case(const LogitsLaunch& p) {
+  return p.div == Divergence::kForward && !p.probs && !p.want_grad_target;
+}
+
+// The kernel for p's divergence and inputs (dispatch_logits, as every
+// backend); `distill`: the kDistill kernel, where distill_case(p).
 template <typename scalar_t>
-LogitsKernel logits_kernel_of(const LogitsLaunch& p) {
+LogitsKernel logits_kernel_of(const LogitsLaunch& p, bool distill) {
+  if (distill && distill_case(p)) return logits_kernel<scalar_t, Divergence::kForward, false, true>;
   LogitsKernel kernel = nullptr;
   dispatch_logits(p, [&](auto div, auto probs) {
     kernel = logits_kernel<scalar_t, decltype(div)::value, decltype(probs)::value>;
@@ -992,10 +1153,10 @@ LogitsKernel logits_kernel_of(const LogitsLaunch& p) {
 // would convert (an at::Half to float) where an overload were missing.
 template <typename scalar_t>
 struct DtypeTag {};
-LogitsKernel logits_kernel_for(DtypeTag<float>, const LogitsLaunch& p);
-LogitsKernel logits_kernel_for(DtypeTag<double>, const LogitsLaunch& p);
-LogitsKernel logits_kernel_for(DtypeTag<at::Half>, const LogitsLaunch& p);
-LogitsKernel logits_kernel_for(DtypeTag<at::BFloat16>, const LogitsLaunch& p);
+LogitsKernel logits_kernel_for(DtypeTag<float>, const LogitsLaunch& p, bool distill);
+LogitsKernel logits_kernel_for(DtypeTag<double>, const LogitsLaunch& p, bool distill);
+LogitsKernel logits_kernel_for(DtypeTag<at::Half>, const LogitsLaunch& p, bool distill);
+LogitsKernel logits_kernel_for(DtypeTag<at::BFloat16>, const LogitsLaunch& p, bool distill);
 
 }  // namespace logits_cuda
 }  // namespace batchkl

@@ -6,8 +6,8 @@
 namespace batchkl {
 namespace logits_cuda {
 
-LogitsKernel logits_kernel_for(DtypeTag<double>, const LogitsLaunch& p) {
-  return logits_kernel_of<double>(p);
+LogitsKernel logits_kernel_for(DtypeTag<double>, const LogitsLaunch& p, bool distill) {
+  return logits_kernel_of<double>(p, distill);
 }
 
 }  // namespace logits_cuda

@@ -6,8 +6,8 @@
 namespace batchkl {
 namespace logits_cuda {
 
-LogitsKernel logits_kernel_for(DtypeTag<float>, const LogitsLaunch& p) {
-  return logits_kernel_of<float>(p);
+LogitsKernel logits_kernel_for(DtypeTag<float>, const LogitsLaunch& p, bool distill) {
+  return logits_kernel_of<float>(p, distill);
 }
 
 }  // namespace logits_cuda

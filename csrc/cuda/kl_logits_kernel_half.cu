@@ -6,8 +6,8 @@
 namespace batchkl {
 namespace logits_cuda {
 
-LogitsKernel logits_kernel_for(DtypeTag<at::Half>, const LogitsLaunch& p) {
-  return logits_kernel_of<at::Half>(p);
+LogitsKernel logits_kernel_for(DtypeTag<at::Half>, const LogitsLaunch& p, bool distill) {
+  return logits_kernel_of<at::Half>(p, distill);
 }
 
 }  // namespace logits_cuda

@@ -208,14 +208,14 @@ inline void cluster_sync() { arrive_and_wait(tls.cluster->bar); }
 
 // The address in CTA `r`'s shared memory of what this CTA has at `p`.
 template <typename T>
-const T* cluster_peer(T* p, unsigned r) {
+T* cluster_peer(T* p, unsigned r) {
   const auto* mine = tls.cta->smem.data();
   const auto offset = reinterpret_cast<const unsigned char*>(p) - mine;
   if (offset < 0 || static_cast<size_t>(offset) >= tls.cta->smem.size()) {
     throw std::logic_error("cluster_peer: pointer outside this CTA's shared memory");
   }
   if (r >= tls.cluster->ctas.size()) throw std::logic_error("cluster_peer: rank outside the cluster");
-  return reinterpret_cast<const T*>(tls.cluster->ctas[r]->smem.data() + offset);
+  return reinterpret_cast<T*>(tls.cluster->ctas[r]->smem.data() + offset);
 }
 
 // kernel<<<grid, block, smem>>>(args...) with clusters of `cluster` CTAs.

@@ -55,7 +55,7 @@ void launch_typed(const LogitsLaunch& p) {
   }
   const unsigned long long* kept_ptr = &kept;
   batchkl_emu::launch(static_cast<unsigned>(grid.blocks), kThreads, grid.smem, grid.warp_rows ? 1 : grid.cluster,
-                      logits_kernel_of<scalar_t>(p), p, grid, row_loss, &ticket, kept_ptr);
+                      logits_kernel_of<scalar_t>(p, g_device.knobs.lean == 2), p, grid, row_loss, &ticket, kept_ptr);
 }
 
 void launch_emulated(const LogitsLaunch& p) {
@@ -203,6 +203,12 @@ void test_shapes_dtypes_divergences() {
           c.reduction = cols == 5000 ? "none" : "batchmean";
           c.temperature = cols == 37 ? 2.0 : 1.0;
           compare_with_cpu(x, t, c, str(dev_name, " ", dt, " ", rows, "x", cols, " beta=", beta, " ", c.reduction));
+          if (beta != 0.3) {
+            // The student's gradient alone: the forward KL's lean sweep.
+            c.grad_target = false;
+            compare_with_cpu(x, t, c, str(dev_name, " ", dt, " ", rows, "x", cols, " beta=", beta, " ", c.reduction,
+                                          " student's gradient alone"));
+          }
         }
       }
     }
@@ -311,12 +317,29 @@ void test_special_values() {
       // 1), and the first pack of a row.
       x[9][cols - 1] = std::numeric_limits<double>::quiet_NaN();
       t[10].narrow(0, 0, 8).fill_(std::numeric_limits<double>::quiet_NaN());
+      // The student's -inf where the teacher's probability underflows to 0:
+      // 0 * inf in the forward KL's lean sweep, whose thread then sums its
+      // loss again exactly (the row's loss is finite: its student's -inf in
+      // column 1 is put back).
+      x[0][1] = 0.5;
+      x[0][3] = -inf;
+      t[0][3] = -200;
       for (const auto dt : {at::kFloat, at::kBFloat16}) {
         for (const double beta : {0.0, 0.5, 1.0}) {
+          // Both gradients (a third sweep for the KLs), the student's alone
+          // (the forward KL's lean sweep), none.
+          for (const auto& [gi, gt] : {std::pair{true, true}, std::pair{true, false}, std::pair{false, false}}) {
+            Call c;
+            c.beta = beta;
+            c.reduction = "none";
+            c.grad_input = gi;
+            c.grad_target = gt;
+            compare_with_cpu(x.to(dt), t.to(dt), c, str(dev_name, " special values V=", cols, " ", dt, " beta=", beta,
+                                                          " grads=", gi, gt));
+          }
           Call c;
           c.beta = beta;
           c.reduction = "none";
-          compare_with_cpu(x.to(dt), t.to(dt), c, str(dev_name, " special values V=", cols, " ", dt, " beta=", beta));
           Call m = c;
           auto mask = at::ones({11}, at::kBool);
           mask[1] = false;  // the NaN row, excluded: 0 whatever it holds
@@ -349,6 +372,33 @@ void test_staged_equals_streamed() {
           check(!plan_grid(3, cols, at::elementSize(dt), g_device).stage, "streamed plan");
           check_bitwise(staged, emulated(x, t, c), str("staged vs streamed V=", cols, " clusters=", clusters, " ", dt));
         }
+      }
+    }
+  }
+}
+
+// The launch knobs that switch the forward KL's lean sweep and the cluster's
+// loss shares off (for measuring them): the general sweep agrees with the CPU
+// kernel, and the all-reduced loss adds the same shares in the same order.
+void test_lean_and_share_knobs() {
+  for (const int64_t cols : {512, 40003}) {
+    for (const auto dt : {at::kFloat, at::kBFloat16}) {
+      const auto x = logits(3, cols, dt), t = logits(3, cols, dt);
+      for (const char* red : {"none", "sum"}) {
+        Call c;
+        c.reduction = red;
+        c.grad_target = false;
+        g_device = DeviceLimits{4, 227 * 1024, true};
+        const Result lean = emulated(x, t, c);
+        g_device.knobs.lean = 2;  // the same sweeps in the distillation kernel: the same bits
+        check_bitwise(lean, emulated(x, t, c), str("distillation kernel V=", cols, " ", dt, " ", red));
+        g_device.knobs.lean = 0;
+        compare_with_cpu(x, t, c, str("general sweep V=", cols, " ", dt, " ", red));
+        const Result general = emulated(x, t, c);
+        check_close(std::get<0>(general), std::get<0>(lean), rtol_for(dt), 1e-6, str("lean vs general loss V=", cols));
+        g_device = DeviceLimits{4, 227 * 1024, true};
+        g_device.knobs.share = false;
+        check_bitwise(lean, emulated(x, t, c), str("shares vs all-reduce V=", cols, " ", dt, " ", red));
       }
     }
   }
@@ -496,6 +546,7 @@ int main() {
   test_staged_equals_streamed();
   test_batch_invariance();
   test_row_lanes();
+  test_lean_and_share_knobs();
   std::printf("%d checks, %d failed\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }
