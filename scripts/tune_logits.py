@@ -47,7 +47,9 @@ SETTINGS = {
     # The forward KL's general sweep instead of its lean one; a cluster's row
     # loss all-reduced instead of added up in rank 0; both (as before 2026-11-27).
     "nolean": {"BATCHKL_LOGITS_LEAN": "0"},
-    "distill": {"BATCHKL_LOGITS_LEAN": "2"},  # the lean sweeps in a kernel of their own, 3 CTAs per SM
+    # The lean sweeps in the general kernel (two CTAs per SM) instead of the
+    # distillation kernel (three; the default since 2026-11-27).
+    "lean_general": {"BATCHKL_LOGITS_LEAN": "1"},
     "noshare": {"BATCHKL_LOGITS_SHARE": "0"},
     "neither": {"BATCHKL_LOGITS_LEAN": "0", "BATCHKL_LOGITS_SHARE": "0"},
     "lanes32": {"BATCHKL_LOGITS_ROW_LANES": "32"},  # a whole warp per short row (before 2026-11-26)

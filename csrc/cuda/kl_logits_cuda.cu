@@ -31,7 +31,7 @@ namespace {
 //   BATCHKL_LOGITS_ROW_LANES  threads per short row (1, 2, 4, 8, 16 or 32; default: by
 //                             its length, kPacksPerLane)
 //   BATCHKL_LOGITS_LEAN       the forward KL where the target needs no gradient: 0 the
-//                             general sweep, 1 the lean one (the default), 2 the lean one
+//                             general sweep, 1 the lean one, 2 (the default) the lean one
 //                             in a kernel of its own that runs three CTAs per SM
 //   BATCHKL_LOGITS_SHARE      0: a cluster's row loss is all-reduced, not added up in rank 0
 const LaunchKnobs& tuning() {

@@ -377,9 +377,11 @@ void test_staged_equals_streamed() {
   }
 }
 
-// The launch knobs that switch the forward KL's lean sweep and the cluster's
-// loss shares off (for measuring them): the general sweep agrees with the CPU
-// kernel, and the all-reduced loss adds the same shares in the same order.
+// The launch knobs that switch the forward KL's distillation kernel, its lean
+// sweep and the cluster's loss shares off (for measuring them): the lean sweep
+// in the general kernel gives the distillation kernel's bits, the general
+// sweep agrees with the CPU kernel, and the all-reduced loss adds the same
+// shares in the same order.
 void test_lean_and_share_knobs() {
   for (const int64_t cols : {512, 40003}) {
     for (const auto dt : {at::kFloat, at::kBFloat16}) {
@@ -389,6 +391,7 @@ void test_lean_and_share_knobs() {
         c.reduction = red;
         c.grad_target = false;
         g_device = DeviceLimits{4, 227 * 1024, true};
+        g_device.knobs.lean = 1;
         const Result lean = emulated(x, t, c);
         g_device.knobs.lean = 2;  // the same sweeps in the distillation kernel: the same bits
         check_bitwise(lean, emulated(x, t, c), str("distillation kernel V=", cols, " ", dt, " ", red));
