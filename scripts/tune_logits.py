@@ -127,6 +127,9 @@ def main() -> int:
     p.add_argument("--beta", type=float, default=0.0, help="0: forward KL (the default), else GKD's JSD")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--env", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="knobs set under every setting (a setting's own value wins), e.g. an extension built "
+                        "with another default")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="cpu: check the script where there is no GPU (the knobs then change nothing)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -147,6 +150,11 @@ def main() -> int:
     results = {}
     for name in args.settings:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHKL_LOGITS_")}
+        for item in args.env:
+            key, sep, value = item.partition("=")
+            if not sep or not key.startswith("BATCHKL_"):
+                raise SystemExit(f"tune_logits.py: --env expects BATCHKL_...=VALUE, got {item!r}")
+            env[key] = value
         env.update(SETTINGS[name])
         run = subprocess.run(argv, env=env, capture_output=True, text=True)
         if run.returncode != 0:
