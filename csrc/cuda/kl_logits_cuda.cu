@@ -114,7 +114,7 @@ void launch_typed(const LogitsLaunch& p) {
   TORCH_INTERNAL_ASSERT(kernel != nullptr, "batchkl.kl_with_logits: no CUDA kernel for this divergence");
   // Per kernel (the general one and the kDistill one) and device (prepare).
   static std::array<std::array<std::atomic<int>, 64>, 2> seen{};
-  Grid grid = plan_grid(geo.rows, geo.cols, elem, prepare(kernel, seen[distill ? 1 : 0]));
+  Grid grid = plan_grid(geo.rows, geo.cols, elem, prepare(kernel, seen[distill ? 1 : 0]), distill);
 
   auto stream = at::cuda::getCurrentCUDAStream();
   const auto opts = at::TensorOptions().device(at::kCUDA, at::cuda::current_device());

@@ -146,7 +146,18 @@ struct DeviceLimits {
 // bytes so that it can keep its source's offset within 16 bytes.
 constexpr int64_t stage_bytes(int64_t slice, int64_t elem) { return (slice * elem + 16 + 15) / 16 * 16; }
 
-inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimits& dev) {
+// The distillation kernel (`distill`: three CTAs per SM) on Hopper streams a
+// row whose two operands take more than this many bytes, in slices of up to
+// as many (fewer CTAs per row, more of each thread's work per row exchange),
+// its second read served by L2 where it is. H200, 2026-11-27, forward +
+// backward queued, staged 64 KiB slices -> streamed 256 KiB ones: bfloat16
+// 8192x128256 2.95 -> 2.56 ms, 4096x256000 3.09 -> 2.62; float32 8192x128256
+// 6.16 -> 4.95 (streamed in 8 slices before); float32 4096x256000 4.99 either
+// way (8 slices either way); 8192x32000 stays staged (streamed in one slice it
+// took bfloat16 0.648 -> 0.70, float32 1.14 -> 1.25).
+constexpr int64_t kDistillStreamBytes = 256 * 1024;
+
+inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimits& dev, bool distill = false) {
   Grid g;
   g.lean = dev.knobs.lean >= 1;
   g.share = dev.knobs.share;
@@ -170,16 +181,20 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
     return g;
   }
   const int max_cluster = dev.clusters ? kMaxCluster : 1;
+  // The knobs, where set, win over the distillation kernel's streaming rule.
+  const bool distill_stream = distill && dev.clusters && dev.knobs.stage == StageMode::kAuto &&
+                              dev.knobs.slice_budget == kSliceBudget && 2 * cols * elem > kDistillStreamBytes;
+  const int64_t budget = distill_stream ? kDistillStreamBytes : dev.knobs.slice_budget;
   int c = 1;
   // Any cluster size up to 8 (not only powers of two): the fewest CTAs whose
   // slices fit the budget, so that each thread's share of a row, which pays
   // for the row's fixed costs (its three exchanges, its constants), is as
   // large as the budget allows.
-  while (c < max_cluster && 2 * round_up((cols + c - 1) / c) * elem > dev.knobs.slice_budget) ++c;
+  while (c < max_cluster && 2 * round_up((cols + c - 1) / c) * elem > budget) ++c;
   g.cluster = c;
   g.slice = round_up((cols + c - 1) / c);
   const size_t staged = kFixedSmem + static_cast<size_t>(2 * stage_bytes(g.slice, elem));
-  g.stage = dev.knobs.stage != StageMode::kNever && staged <= dev.max_smem;
+  g.stage = !distill_stream && dev.knobs.stage != StageMode::kNever && staged <= dev.max_smem;
   // A slice so large that one CTA fills an SM's shared memory (a row split
   // over the largest cluster: on an H100 bfloat16 rows past about 225k
   // columns, float32 past 113k) is streamed instead: two CTAs per SM reading
@@ -393,6 +408,20 @@ __device__ __forceinline__ T* cluster_peer(T* p, unsigned r) {
 #endif
 }
 
+// Each warp's total in slots[warp] (and in all its lanes' `v`), visible to
+// the whole CTA: the first step of cta_allreduce and cta_reduce, whose
+// folds of the slots in warp order then give the same bits.
+template <int K, class Op>
+__device__ __forceinline__ void warps_to_slots(double (&v)[K], Op op, Slot* slots) {
+  static_assert(K <= 4, "a Slot holds 4 doubles");
+  warp_allreduce(v, op);
+  if (threadIdx.x % 32 == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) slots[threadIdx.x / 32].v[k] = v[k];
+  }
+  __syncthreads();
+}
+
 // The same total in every thread of the CTA (and of the cluster when
 // `cluster` > 1). `slots`: kSlotsPerExchange Slots, used once per row.
 // Across the cluster, warp 0 alone reads the other CTAs' totals (a lane per
@@ -401,14 +430,8 @@ __device__ __forceinline__ T* cluster_peer(T* p, unsigned r) {
 // per thread.
 template <int K, class Op>
 __device__ __forceinline__ void cta_allreduce(double (&v)[K], Op op, Slot* slots, int cluster) {
-  static_assert(K <= 4, "a Slot holds 4 doubles");
-  warp_allreduce(v, op);
+  warps_to_slots(v, op, slots);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) {
-#pragma unroll
-    for (int k = 0; k < K; ++k) slots[warp].v[k] = v[k];
-  }
-  __syncthreads();
 #pragma unroll
   for (int k = 0; k < K; ++k) v[k] = slots[0].v[k];
   for (int w = 1; w < kWarps; ++w) op(v, slots[w].v);
@@ -452,13 +475,8 @@ __device__ __forceinline__ void cta_allreduce(double (&v)[K], Op op, Slot* slots
 // same order as cta_allreduce's, without its broadcast. `slots`: kWarps Slots.
 template <int K, class Op>
 __device__ __forceinline__ void cta_reduce(double (&v)[K], Op op, Slot* slots) {
-  warp_allreduce(v, op);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) {
-#pragma unroll
-    for (int k = 0; k < K; ++k) slots[warp].v[k] = v[k];
-  }
-  __syncthreads();
+  warps_to_slots(v, op, slots);
+  // Thread 0's `v` is already warp 0's total, slots[0].
   if (threadIdx.x == 0) {
     for (int w = 1; w < kWarps; ++w) op(v, slots[w].v);
   }

@@ -44,7 +44,8 @@ DeviceLimits g_device;
 // What kl_logits_cuda.cu's launcher does, with host memory and the emulator.
 template <typename scalar_t, batchkl::Divergence kDiv, bool kProbs>
 void launch_typed(const LogitsLaunch& p) {
-  const Grid grid = plan_grid(p.geo.rows, p.geo.cols, sizeof(scalar_t), g_device);
+  const bool distill = g_device.knobs.lean == 2 && distill_case(p);
+  const Grid grid = plan_grid(p.geo.rows, p.geo.cols, sizeof(scalar_t), g_device, distill);
   unsigned ticket = 0;
   unsigned long long kept = 0;
   std::vector<double> workspace(p.row_out == nullptr ? p.geo.rows : 0);
@@ -55,7 +56,7 @@ void launch_typed(const LogitsLaunch& p) {
   }
   const unsigned long long* kept_ptr = &kept;
   batchkl_emu::launch(static_cast<unsigned>(grid.blocks), kThreads, grid.smem, grid.warp_rows ? 1 : grid.cluster,
-                      logits_kernel_of<scalar_t>(p, g_device.knobs.lean == 2), p, grid, row_loss, &ticket, kept_ptr);
+                      logits_kernel_of<scalar_t>(p, distill), p, grid, row_loss, &ticket, kept_ptr);
 }
 
 void launch_emulated(const LogitsLaunch& p) {
@@ -391,6 +392,7 @@ void test_lean_and_share_knobs() {
         c.reduction = red;
         c.grad_target = false;
         g_device = DeviceLimits{4, 227 * 1024, true};
+        g_device.knobs.stage = StageMode::kWhereFits;  // one plan for both kernels
         g_device.knobs.lean = 1;
         const Result lean = emulated(x, t, c);
         g_device.knobs.lean = 2;  // the same sweeps in the distillation kernel: the same bits
@@ -400,8 +402,9 @@ void test_lean_and_share_knobs() {
         const Result general = emulated(x, t, c);
         check_close(std::get<0>(general), std::get<0>(lean), rtol_for(dt), 1e-6, str("lean vs general loss V=", cols));
         g_device = DeviceLimits{4, 227 * 1024, true};
+        const Result shares = emulated(x, t, c);
         g_device.knobs.share = false;
-        check_bitwise(lean, emulated(x, t, c), str("shares vs all-reduce V=", cols, " ", dt, " ", red));
+        check_bitwise(shares, emulated(x, t, c), str("shares vs all-reduce V=", cols, " ", dt, " ", red));
       }
     }
   }
@@ -461,6 +464,22 @@ void test_plan() {
   check(!plan_grid(4096, 256000, 2, sm).stage && !plan_grid(8192, 128256, 4, sm).stage,
         "H100: 128 KB slices (one CTA per SM) streamed");
   check(plan_grid(4096, 256000, 2, sm).cluster == 8, "H100 256000 bf16: still 8 CTAs per row");
+  // The distillation kernel streams rows of both operands over 256 KiB in
+  // slices of up to 256 KiB; smaller rows are planned as for the general one;
+  // a knob set wins.
+  const Grid d32 = plan_grid(8192, 32000, 2, sm, true), d32f = plan_grid(8192, 32000, 4, sm, true);
+  check(d32.stage && d32.cluster == 2 && d32f.stage && d32f.cluster == 4, "distillation 8192x32000: as before");
+  const Grid d128 = plan_grid(8192, 128256, 2, sm, true), d128f = plan_grid(8192, 128256, 4, sm, true);
+  const Grid d256 = plan_grid(4096, 256000, 2, sm, true), d256f = plan_grid(4096, 256000, 4, sm, true);
+  check(!d128.stage && d128.cluster == 2 && !d128f.stage && d128f.cluster == 4 && !d256.stage &&
+            d256.cluster == 4 && !d256f.stage && d256f.cluster == 8,
+        str("distillation, long rows streamed in 256 KiB slices: ", d128.cluster, " ", d128f.cluster, " ",
+            d256.cluster, " ", d256f.cluster));
+  check(plan_grid(8192, 128256, 2, a100, true).cluster == 1, "distillation without clusters: one CTA per row");
+  DeviceLimits sliced = sm;
+  sliced.knobs.slice_budget = 32 * 1024;
+  check(plan_grid(8192, 128256, 2, sliced, true).cluster == 8 && plan_grid(8192, 128256, 2, sliced, true).stage,
+        "distillation: BATCHKL_LOGITS_SLICE_KIB wins");
   DeviceLimits all = sm, none = sm;
   all.knobs.stage = StageMode::kWhereFits;
   none.knobs.stage = StageMode::kNever;
