@@ -52,6 +52,8 @@ SETTINGS = {
     "lean_general": {"BATCHKL_LOGITS_LEAN": "1"},
     "noshare": {"BATCHKL_LOGITS_SHARE": "0"},
     "neither": {"BATCHKL_LOGITS_LEAN": "0", "BATCHKL_LOGITS_SHARE": "0"},
+    # A row's maxes and sums in one exchange instead of two (not yet measured).
+    "merge": {"BATCHKL_LOGITS_MERGE": "1"},
     "lanes32": {"BATCHKL_LOGITS_ROW_LANES": "32"},  # a whole warp per short row (before 2026-11-26)
     "lanes4": {"BATCHKL_LOGITS_ROW_LANES": "4"},  # fewer lanes per short row than the default at 512
 }

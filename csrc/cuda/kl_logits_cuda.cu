@@ -34,6 +34,7 @@ namespace {
 //                             general sweep, 1 the lean one, 2 (the default) the lean one
 //                             in a kernel of its own that runs three CTAs per SM
 //   BATCHKL_LOGITS_SHARE      0: a cluster's row loss is all-reduced, not added up in rank 0
+//   BATCHKL_LOGITS_MERGE      1: a row's maxes and sums in one exchange (LaunchKnobs::merge)
 const LaunchKnobs& tuning() {
   static const LaunchKnobs t = [] {
     LaunchKnobs v;
@@ -64,6 +65,11 @@ const LaunchKnobs& tuning() {
       const std::string s(share);
       TORCH_CHECK(s == "0" || s == "1", "BATCHKL_LOGITS_SHARE: expected 0 or 1, got '", s, "'");
       v.share = s == "1";
+    }
+    if (const char* merge = std::getenv("BATCHKL_LOGITS_MERGE")) {
+      const std::string s(merge);
+      TORCH_CHECK(s == "0" || s == "1", "BATCHKL_LOGITS_MERGE: expected 0 or 1, got '", s, "'");
+      v.merge = s == "1";
     }
     return v;
   }();

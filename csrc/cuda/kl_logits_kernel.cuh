@@ -108,6 +108,7 @@ struct Grid {
   size_t smem = 0;  // dynamic shared memory per CTA
   bool lean = true;   // the forward KL's lean sweep (RowWork::lean_step) where it applies
   bool share = true;  // a cluster adds its CTAs' loss shares up in rank 0 (no broadcast)
+  bool merge = false;  // the maxes and the sums in one exchange (LseOp), not two
 };
 
 // Where a long row's slices live between sweeps (BATCHKL_LOGITS_STAGE).
@@ -131,6 +132,11 @@ struct LaunchKnobs {
   // 4096x256000 6.29 -> 5.03.
   int lean = 2;
   bool share = true;                    // Grid::share
+  // Grid::merge: a row's maxes and sums of exponentials exchanged at once,
+  // each merge rescaling the smaller max's sum: one exchange of a row's
+  // three fewer (within a CTA two barriers, across a cluster one cluster
+  // barrier more), at a few exp2 per merge. Off until a GPU has measured it.
+  bool merge = false;
 };
 
 struct DeviceLimits {
@@ -161,6 +167,7 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
   Grid g;
   g.lean = dev.knobs.lean >= 1;
   g.share = dev.knobs.share;
+  g.merge = dev.knobs.merge;
   const int64_t pack = 16 / elem;
   const auto round_up = [&](int64_t v) { return (v + pack - 1) / pack * pack; };
   if (cols <= kWarpRowCols) {
@@ -353,6 +360,33 @@ struct MaxOp {
   __device__ __forceinline__ void operator()(double (&a)[K], const double* b) const {
 #pragma unroll
     for (int k = 0; k < K; ++k) a[k] = (a[k] > b[k] ? a[k] : b[k]) + 0.0;
+  }
+};
+
+// The merge of two online log-sum-exps, (max, sum of 2^((a - max) k2)) in
+// a[2d], a[2d + 1] for operand d: the max of the maxes, and each sum
+// rescaled to it, where its own max is smaller, before they are added
+// (through exp2_fast in acc_t, as sweep 1 rescales). The maxes are never
+// NaN (sweep 1 takes them with fmax); a +inf max makes its sum NaN already,
+// and a sum whose max is -inf is 0 or NaN, kept as it is. Symmetric like
+// the others: the max ties as MaxOp's, and the two rescaled sums are added
+// in either order to the same bits.
+template <typename acc_t>
+struct LseOp {
+  acc_t k2;
+  __device__ __forceinline__ double rescaled(double sum, double m, double top) const {
+    return m == top ? sum
+                    : sum * static_cast<double>(exp2_fast((static_cast<acc_t>(m) - static_cast<acc_t>(top)) * k2));
+  }
+  template <int K>
+  __device__ __forceinline__ void operator()(double (&a)[K], const double* b) const {
+    static_assert(K % 2 == 0, "LseOp: (max, sum) pairs");
+#pragma unroll
+    for (int d = 0; d < K; d += 2) {
+      const double top = (a[d] > b[d] ? a[d] : b[d]) + 0.0;
+      a[d + 1] = rescaled(a[d + 1], a[d], top) + rescaled(b[d + 1], b[d], top);
+      a[d] = top;
+    }
   }
 };
 
@@ -837,9 +871,20 @@ struct RowWork {
         cta_allreduce(v, op, slots + exchange * kSlotsPerExchange, cluster);
       }
     };
+    // With grid.merge, in one exchange: each merge of two threads' (max,
+    // sum) pairs rescales a sum (LseOp).
     double mx[2] = {0.0, 0.0};
     double tot[2] = {static_cast<double>(s[0]), static_cast<double>(s[1])};
-    if constexpr (!kProbs) {
+    if constexpr (kProbs) {
+      allreduce(tot, AddOp{}, 1);
+    } else if (grid.merge) {
+      double lse[4] = {static_cast<double>(m[0]), tot[0], static_cast<double>(m[1]), tot[1]};
+      allreduce(lse, LseOp<acc_t>{k2}, 0);
+      mx[0] = lse[0];
+      tot[0] = lse[1];
+      mx[1] = lse[2];
+      tot[1] = lse[3];
+    } else {
       mx[0] = static_cast<double>(m[0]);
       mx[1] = static_cast<double>(m[1]);
       allreduce(mx, MaxOp{}, 0);
@@ -848,8 +893,8 @@ struct RowWork {
         const acc_t top = static_cast<acc_t>(mx[d]);  // exact: the max of acc_t values
         tot[d] = static_cast<double>(m[d] == top ? s[d] : s[d] * exp2_fast((m[d] - top) * k2));
       }
+      allreduce(tot, AddOp{}, 1);
     }
-    allreduce(tot, AddOp{}, 1);
     if (!kProbs && (tot[0] != tot[0] || tot[1] != tot[1] || tot[0] == 0 || tot[1] == 0)) {
       // A +inf logit (or a NaN), or a row of -inf only (a sum of 0), leaves
       // no distribution: NaN for the row and its gradients, as PyTorch gives

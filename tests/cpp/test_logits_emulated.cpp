@@ -40,12 +40,18 @@ using c10::str;
 
 // The GPU the emulated launcher pretends to be.
 DeviceLimits g_device;
+// Whether every launch merges a row's maxes and sums in one exchange
+// (LaunchKnobs::merge), whatever g_device says: main() runs the tests again
+// with it.
+bool g_merge = false;
 
 // What kl_logits_cuda.cu's launcher does, with host memory and the emulator.
 template <typename scalar_t, batchkl::Divergence kDiv, bool kProbs>
 void launch_typed(const LogitsLaunch& p) {
-  const bool distill = g_device.knobs.lean == 2 && distill_case(p);
-  const Grid grid = plan_grid(p.geo.rows, p.geo.cols, sizeof(scalar_t), g_device, distill);
+  DeviceLimits dev = g_device;
+  dev.knobs.merge = dev.knobs.merge || g_merge;
+  const bool distill = dev.knobs.lean == 2 && distill_case(p);
+  const Grid grid = plan_grid(p.geo.rows, p.geo.cols, sizeof(scalar_t), dev, distill);
   unsigned ticket = 0;
   unsigned long long kept = 0;
   std::vector<double> workspace(p.row_out == nullptr ? p.geo.rows : 0);
@@ -410,6 +416,36 @@ void test_lean_and_share_knobs() {
   }
 }
 
+// The maxes and sums merged in one exchange (BATCHKL_LOGITS_MERGE=1) give
+// what two exchanges give, to float rounding (the sums are rescaled in
+// another order), on every launch shape: lanes of a warp, a CTA, clusters.
+void test_merged_exchange() {
+  for (const int64_t cols : {512, 5000, 40003, 100000}) {
+    for (const auto dt : {at::kFloat, at::kBFloat16, at::kDouble}) {
+      const auto x = logits(3, cols, dt), t = logits(3, cols, dt);
+      for (const double beta : {0.0, 0.5, 1.0}) {
+        for (const bool grad_target : {true, false}) {
+          Call c;
+          c.beta = beta;
+          c.reduction = "none";
+          c.grad_target = grad_target;
+          g_device = kDevices[1].second;
+          const Result two = emulated(x, t, c);
+          g_device.knobs.merge = true;
+          const Result one = emulated(x, t, c);
+          const auto what = str("merged vs two exchanges V=", cols, " ", dt, " beta=", beta, " gt=", grad_target);
+          const double rtol = rtol_for(dt), atol = dt == at::kDouble ? 1e-12 : dt == at::kFloat ? 1e-5 : 4e-3;
+          check_close(std::get<0>(one), std::get<0>(two), rtol, atol, what + " loss");
+          check_close(std::get<1>(one), std::get<1>(two), rtol, atol, what + " grad input");
+          if (grad_target) check_close(std::get<2>(one), std::get<2>(two), rtol, atol, what + " grad target");
+          check_bitwise(one, emulated(x, t, c), what + " deterministic");
+        }
+      }
+    }
+  }
+  g_device = kDevices[1].second;
+}
+
 // A row's per-row result and gradient rows are the same bits alone and at
 // any position of any batch (and on a second run).
 void test_batch_invariance() {
@@ -569,6 +605,16 @@ int main() {
   test_batch_invariance();
   test_row_lanes();
   test_lean_and_share_knobs();
+  test_merged_exchange();
+  // Again with the maxes and sums merged: every launch shape against the CPU
+  // kernel, special values, determinism and batch invariance.
+  g_merge = true;
+  test_shapes_dtypes_divergences();
+  test_special_values();
+  test_staged_equals_streamed();
+  test_batch_invariance();
+  test_row_lanes();
+  g_merge = false;
   std::printf("%d checks, %d failed\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }
