@@ -1171,8 +1171,14 @@ __global__ void __launch_bounds__(kThreads, kDistill ? 3 : 2)
 
   if (p.scalar_out == nullptr) return;
   // Last CTA in: every writer fences its row losses before its CTA takes a
-  // ticket, so the CTA holding the last ticket sees all of them.
-  __threadfence();
+  // ticket, so the CTA holding the last ticket sees all of them. The writers
+  // alone: a fence waits for all of its thread's earlier stores, the
+  // gradient's too, which the other threads need not wait for (Nsight
+  // Compute, H200, bfloat16 8192x128256: of the 9.98 cycles the distillation
+  // kernel's warps took per instruction, 0.71 waited on fences when every
+  // thread took one). With a CTA per row the writer is thread 0, which takes
+  // the ticket.
+  if (grid.warp_rows && threadIdx.x % grid.lanes == 0) __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
