@@ -5,7 +5,8 @@
 #   check     scripts/cuda_check.py: both ops, every launch shape, against float64
 #   sanitize  compute-sanitizer memcheck, racecheck, synccheck on `cuda_check.py --small`
 #   test      pytest: the CUDA tests (-m cuda; PYTEST_ARGS overrides), huge tests included
-#   profile   Nsight Compute of kl_with_logits at a few shapes (scripts/profile_logits.py)
+#   profile   Nsight Compute of kl_with_logits at a few shapes (scripts/profile_logits.py);
+#             PROFILE_SOURCE=1 adds the first shape's per-SASS-instruction counters
 #   tune      kl_with_logits under each launch-shape setting (scripts/tune_logits.py; not by default)
 #   bench     the CUDA benchmark (extra arguments go to `python -m bench`)
 #   bash scripts/gpu_run.sh [bench args...]          # every stage
@@ -177,6 +178,20 @@ if want profile; then
     ncu_run --metrics "$stalls" || { echo "== ncu: $shape, again without the stall metrics" >> "$OUT/ncu.txt"; ncu_run; }
     echo "ncu $shape: exit $?" | tee -a "$OUT/checks.log"
   done
+  # PROFILE_SOURCE=1: the first shape again with per-instruction counters
+  # (executed instructions and stall samples of every SASS instruction), as
+  # CSV, xz-compressed: where the instructions per element go, the loops'
+  # against the once-per-row code's, which the sections' totals cannot say.
+  if [ "${PROFILE_SOURCE:-0}" = 1 ]; then
+    shape=${shapes[0]}
+    rm -f /tmp/batchkl-source.ncu-rep
+    timeout ${PROFILE_TIMEOUT:-60} ncu --clock-control none --kernel-name regex:logits_kernel --launch-skip 1 \
+      --launch-count 1 --section SourceCounters --section WarpStateStats -o /tmp/batchkl-source \
+      $PY scripts/profile_logits.py $shape >> "$OUT/ncu.txt" 2>&1 \
+      && ncu --import /tmp/batchkl-source.ncu-rep --page source --csv --print-source sass 2>&1 \
+        | xz -6 > "$OUT/ncu-source.csv.xz"
+    echo "ncu source counters $shape: exit $?" | tee -a "$OUT/checks.log"
+  fi
 fi
 
 # The launcher's tuning knobs side by side (its table goes to checks.log).

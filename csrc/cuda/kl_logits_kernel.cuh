@@ -907,10 +907,15 @@ struct RowWork {
     // instructions. d takes the log of the sums' ratio, so that it stays
     // exact to a few ulp of itself when the two rows are alike.
     RowConsts<acc_t> k{};
-    k.log_sum_q = log_(static_cast<acc_t>(tot[0]));
-    k.log_sum_p = log_(static_cast<acc_t>(tot[1]));
-    k.inv_sum_q = acc_t(1) / static_cast<acc_t>(tot[0]);
-    k.inv_sum_p = acc_t(1) / static_cast<acc_t>(tot[1]);
+    // The general formula's constants; the distillation kernel's lean sweep
+    // needs them only where a thread sums its packs again (see there).
+    const auto general_consts = [&] {
+      k.log_sum_q = log_(static_cast<acc_t>(tot[0]));
+      k.log_sum_p = log_(static_cast<acc_t>(tot[1]));
+      k.inv_sum_q = acc_t(1) / static_cast<acc_t>(tot[0]);
+      k.inv_sum_p = acc_t(1) / static_cast<acc_t>(tot[1]);
+    };
+    if constexpr (!kDistill) general_consts();
     if constexpr (!kProbs) {
       k.m_q = static_cast<acc_t>(mx[0]);
       k.m_p = static_cast<acc_t>(mx[1]);
@@ -1003,6 +1008,7 @@ struct RowWork {
         if (loss != loss) {
           // lean_step's one NaN that is not the row's (see there): this
           // thread's packs again, their loss through `term`.
+          if constexpr (kDistill) general_consts();
           loss = 0;
           for (int64_t j = tid; j < npacks; j += group) {
             acc_t xs[N], ys[N];
