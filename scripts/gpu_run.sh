@@ -188,7 +188,7 @@ if want profile; then
     timeout ${PROFILE_TIMEOUT:-60} ncu --clock-control none --kernel-name regex:logits_kernel --launch-skip 1 \
       --launch-count 1 --section SourceCounters --section WarpStateStats -o /tmp/batchkl-source \
       $PY scripts/profile_logits.py $shape >> "$OUT/ncu.txt" 2>&1 \
-      && ncu --import /tmp/batchkl-source.ncu-rep --page source --csv --print-source sass 2>&1 \
+      && ncu --import /tmp/batchkl-source.ncu-rep --page source --csv --print-source sass 2>>"$OUT/ncu.txt" \
         | xz -6 > "$OUT/ncu-source.csv.xz"
     echo "ncu source counters $shape: exit $?" | tee -a "$OUT/checks.log"
   fi

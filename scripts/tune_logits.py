@@ -54,6 +54,9 @@ SETTINGS = {
     "neither": {"BATCHKL_LOGITS_LEAN": "0", "BATCHKL_LOGITS_SHARE": "0"},
     # A row's maxes and sums in one exchange instead of two (not yet measured).
     "merge": {"BATCHKL_LOGITS_MERGE": "1"},
+    # The distillation kernel's long rows planned as the general kernel's
+    # (staged 64 KiB slices), as before 2026-11-27's streaming rule.
+    "nostream": {"BATCHKL_LOGITS_DISTILL_STREAM": "0"},
     "lanes32": {"BATCHKL_LOGITS_ROW_LANES": "32"},  # a whole warp per short row (before 2026-11-26)
     "lanes4": {"BATCHKL_LOGITS_ROW_LANES": "4"},  # fewer lanes per short row than the default at 512
 }

@@ -382,14 +382,15 @@ def test_cuda_compile(dynamic):
                                    {"BATCHKL_LOGITS_ROW_LANES": "32"}, {"BATCHKL_LOGITS_LEAN": "0"},
                                    {"BATCHKL_LOGITS_LEAN": "1"}, {"BATCHKL_LOGITS_SHARE": "0"},
                                    {"BATCHKL_LOGITS_MERGE": "1"},
-                                   {"BATCHKL_LOGITS_MERGE": "1", "BATCHKL_LOGITS_LEAN": "1"}], ids=str)
+                                   {"BATCHKL_LOGITS_MERGE": "1", "BATCHKL_LOGITS_LEAN": "1"},
+                                   {"BATCHKL_LOGITS_DISTILL_STREAM": "0"}], ids=str)
 def test_tuning_knobs_change_the_launch_not_the_results(knobs):
     """The launcher's developer knobs (read once per process, hence a fresh
     one): streamed rows, slices that take more or fewer CTAs per row, and
     short rows on one lane or a whole warp each, the forward KL's general
     sweep or its lean one in the general kernel instead of the distillation
     kernel, a cluster's loss all-reduced, a row's maxes and sums merged in
-    one exchange, still give
+    one exchange, the distillation kernel's long rows staged, still give
     the float64 reference's values and gradients at every launch shape, and
     each setting is deterministic."""
     run_python("import test_logits_cuda\ntest_logits_cuda.check_under_knobs()\n", str(knobs), env=knobs)
@@ -416,8 +417,10 @@ def check_under_knobs():
                                            ({"BATCHKL_LOGITS_LEAN": "yes"}, "BATCHKL_LOGITS_LEAN: expected 0, 1 or 2"),
                                            ({"BATCHKL_LOGITS_SHARE": "2"}, "BATCHKL_LOGITS_SHARE: expected 0 or 1"),
                                            ({"BATCHKL_LOGITS_MERGE": "on"},
-                                            "BATCHKL_LOGITS_MERGE: expected 0 or 1, got 'on'")],
-                         ids=["stage", "slice", "lanes", "lean", "share", "merge"])
+                                            "BATCHKL_LOGITS_MERGE: expected 0 or 1, got 'on'"),
+                                           ({"BATCHKL_LOGITS_DISTILL_STREAM": ""},
+                                            "BATCHKL_LOGITS_DISTILL_STREAM: expected 0 or 1, got ''")],
+                         ids=["stage", "slice", "lanes", "lean", "share", "merge", "distill_stream"])
 def test_a_bad_tuning_knob_is_an_error_naming_it(knobs, message):
     code = ("import torch, pytest, batchkl_ext\n"
             "x = torch.randn(2, 5000, device='cuda')\n"

@@ -24,7 +24,8 @@ namespace {
 // Developer knobs for tuning runs on a GPU (scripts/tune_logits.py), read
 // once per process; a setting changes the launch shape and so the order of
 // the sums, and results are deterministic for each setting:
-//   BATCHKL_LOGITS_SLICE_KIB  the shared memory a CTA's slice aims at (default 64)
+//   BATCHKL_LOGITS_SLICE_KIB  the shared memory a CTA's slice aims at (default 64; set, it
+//                             also turns the distillation kernel's streaming rule off)
 //   BATCHKL_LOGITS_STAGE      0: never stage a slice (every sweep reads global memory);
 //                             1: stage it wherever it fits (the default stages only
 //                             where two CTAs still fit on an SM; see plan_grid)
@@ -35,6 +36,18 @@ namespace {
 //                             in a kernel of its own that runs three CTAs per SM
 //   BATCHKL_LOGITS_SHARE      0: a cluster's row loss is all-reduced, not added up in rank 0
 //   BATCHKL_LOGITS_MERGE      1: a row's maxes and sums in one exchange (LaunchKnobs::merge)
+//   BATCHKL_LOGITS_DISTILL_STREAM  0: the distillation kernel's long rows planned as the
+//                             general kernel's, not streamed in 256 KiB slices
+
+// `name`'s value, 0 or 1, into `out` where it is set.
+void read_flag(const char* name, bool& out) {
+  if (const char* value = std::getenv(name)) {
+    const std::string s(value);
+    TORCH_CHECK(s == "0" || s == "1", name, ": expected 0 or 1, got '", s, "'");
+    out = s == "1";
+  }
+}
+
 const LaunchKnobs& tuning() {
   static const LaunchKnobs t = [] {
     LaunchKnobs v;
@@ -61,16 +74,9 @@ const LaunchKnobs& tuning() {
       TORCH_CHECK(s == "0" || s == "1" || s == "2", "BATCHKL_LOGITS_LEAN: expected 0, 1 or 2, got '", s, "'");
       v.lean = std::stoi(s);
     }
-    if (const char* share = std::getenv("BATCHKL_LOGITS_SHARE")) {
-      const std::string s(share);
-      TORCH_CHECK(s == "0" || s == "1", "BATCHKL_LOGITS_SHARE: expected 0 or 1, got '", s, "'");
-      v.share = s == "1";
-    }
-    if (const char* merge = std::getenv("BATCHKL_LOGITS_MERGE")) {
-      const std::string s(merge);
-      TORCH_CHECK(s == "0" || s == "1", "BATCHKL_LOGITS_MERGE: expected 0 or 1, got '", s, "'");
-      v.merge = s == "1";
-    }
+    read_flag("BATCHKL_LOGITS_SHARE", v.share);
+    read_flag("BATCHKL_LOGITS_MERGE", v.merge);
+    read_flag("BATCHKL_LOGITS_DISTILL_STREAM", v.distill_stream);
     return v;
   }();
   return t;
@@ -115,7 +121,7 @@ template <typename scalar_t, Divergence kDiv, bool kProbs>
 void launch_typed(const LogitsLaunch& p) {
   constexpr int64_t elem = sizeof(scalar_t);
   const RowGeometry& geo = p.geo;
-  const bool distill = tuning().lean == 2 && distill_case(p);
+  const bool distill = use_distill_kernel(tuning(), p);
   const LogitsKernel kernel = logits_kernel_for(DtypeTag<scalar_t>{}, p, distill);
   TORCH_INTERNAL_ASSERT(kernel != nullptr, "batchkl.kl_with_logits: no CUDA kernel for this divergence");
   // Per kernel (the general one and the kDistill one) and device (prepare).

@@ -113,7 +113,7 @@ struct Grid {
 
 // Where a long row's slices live between sweeps (BATCHKL_LOGITS_STAGE).
 enum class StageMode {
-  kAuto,       // staged where two CTAs still fit on an SM (see plan_grid)
+  kAuto,       // staged where two CTAs still fit on an SM, save the distillation kernel's long rows (see plan_grid)
   kNever,      // every sweep reads global memory
   kWhereFits,  // staged wherever the slice fits in a CTA's shared memory
 };
@@ -134,9 +134,13 @@ struct LaunchKnobs {
   bool share = true;                    // Grid::share
   // Grid::merge: a row's maxes and sums of exponentials exchanged at once,
   // each merge rescaling the smaller max's sum: one exchange of a row's
-  // three fewer (within a CTA two barriers, across a cluster one cluster
-  // barrier more), at a few exp2 per merge. Off until a GPU has measured it.
+  // three fewer (a CTA per row: one CTA barrier fewer; a cluster: two CTA
+  // barriers and one cluster barrier fewer), at a few exp2 per merge. Off
+  // until a GPU has measured it.
   bool merge = false;
+  // The distillation kernel's streamed long rows on Hopper (plan_grid,
+  // kDistillStreamRowBytes); false: planned as the general kernel's.
+  bool distill_stream = true;
 };
 
 struct DeviceLimits {
@@ -153,15 +157,18 @@ struct DeviceLimits {
 constexpr int64_t stage_bytes(int64_t slice, int64_t elem) { return (slice * elem + 16 + 15) / 16 * 16; }
 
 // The distillation kernel (`distill`: three CTAs per SM) on Hopper streams a
-// row whose two operands take more than this many bytes, in slices of up to
-// as many (fewer CTAs per row, more of each thread's work per row exchange),
-// its second read served by L2 where it is. H200, 2026-11-27, forward +
-// backward queued, staged 64 KiB slices -> streamed 256 KiB ones: bfloat16
-// 8192x128256 2.95 -> 2.56 ms, 4096x256000 3.09 -> 2.62; float32 8192x128256
-// 6.16 -> 4.95 (streamed in 8 slices before); float32 4096x256000 4.99 either
-// way (8 slices either way); 8192x32000 stays staged (streamed in one slice it
-// took bfloat16 0.648 -> 0.70, float32 1.14 -> 1.25).
+// row whose two operands take more than kDistillStreamRowBytes, in slices of
+// up to kDistillStreamBytes (fewer CTAs per row, more of each thread's work
+// per row exchange), its second read served by L2 where it is. H200,
+// 2026-11-27, forward + backward queued, staged 64 KiB slices -> streamed
+// 256 KiB ones: bfloat16 8192x128256 (rows of 501 KiB) 2.95 -> 2.56 ms,
+// 4096x256000 3.09 -> 2.62; float32 8192x128256 6.16 -> 4.95 (streamed in 8
+// slices before); float32 4096x256000 4.99 either way (8 slices either way);
+// 8192x32000 (rows of 125 and 250 KiB) stays staged (streamed in one slice
+// it took bfloat16 0.648 -> 0.70, float32 1.14 -> 1.25). Rows between 250
+// and 501 KiB were not measured: those up to 384 KiB keep the staged plan.
 constexpr int64_t kDistillStreamBytes = 256 * 1024;
+constexpr int64_t kDistillStreamRowBytes = 384 * 1024;
 
 inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimits& dev, bool distill = false) {
   Grid g;
@@ -188,15 +195,18 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
     return g;
   }
   const int max_cluster = dev.clusters ? kMaxCluster : 1;
-  // The knobs, where set, win over the distillation kernel's streaming rule.
-  const bool distill_stream = distill && dev.clusters && dev.knobs.stage == StageMode::kAuto &&
-                              dev.knobs.slice_budget == kSliceBudget && 2 * cols * elem > kDistillStreamBytes;
+  // A slice budget or staging mode other than the default, or
+  // BATCHKL_LOGITS_DISTILL_STREAM=0, turns the distillation kernel's
+  // streaming rule off.
+  const bool distill_stream = distill && dev.clusters && dev.knobs.distill_stream &&
+                              dev.knobs.stage == StageMode::kAuto && dev.knobs.slice_budget == kSliceBudget &&
+                              2 * cols * elem > kDistillStreamRowBytes;
   const int64_t budget = distill_stream ? kDistillStreamBytes : dev.knobs.slice_budget;
   int c = 1;
   // Any cluster size up to 8 (not only powers of two): the fewest CTAs whose
   // slices fit the budget, so that each thread's share of a row, which pays
-  // for the row's fixed costs (its three exchanges, its constants), is as
-  // large as the budget allows.
+  // for the row's fixed costs (its exchanges, its constants), is as large as
+  // the budget allows.
   while (c < max_cluster && 2 * round_up((cols + c - 1) / c) * elem > budget) ++c;
   g.cluster = c;
   g.slice = round_up((cols + c - 1) / c);
@@ -371,21 +381,29 @@ struct MaxOp {
 // and a sum whose max is -inf is 0 or NaN, kept as it is. Symmetric like
 // the others: the max ties as MaxOp's, and the two rescaled sums are added
 // in either order to the same bits.
+// The operands are taken by value (the larger max's pair first), not by
+// position, so that both lanes of a butterfly step evaluate the very same
+// expression on the very same values: were the compiler to fuse the
+// multiply into the add, both would agree still.
 template <typename acc_t>
 struct LseOp {
   acc_t k2;
-  __device__ __forceinline__ double rescaled(double sum, double m, double top) const {
-    return m == top ? sum
-                    : sum * static_cast<double>(exp2_fast((static_cast<acc_t>(m) - static_cast<acc_t>(top)) * k2));
-  }
   template <int K>
   __device__ __forceinline__ void operator()(double (&a)[K], const double* b) const {
     static_assert(K % 2 == 0, "LseOp: (max, sum) pairs");
 #pragma unroll
     for (int d = 0; d < K; d += 2) {
-      const double top = (a[d] > b[d] ? a[d] : b[d]) + 0.0;
-      a[d + 1] = rescaled(a[d + 1], a[d], top) + rescaled(b[d + 1], b[d], top);
-      a[d] = top;
+      if (a[d] == b[d]) {
+        a[d] = a[d] + 0.0;  // +0 for a +0 / -0 tie
+        a[d + 1] = a[d + 1] + b[d + 1];
+      } else {
+        const bool a_top = a[d] > b[d];
+        const double top = a_top ? a[d] : b[d], low = a_top ? b[d] : a[d];
+        const double top_sum = a_top ? a[d + 1] : b[d + 1], low_sum = a_top ? b[d + 1] : a[d + 1];
+        const acc_t scale = exp2_fast((static_cast<acc_t>(low) - static_cast<acc_t>(top)) * k2);
+        a[d] = top + 0.0;
+        a[d + 1] = top_sum + low_sum * static_cast<double>(scale);
+      }
     }
   }
 };
@@ -863,7 +881,8 @@ struct RowWork {
     }
     // The group's totals, combined in a fixed order: for logits the maxes
     // first, then every thread's sums rescaled to them once (so that no
-    // merge needs an exp), then the sums.
+    // merge needs an exp), then the sums; or, with grid.merge, both at once
+    // (LseOp's merges rescale).
     const auto allreduce = [&](auto& v, auto op, int exchange) {
       if (group <= 32) {
         warp_allreduce(v, op, group);
@@ -1184,7 +1203,7 @@ __global__ void __launch_bounds__(kThreads, kDistill ? 3 : 2)
   // kernel's warps took per instruction, 0.71 waited on fences when every
   // thread took one). With a CTA per row the writer is thread 0, which takes
   // the ticket.
-  if (grid.warp_rows && threadIdx.x % grid.lanes == 0) __threadfence();
+  if (grid.warp_rows && threadIdx.x != 0 && threadIdx.x % grid.lanes == 0) __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
@@ -1213,6 +1232,12 @@ using LogitsKernel = void (*)(LogitsLaunch, Grid, double*, unsigned int*, const 
 // Whether p is distillation's case, which the kDistill kernel serves.
 inline bool distill_case(const LogitsLaunch& p) {
   return p.div == Divergence::kForward && !p.probs && !p.want_grad_target;
+}
+
+// Whether p runs on the kDistill kernel under these knobs: the launcher's
+// choice and the emulator's, and so plan_grid's `distill`.
+inline bool use_distill_kernel(const LaunchKnobs& knobs, const LogitsLaunch& p) {
+  return knobs.lean == 2 && distill_case(p);
 }
 
 // The kernel for p's divergence and inputs (dispatch_logits, as every

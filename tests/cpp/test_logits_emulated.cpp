@@ -50,7 +50,7 @@ template <typename scalar_t, batchkl::Divergence kDiv, bool kProbs>
 void launch_typed(const LogitsLaunch& p) {
   DeviceLimits dev = g_device;
   dev.knobs.merge = dev.knobs.merge || g_merge;
-  const bool distill = dev.knobs.lean == 2 && distill_case(p);
+  const bool distill = use_distill_kernel(dev.knobs, p);
   const Grid grid = plan_grid(p.geo.rows, p.geo.cols, sizeof(scalar_t), dev, distill);
   unsigned ticket = 0;
   unsigned long long kept = 0;
@@ -500,7 +500,7 @@ void test_plan() {
   check(!plan_grid(4096, 256000, 2, sm).stage && !plan_grid(8192, 128256, 4, sm).stage,
         "H100: 128 KB slices (one CTA per SM) streamed");
   check(plan_grid(4096, 256000, 2, sm).cluster == 8, "H100 256000 bf16: still 8 CTAs per row");
-  // The distillation kernel streams rows of both operands over 256 KiB in
+  // The distillation kernel streams rows of both operands over 384 KiB in
   // slices of up to 256 KiB; smaller rows are planned as for the general one;
   // a knob set wins.
   const Grid d32 = plan_grid(8192, 32000, 2, sm, true), d32f = plan_grid(8192, 32000, 4, sm, true);
@@ -511,11 +511,28 @@ void test_plan() {
             d256.cluster == 4 && !d256f.stage && d256f.cluster == 8,
         str("distillation, long rows streamed in 256 KiB slices: ", d128.cluster, " ", d128f.cluster, " ",
             d256.cluster, " ", d256f.cluster));
+  check(d128.smem == kFixedSmem && d256f.smem == kFixedSmem, "distillation, streamed: no slice in shared memory");
   check(plan_grid(8192, 128256, 2, a100, true).cluster == 1, "distillation without clusters: one CTA per row");
+  // Rows of 300 KiB (not measured streamed): the general kernel's plan.
+  const Grid d76 = plan_grid(8192, 76800, 2, sm, true), g76 = plan_grid(8192, 76800, 2, sm);
+  check(d76.stage == g76.stage && d76.cluster == g76.cluster && d76.slice == g76.slice,
+        str("distillation, 300 KiB rows: planned as the general kernel's, ", d76.cluster, " ", g76.cluster));
   DeviceLimits sliced = sm;
   sliced.knobs.slice_budget = 32 * 1024;
   check(plan_grid(8192, 128256, 2, sliced, true).cluster == 8 && plan_grid(8192, 128256, 2, sliced, true).stage,
         "distillation: BATCHKL_LOGITS_SLICE_KIB wins");
+  // Any staging knob, or BATCHKL_LOGITS_DISTILL_STREAM=0, turns the rule off.
+  for (const auto mode : {StageMode::kNever, StageMode::kWhereFits}) {
+    DeviceLimits staged_knob = sm;
+    staged_knob.knobs.stage = mode;
+    check(plan_grid(8192, 128256, 2, staged_knob, true).cluster == plan_grid(8192, 128256, 2, staged_knob).cluster,
+          "distillation: BATCHKL_LOGITS_STAGE wins");
+  }
+  DeviceLimits no_stream = sm;
+  no_stream.knobs.distill_stream = false;
+  const Grid off = plan_grid(8192, 128256, 2, no_stream, true), general = plan_grid(8192, 128256, 2, no_stream);
+  check(off.cluster == general.cluster && off.stage == general.stage && off.cluster == 8,
+        str("BATCHKL_LOGITS_DISTILL_STREAM=0: the general plan, ", off.cluster));
   DeviceLimits all = sm, none = sm;
   all.knobs.stage = StageMode::kWhereFits;
   none.knobs.stage = StageMode::kNever;
@@ -596,24 +613,22 @@ void test_row_lanes() {
 int main() {
   at::manual_seed(0);
   test_plan();
-  test_shapes_dtypes_divergences();
   test_layouts_reductions_masks();
   test_layouts_bitwise();
   test_probs_mode();
-  test_special_values();
-  test_staged_equals_streamed();
-  test_batch_invariance();
-  test_row_lanes();
   test_lean_and_share_knobs();
   test_merged_exchange();
-  // Again with the maxes and sums merged: every launch shape against the CPU
-  // kernel, special values, determinism and batch invariance.
-  g_merge = true;
-  test_shapes_dtypes_divergences();
-  test_special_values();
-  test_staged_equals_streamed();
-  test_batch_invariance();
-  test_row_lanes();
+  // Every launch shape against the CPU kernel, special values, determinism
+  // and batch invariance: as planned by default, then with a row's maxes and
+  // sums merged in one exchange.
+  for (const bool merge : {false, true}) {
+    g_merge = merge;
+    test_shapes_dtypes_divergences();
+    test_special_values();
+    test_staged_equals_streamed();
+    test_batch_invariance();
+    test_row_lanes();
+  }
   g_merge = false;
   std::printf("%d checks, %d failed\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
