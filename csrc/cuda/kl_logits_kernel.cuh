@@ -379,12 +379,11 @@ struct MaxOp {
 // (through exp2_fast in acc_t, as sweep 1 rescales). The maxes are never
 // NaN (sweep 1 takes them with fmax); a +inf max makes its sum NaN already,
 // and a sum whose max is -inf is 0 or NaN, kept as it is. Symmetric like
-// the others: the max ties as MaxOp's, and the two rescaled sums are added
-// in either order to the same bits.
-// The operands are taken by value (the larger max's pair first), not by
-// position, so that both lanes of a butterfly step evaluate the very same
-// expression on the very same values: were the compiler to fuse the
-// multiply into the add, both would agree still.
+// the others: the max ties as MaxOp's, and the pairs are taken by value
+// (the larger max's first), not by position, so that both lanes of a
+// butterfly step evaluate the very same expression on the very same values:
+// were the compiler to fuse the multiply into the add, both would agree
+// still.
 template <typename acc_t>
 struct LseOp {
   acc_t k2;
@@ -890,8 +889,6 @@ struct RowWork {
         cta_allreduce(v, op, slots + exchange * kSlotsPerExchange, cluster);
       }
     };
-    // With grid.merge, in one exchange: each merge of two threads' (max,
-    // sum) pairs rescales a sum (LseOp).
     double mx[2] = {0.0, 0.0};
     double tot[2] = {static_cast<double>(s[0]), static_cast<double>(s[1])};
     if constexpr (kProbs) {
