@@ -57,6 +57,14 @@ SETTINGS = {
     # The distillation kernel's long rows planned as the general kernel's
     # (staged 64 KiB slices), as before 2026-11-27's streaming rule.
     "nostream": {"BATCHKL_LOGITS_DISTILL_STREAM": "0"},
+    # Every sweep forward without cache hints (as measured up to 2026-11-27),
+    # and alternating without the hints: the default alternates, with them.
+    "reuse0": {"BATCHKL_LOGITS_REUSE": "0"},
+    "reuse1": {"BATCHKL_LOGITS_REUSE": "1"},
+    # Streamed in more, smaller slices than the distillation kernel's 256
+    # KiB: fewer packs in flight between a pack's two reads (more of them
+    # found in L2), more CTAs per row.
+    "stream192": {"BATCHKL_LOGITS_STAGE": "0", "BATCHKL_LOGITS_SLICE_KIB": "192"},
     "lanes32": {"BATCHKL_LOGITS_ROW_LANES": "32"},  # a whole warp per short row (before 2026-11-26)
     "lanes4": {"BATCHKL_LOGITS_ROW_LANES": "4"},  # fewer lanes per short row than the default at 512
 }

@@ -383,14 +383,17 @@ def test_cuda_compile(dynamic):
                                    {"BATCHKL_LOGITS_LEAN": "1"}, {"BATCHKL_LOGITS_SHARE": "0"},
                                    {"BATCHKL_LOGITS_MERGE": "1"},
                                    {"BATCHKL_LOGITS_MERGE": "1", "BATCHKL_LOGITS_LEAN": "1"},
-                                   {"BATCHKL_LOGITS_DISTILL_STREAM": "0"}], ids=str)
+                                   {"BATCHKL_LOGITS_DISTILL_STREAM": "0"}, {"BATCHKL_LOGITS_REUSE": "0"},
+                                   {"BATCHKL_LOGITS_REUSE": "1"},
+                                   {"BATCHKL_LOGITS_REUSE": "0", "BATCHKL_LOGITS_STAGE": "0"}], ids=str)
 def test_tuning_knobs_change_the_launch_not_the_results(knobs):
     """The launcher's developer knobs (read once per process, hence a fresh
     one): streamed rows, slices that take more or fewer CTAs per row, and
     short rows on one lane or a whole warp each, the forward KL's general
     sweep or its lean one in the general kernel instead of the distillation
     kernel, a cluster's loss all-reduced, a row's maxes and sums merged in
-    one exchange, the distillation kernel's long rows staged, still give
+    one exchange, the distillation kernel's long rows staged, every sweep
+    forward or alternating without cache hints, still give
     the float64 reference's values and gradients at every launch shape, and
     each setting is deterministic."""
     run_python("import test_logits_cuda\ntest_logits_cuda.check_under_knobs()\n", str(knobs), env=knobs)
@@ -419,8 +422,10 @@ def check_under_knobs():
                                            ({"BATCHKL_LOGITS_MERGE": "on"},
                                             "BATCHKL_LOGITS_MERGE: expected 0 or 1, got 'on'"),
                                            ({"BATCHKL_LOGITS_DISTILL_STREAM": ""},
-                                            "BATCHKL_LOGITS_DISTILL_STREAM: expected 0 or 1, got ''")],
-                         ids=["stage", "slice", "lanes", "lean", "share", "merge", "distill_stream"])
+                                            "BATCHKL_LOGITS_DISTILL_STREAM: expected 0 or 1, got ''"),
+                                           ({"BATCHKL_LOGITS_REUSE": "3"},
+                                            "BATCHKL_LOGITS_REUSE: expected 0, 1 or 2, got '3'")],
+                         ids=["stage", "slice", "lanes", "lean", "share", "merge", "distill_stream", "reuse"])
 def test_a_bad_tuning_knob_is_an_error_naming_it(knobs, message):
     code = ("import torch, pytest, batchkl_ext\n"
             "x = torch.randn(2, 5000, device='cuda')\n"

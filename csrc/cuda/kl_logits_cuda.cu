@@ -38,6 +38,9 @@ namespace {
 //   BATCHKL_LOGITS_MERGE      1: a row's maxes and sums in one exchange (LaunchKnobs::merge)
 //   BATCHKL_LOGITS_DISTILL_STREAM  0: the distillation kernel's long rows planned as the
 //                             general kernel's, not streamed in 256 KiB slices
+//   BATCHKL_LOGITS_REUSE      0: every sweep forward, no cache hints; 1: sweeps alternate
+//                             direction; 2 (the default): also evict-first hints on a
+//                             row's last read and the gradient's stores (LaunchKnobs::reuse)
 
 // `name`'s value, 0 or 1, into `out` where it is set.
 void read_flag(const char* name, bool& out) {
@@ -73,6 +76,11 @@ const LaunchKnobs& tuning() {
       const std::string s(lean);
       TORCH_CHECK(s == "0" || s == "1" || s == "2", "BATCHKL_LOGITS_LEAN: expected 0, 1 or 2, got '", s, "'");
       v.lean = std::stoi(s);
+    }
+    if (const char* reuse = std::getenv("BATCHKL_LOGITS_REUSE")) {
+      const std::string s(reuse);
+      TORCH_CHECK(s == "0" || s == "1" || s == "2", "BATCHKL_LOGITS_REUSE: expected 0, 1 or 2, got '", s, "'");
+      v.reuse = std::stoi(s);
     }
     read_flag("BATCHKL_LOGITS_SHARE", v.share);
     read_flag("BATCHKL_LOGITS_MERGE", v.merge);

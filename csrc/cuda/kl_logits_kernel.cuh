@@ -109,6 +109,8 @@ struct Grid {
   bool lean = true;   // the forward KL's lean sweep (RowWork::lean_step) where it applies
   bool share = true;  // a cluster adds its CTAs' loss shares up in rank 0 (no broadcast)
   bool merge = false;  // the maxes and the sums in one exchange (LseOp), not two
+  bool backward = true;     // the sweeps after the first alternate direction (LaunchKnobs::reuse)
+  bool evict_first = true;  // a row's last read and the gradient's stores hint evict-first
 };
 
 // Where a long row's slices live between sweeps (BATCHKL_LOGITS_STAGE).
@@ -141,6 +143,22 @@ struct LaunchKnobs {
   // The distillation kernel's streamed long rows on Hopper (plan_grid,
   // kDistillStreamRowBytes); false: planned as the general kernel's.
   bool distill_stream = true;
+  // How the sweeps after the first treat L2, where a streamed row's second
+  // read would find it: 0 every sweep forward, no cache hints (as measured
+  // up to 2026-11-27); 1 each sweep runs opposite to the one before it, so
+  // that it starts on the packs its CTA read last; 2 (the default) also
+  // the row's last read and the gradient's stores evict-first (an L2 cache policy).
+  // Why: the streamed distillation kernel ran at the copy bandwidth over
+  // 5/3 of the minimal bytes (H200, 2026-11-27, float32 8192x128256 in 256
+  // KiB slices: 4.95 ms, 21.0 GB at 4.24 TB/s), i.e. its second read came
+  // from HBM: in the same order as the first, every pack's reuse distance
+  // is the ~100 MB that the SMs' slices in flight read in between, twice
+  // the 50 MB L2, and LRU keeps none. Backward, a pack read k bytes before
+  // the end of its slice is read again after about 2k (times the CTAs in
+  // flight), so the slices' tails hit; evict-first lines (dead once read
+  // again, and the gradient) leave the rest of L2 to the packs still to be
+  // read again. Not yet measured on a GPU.
+  int reuse = 2;
 };
 
 struct DeviceLimits {
@@ -175,6 +193,8 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
   g.lean = dev.knobs.lean >= 1;
   g.share = dev.knobs.share;
   g.merge = dev.knobs.merge;
+  g.backward = dev.knobs.reuse >= 1;
+  g.evict_first = dev.knobs.reuse >= 2;
   const int64_t pack = 16 / elem;
   const auto round_up = [&](int64_t v) { return (v + pack - 1) / pack * pack; };
   if (cols <= kWarpRowCols) {
@@ -573,6 +593,55 @@ __device__ __forceinline__ void store_pack(scalar_t* base, int64_t i, int64_t le
   }
 }
 
+// A row's last read and the gradient's stores carry an L2 eviction policy
+// (LaunchKnobs::reuse): evict-first, so that the lines of a long row still
+// to be read again stay in L2 instead, or evict-normal, what a plain access
+// gets. A policy in a register rather than an instruction per choice: the
+// loops are the same code either way. Global memory only.
+__device__ __forceinline__ uint64_t l2_policy(bool evict_first) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(BATCHKL_CUDA_EMULATOR)
+  uint64_t first, normal;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(first));
+  asm("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(normal));
+  return evict_first ? first : normal;
+#else
+  (void)evict_first;
+  return 0;
+#endif
+}
+
+// Inputs do not change while the kernel runs: the load needs no ordering
+// against the kernel's stores (which never alias them).
+template <typename scalar_t>
+__device__ __forceinline__ Pack<scalar_t> load_hinted(const Pack<scalar_t>* p, uint64_t policy) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(BATCHKL_CUDA_EMULATOR)
+  uint32_t w[4];
+  asm("ld.global.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+      : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
+      : "l"(p), "l"(policy));
+  Pack<scalar_t> out;
+  std::memcpy(&out, w, sizeof out);
+  return out;
+#else
+  (void)policy;
+  return *p;
+#endif
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void store_hinted(Pack<scalar_t>* p, const Pack<scalar_t>& pk, uint64_t policy) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(BATCHKL_CUDA_EMULATOR)
+  uint32_t w[4];
+  std::memcpy(w, &pk, sizeof w);
+  asm volatile("st.global.L2::cache_hint.v4.u32 [%0], {%1, %2, %3, %4}, %5;" ::"l"(p), "r"(w[0]), "r"(w[1]),
+               "r"(w[2]), "r"(w[3]), "l"(policy)
+               : "memory");
+#else
+  (void)policy;
+  *p = pk;
+#endif
+}
+
 // Everything a group knows about its row after sweep 1. Logits x, y with
 // row maxes m_q, m_p and sums S_q, S_p of 2^((a - m) k2) (k2 = log2(e) / T):
 // q = 2^((x - m_q) k2) / S_q and log q = (x - m_q) / T - ln S_q, and the same
@@ -955,6 +1024,10 @@ struct RowWork {
       constexpr bool kTotals = decltype(totals)::value;
       acc_t loss = 0, sum_gq = 0, sum_gp = 0;
       constexpr bool kLean = decltype(lean)::value && kDiv == Divergence::kForward && !kProbs && !kTotals && !kGY;
+      // Sweep 2 runs backward, a third (the writing sweep after the totals
+      // one) forward again; the writing sweep is the row's last read.
+      const bool backward = grid.backward && (kTotals || !third);
+      const bool last_read = !kTotals;
       const auto step = [&](const P xp, const P yp, P& ox, P& oy) {  // by value: one 16-byte load each
         if constexpr (kLean) {
           lean_step<kGX>(xp, yp, k, loss, ox);
@@ -976,49 +1049,83 @@ struct RowWork {
           if constexpr (kGY) oy.v[e] = static_cast<scalar_t>(raw_grad(t.gp, pr, ys[e], cp, k.inv_sum_p));
         }
       };
-      int64_t i = tid;
-      if (rvx && rvy && (!kGX || vgx) && (!kGY || vgy)) {
-        const P* const vx = reinterpret_cast<const P*>(rx);
-        const P* const vy = reinterpret_cast<const P*>(ry);
-        P* const gx_packs = reinterpret_cast<P*>(gx);
-        P* const gy_packs = reinterpret_cast<P*>(gy);
-        const auto put = [&](int64_t at, const P& ox, const P& oy) {
-          if constexpr (kGX) {
-            BATCHKL_CHECK_ALIGNED(gx_packs + at);
-            gx_packs[at] = ox;
-          }
-          if constexpr (kGY) {
-            BATCHKL_CHECK_ALIGNED(gy_packs + at);
-            gy_packs[at] = oy;
-          }
-        };
-        // Two packs per step for the KLs, both loaded before either gradient
-        // is stored: the compiler may not move a load above a store that
-        // could alias it, and two loads in flight matter when the rows
-        // stream from global memory. (JSD's longer arithmetic would spill.)
-        constexpr int kStep = kDiv != Divergence::kJSD ? 2 : 1;
-        for (; i + int64_t{kStep - 1} * group < whole; i += int64_t{kStep} * group) {
-          P xs[kStep], ys[kStep];
-#pragma unroll
-          for (int u = 0; u < kStep; ++u) {
-            BATCHKL_CHECK_ALIGNED(vx + i + u * group);
-            BATCHKL_CHECK_ALIGNED(vy + i + u * group);
-            xs[u] = vx[i + u * group];
-            ys[u] = vy[i + u * group];
-          }
-#pragma unroll
-          for (int u = 0; u < kStep; ++u) {
-            P ox, oy;
-            step(xs[u], ys[u], ox, oy);
-            put(i + u * group, ox, oy);
-          }
-        }
-      }
-      for (; i < npacks; i += group) {
+      // A thread's packs are tid + k * group, k < n_all; the first n_whole
+      // are whole packs, the first n_fast of them (a whole number of steps,
+      // where the layout allows 16-byte accesses) go through the step loop.
+      // Forward: the step loop, then the rest, in increasing k. Backward
+      // (LaunchKnobs::reuse): the rest, then the step loop, in decreasing k.
+      // Two packs per step for the KLs, both loaded before either gradient
+      // is stored: the compiler may not move a load above a store that
+      // could alias it, and two loads in flight matter when the rows stream
+      // from global memory. (JSD's longer arithmetic would spill.)
+      constexpr int kStep = kDiv != Divergence::kJSD ? 2 : 1;
+      const int64_t n_all = tid < npacks ? (npacks - 1 - tid) / group + 1 : 0;
+      const int64_t n_whole = tid < whole ? (whole - 1 - tid) / group + 1 : 0;
+      const bool fast = rvx && rvy && (!kGX || vgx) && (!kGY || vgy);
+      const int64_t n_fast = fast ? n_whole / kStep * kStep : 0;
+      const auto rest = [&](int64_t i) {
         P ox, oy;
         step(load_pack(rx, rsx, i, len, rvx, fill()), load_pack(ry, rsy, i, len, rvy, fill()), ox, oy);
         if constexpr (kGX) store_pack(gx, i, len, vgx, ox);
         if constexpr (kGY) store_pack(gy, i, len, vgy, oy);
+      };
+      if (backward) {
+        for (int64_t k = n_all - 1; k >= n_fast; --k) rest(tid + k * group);
+      }
+      if (n_fast > 0) {
+        const P* const vx = reinterpret_cast<const P*>(rx);
+        const P* const vy = reinterpret_cast<const P*>(ry);
+        P* const gx_packs = reinterpret_cast<P*>(gx);
+        P* const gy_packs = reinterpret_cast<P*>(gy);
+        const uint64_t policy = l2_policy(grid.evict_first);
+        const auto put = [&](int64_t at, const P& ox, const P& oy) {
+          if constexpr (kGX) {
+            BATCHKL_CHECK_ALIGNED(gx_packs + at);
+            store_hinted(gx_packs + at, ox, policy);
+          }
+          if constexpr (kGY) {
+            BATCHKL_CHECK_ALIGNED(gy_packs + at);
+            store_hinted(gy_packs + at, oy, policy);
+          }
+        };
+        // From the first pack of the first step, `di` apart.
+        const int64_t di = backward ? -int64_t{group} : int64_t{group};
+        // Compile-time, so that the loop holds one kind of load: a run-time
+        // choice inside it cost the staged loops about 85 instructions per
+        // step (sm_90: both loads, and byte moves merging their results).
+        const auto steps = [&](auto hinted) {
+          int64_t i = tid + (backward ? n_fast - 1 : 0) * group;
+          for (int64_t k = 0; k < n_fast; k += kStep, i += kStep * di) {
+            P xs[kStep], ys[kStep];
+#pragma unroll
+            for (int u = 0; u < kStep; ++u) {
+              BATCHKL_CHECK_ALIGNED(vx + i + u * di);
+              BATCHKL_CHECK_ALIGNED(vy + i + u * di);
+              if constexpr (decltype(hinted)::value) {
+                xs[u] = load_hinted(vx + i + u * di, policy);
+                ys[u] = load_hinted(vy + i + u * di, policy);
+              } else {
+                xs[u] = vx[i + u * di];
+                ys[u] = vy[i + u * di];
+              }
+            }
+#pragma unroll
+            for (int u = 0; u < kStep; ++u) {
+              P ox, oy;
+              step(xs[u], ys[u], ox, oy);
+              put(i + u * di, ox, oy);
+            }
+          }
+        };
+        // A staged slice is read from shared memory, which takes no policy.
+        if (last_read && stage == nullptr) {
+          steps(std::true_type{});
+        } else {
+          steps(std::false_type{});
+        }
+      }
+      if (!backward) {
+        for (int64_t k = n_fast; k < n_all; ++k) rest(tid + k * group);
       }
       if constexpr (kLean) {
         if (loss != loss) {
