@@ -57,8 +57,9 @@ SETTINGS = {
     # The distillation kernel's long rows planned as the general kernel's
     # (staged 64 KiB slices), as before 2026-11-27's streaming rule.
     "nostream": {"BATCHKL_LOGITS_DISTILL_STREAM": "0"},
-    # Every sweep forward without cache hints (as measured up to 2026-11-27),
-    # and alternating without the hints: the default alternates, with them.
+    # Streamed rows: every sweep forward (the order measured up to
+    # 2026-11-27; an evict-normal cache policy), and alternating with it:
+    # the default alternates, evict-first.
     "reuse0": {"BATCHKL_LOGITS_REUSE": "0"},
     "reuse1": {"BATCHKL_LOGITS_REUSE": "1"},
     # Streamed in more, smaller slices than the distillation kernel's 256

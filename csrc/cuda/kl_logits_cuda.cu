@@ -38,9 +38,10 @@ namespace {
 //   BATCHKL_LOGITS_MERGE      1: a row's maxes and sums in one exchange (LaunchKnobs::merge)
 //   BATCHKL_LOGITS_DISTILL_STREAM  0: the distillation kernel's long rows planned as the
 //                             general kernel's, not streamed in 256 KiB slices
-//   BATCHKL_LOGITS_REUSE      0: every sweep forward, no cache hints; 1: sweeps alternate
-//                             direction; 2 (the default): also evict-first hints on a
-//                             row's last read and the gradient's stores (LaunchKnobs::reuse)
+//   BATCHKL_LOGITS_REUSE      streamed rows: 0 every sweep forward, an evict-normal cache
+//                             policy; 1 sweeps alternate direction; 2 (the default) also
+//                             evict-first on the gradient's stores and the distillation
+//                             kernel's last read (LaunchKnobs::reuse)
 
 // `name`'s value, 0 or 1, into `out` where it is set.
 void read_flag(const char* name, bool& out) {

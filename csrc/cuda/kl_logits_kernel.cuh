@@ -109,8 +109,8 @@ struct Grid {
   bool lean = true;   // the forward KL's lean sweep (RowWork::lean_step) where it applies
   bool share = true;  // a cluster adds its CTAs' loss shares up in rank 0 (no broadcast)
   bool merge = false;  // the maxes and the sums in one exchange (LseOp), not two
-  bool backward = true;     // the sweeps after the first alternate direction (LaunchKnobs::reuse)
-  bool evict_first = true;  // a row's last read and the gradient's stores hint evict-first
+  bool backward = false;     // streamed rows: the sweeps after the first alternate direction (LaunchKnobs::reuse)
+  bool evict_first = false;  // streamed rows: the gradient's stores (and the distillation kernel's last read) evict-first
 };
 
 // Where a long row's slices live between sweeps (BATCHKL_LOGITS_STAGE).
@@ -144,20 +144,28 @@ struct LaunchKnobs {
   // kDistillStreamRowBytes); false: planned as the general kernel's.
   bool distill_stream = true;
   // How the sweeps after the first treat L2, where a streamed row's second
-  // read would find it: 0 every sweep forward, no cache hints (as measured
-  // up to 2026-11-27); 1 each sweep runs opposite to the one before it, so
-  // that it starts on the packs its CTA read last; 2 (the default) also
-  // the row's last read and the gradient's stores evict-first (an L2 cache policy).
-  // Why: the streamed distillation kernel ran at the copy bandwidth over
-  // 5/3 of the minimal bytes (H200, 2026-11-27, float32 8192x128256 in 256
-  // KiB slices: 4.95 ms, 21.0 GB at 4.24 TB/s), i.e. its second read came
-  // from HBM: in the same order as the first, every pack's reuse distance
-  // is the ~100 MB that the SMs' slices in flight read in between, twice
-  // the 50 MB L2, and LRU keeps none. Backward, a pack read k bytes before
+  // read may find it (rows streamed by CTAs only: a staged slice is re-read
+  // from shared memory, a warp's short row from L1, and those keep the
+  // plain order): 0 every sweep forward and an evict-normal policy on the
+  // hinted accesses (the same instructions: the order of 2026-11-27, with
+  // a cache policy that should act as none); 1 each sweep runs opposite to
+  // the one before it, so that it starts on the packs its CTA read last; 2
+  // (the default) also the gradient's stores and, in the distillation
+  // kernel, the row's last read through the 16-byte step loop
+  // evict-first.
+  // Why: the streamed distillation kernel's time matches its second read
+  // coming from HBM, not L2 (H200, 2026-11-27, float32 8192x128256 in 256
+  // KiB slices: 4.95 ms, i.e. 21.0 GB, 5/3 of the minimal bytes, at the
+  // copy bandwidth of 4.24 TB/s; no L2 hit rate was measured). In the same
+  // order as the first read, every pack's reuse distance is the ~100 MB
+  // that the SMs' slices in flight read in between, twice the 50 MB L2,
+  // which an LRU-like L2 keeps none of. Backward, a pack read k bytes before
   // the end of its slice is read again after about 2k (times the CTAs in
-  // flight), so the slices' tails hit; evict-first lines (dead once read
-  // again, and the gradient) leave the rest of L2 to the packs still to be
-  // read again. Not yet measured on a GPU.
+  // flight), so the slices' tails can hit; evict-first lines (dead once
+  // read again, and the gradient) leave the rest of L2 to the packs still
+  // to be read again. Not yet measured on a GPU: Nsight Compute's
+  // lts__t_sector_hit_rate and dram__bytes_read under 0, 1 and 2 say
+  // whether it works.
   int reuse = 2;
 };
 
@@ -177,7 +185,8 @@ constexpr int64_t stage_bytes(int64_t slice, int64_t elem) { return (slice * ele
 // The distillation kernel (`distill`: three CTAs per SM) on Hopper streams a
 // row whose two operands take more than kDistillStreamRowBytes, in slices of
 // up to kDistillStreamBytes (fewer CTAs per row, more of each thread's work
-// per row exchange), its second read served by L2 where it is. H200,
+// per row exchange); its second read was meant to be served by L2, but the
+// timings say it came from HBM (see LaunchKnobs::reuse). H200,
 // 2026-11-27, forward + backward queued, staged 64 KiB slices -> streamed
 // 256 KiB ones: bfloat16 8192x128256 (rows of 501 KiB) 2.95 -> 2.56 ms,
 // 4096x256000 3.09 -> 2.62; float32 8192x128256 6.16 -> 4.95 (streamed in 8
@@ -193,8 +202,6 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
   g.lean = dev.knobs.lean >= 1;
   g.share = dev.knobs.share;
   g.merge = dev.knobs.merge;
-  g.backward = dev.knobs.reuse >= 1;
-  g.evict_first = dev.knobs.reuse >= 2;
   const int64_t pack = 16 / elem;
   const auto round_up = [&](int64_t v) { return (v + pack - 1) / pack * pack; };
   if (cols <= kWarpRowCols) {
@@ -244,6 +251,8 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
     g.stage = false;
   }
   g.smem = g.stage ? staged : kFixedSmem;
+  g.backward = !g.stage && dev.knobs.reuse >= 1;
+  g.evict_first = !g.stage && dev.knobs.reuse >= 2;
   g.blocks = rows * c;
   return g;
 }
@@ -611,9 +620,11 @@ __device__ __forceinline__ uint64_t l2_policy(bool evict_first) {
 }
 
 // Inputs do not change while the kernel runs: the load needs no ordering
-// against the kernel's stores (which never alias them).
+// against the kernel's stores (the gradients are fresh tensors, never the
+// inputs: kl_with_logits_fused_impl allocates them).
 template <typename scalar_t>
 __device__ __forceinline__ Pack<scalar_t> load_hinted(const Pack<scalar_t>* p, uint64_t policy) {
+  static_assert(sizeof(Pack<scalar_t>) == 16, "a pack is one 16-byte access");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(BATCHKL_CUDA_EMULATOR)
   uint32_t w[4];
   asm("ld.global.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
@@ -904,11 +915,12 @@ struct RowWork {
     }
     const bool rvx = vector_ok(rx, rsx), rvy = vector_ok(ry, rsy);
 
-    // Each sweep runs in two loops over a thread's packs, in the same
-    // order: while every access is a whole, aligned 16-byte pack and a step
-    // is full, with no per-pack checks; then the rest (whole packs too few
-    // for a step, a partial last pack, or every pack of a layout that allows
-    // no 16-byte accesses) through load_pack / store_pack.
+    // Each sweep runs in two loops over a thread's packs, in one order
+    // whatever the layout: while every access is a whole, aligned 16-byte
+    // pack and a step is full, with no per-pack checks; and the rest (whole
+    // packs too few for a step, a partial last pack, or every pack of a
+    // layout that allows no 16-byte accesses) through load_pack /
+    // store_pack: after the steps, or before them in a backward sweep.
     const int64_t whole = len > 0 ? len / N : 0;
 
     // Sweep 1.
@@ -1024,8 +1036,9 @@ struct RowWork {
       constexpr bool kTotals = decltype(totals)::value;
       acc_t loss = 0, sum_gq = 0, sum_gp = 0;
       constexpr bool kLean = decltype(lean)::value && kDiv == Divergence::kForward && !kProbs && !kTotals && !kGY;
-      // Sweep 2 runs backward, a third (the writing sweep after the totals
-      // one) forward again; the writing sweep is the row's last read.
+      // On streamed rows sweep 2 runs backward, a third (the writing sweep
+      // after the totals one) forward again. The writing sweep is the row's
+      // last read (but for lean_step's rare NaN re-sum below).
       const bool backward = grid.backward && (kTotals || !third);
       const bool last_read = !kTotals;
       const auto step = [&](const P xp, const P yp, P& ox, P& oy) {  // by value: one 16-byte load each
@@ -1049,11 +1062,11 @@ struct RowWork {
           if constexpr (kGY) oy.v[e] = static_cast<scalar_t>(raw_grad(t.gp, pr, ys[e], cp, k.inv_sum_p));
         }
       };
-      // A thread's packs are tid + k * group, k < n_all; the first n_whole
+      // A thread's packs are tid + j * group, j < n_all; the first n_whole
       // are whole packs, the first n_fast of them (a whole number of steps,
       // where the layout allows 16-byte accesses) go through the step loop.
-      // Forward: the step loop, then the rest, in increasing k. Backward
-      // (LaunchKnobs::reuse): the rest, then the step loop, in decreasing k.
+      // Forward: the step loop, then the rest, in increasing j. Backward
+      // (LaunchKnobs::reuse): the rest, then the step loop, in decreasing j.
       // Two packs per step for the KLs, both loaded before either gradient
       // is stored: the compiler may not move a load above a store that
       // could alias it, and two loads in flight matter when the rows stream
@@ -1069,10 +1082,19 @@ struct RowWork {
         if constexpr (kGX) store_pack(gx, i, len, vgx, ox);
         if constexpr (kGY) store_pack(gy, i, len, vgy, oy);
       };
-      if (backward) {
-        for (int64_t k = n_all - 1; k >= n_fast; --k) rest(tid + k * group);
-      }
-      if (n_fast > 0) {
+      // Forward: the steps, then the rest; backward: the rest, then the
+      // steps. One copy of each loop: with a copy of the rest loop either
+      // side of the step loop, the general kernels (128 registers) kept
+      // more of their values in local memory, in every sweep.
+#pragma unroll 1
+      for (int part = 0; part < 2; ++part) {
+        if ((part == 0) == backward) {
+          const int64_t dj = backward ? -1 : 1;
+          int64_t j = backward ? n_all - 1 : n_fast;
+          for (int64_t c = n_fast; c < n_all; ++c, j += dj) rest(tid + j * group);
+          continue;
+        }
+        if (n_fast == 0) continue;
         const P* const vx = reinterpret_cast<const P*>(rx);
         const P* const vy = reinterpret_cast<const P*>(ry);
         P* const gx_packs = reinterpret_cast<P*>(gx);
@@ -1095,7 +1117,7 @@ struct RowWork {
         // step (sm_90: both loads, and byte moves merging their results).
         const auto steps = [&](auto hinted) {
           int64_t i = tid + (backward ? n_fast - 1 : 0) * group;
-          for (int64_t k = 0; k < n_fast; k += kStep, i += kStep * di) {
+          for (int64_t c = 0; c < n_fast; c += kStep, i += kStep * di) {
             P xs[kStep], ys[kStep];
 #pragma unroll
             for (int u = 0; u < kStep; ++u) {
@@ -1118,14 +1140,15 @@ struct RowWork {
           }
         };
         // A staged slice is read from shared memory, which takes no policy.
-        if (last_read && stage == nullptr) {
-          steps(std::true_type{});
-        } else {
-          steps(std::false_type{});
+        // The general kernels read with plain loads: a second step loop
+        // cost them registers (their stores still take the policy).
+        if constexpr (kDistill) {
+          if (last_read && stage == nullptr) {
+            steps(std::true_type{});
+            continue;
+          }
         }
-      }
-      if (!backward) {
-        for (int64_t k = n_fast; k < n_all; ++k) rest(tid + k * group);
+        steps(std::false_type{});
       }
       if constexpr (kLean) {
         if (loss != loss) {
