@@ -6,7 +6,8 @@
 #   sanitize  compute-sanitizer memcheck, racecheck, synccheck on `cuda_check.py --small`
 #   test      pytest: the CUDA tests (-m cuda; PYTEST_ARGS overrides), huge tests included
 #   profile   Nsight Compute of kl_with_logits at a few shapes (scripts/profile_logits.py);
-#             PROFILE_SOURCE=1 adds the first shape's per-SASS-instruction counters
+#             PROFILE_SOURCE=1 adds the first shape's per-SASS-instruction counters;
+#             PROFILE_REUSE="default 0" profiles every shape under both sweep orders
 #   tune      kl_with_logits under each launch-shape setting (scripts/tune_logits.py; not by default)
 #   bench     the CUDA benchmark (extra arguments go to `python -m bench`)
 #   bash scripts/gpu_run.sh [bench args...]          # every stage
@@ -172,12 +173,19 @@ if want profile; then
       --section LaunchStats --section WarpStateStats --section SchedulerStats --section InstructionStats \
       "$@" $PY scripts/profile_logits.py $shape >> "$OUT/ncu.txt" 2>&1
   }
-  for shape in "${shapes[@]}"; do
-    echo "== ncu: $shape" >> "$OUT/ncu.txt"
-    # Without the stall metrics if this ncu does not know one of them.
-    ncu_run --metrics "$stalls" || { echo "== ncu: $shape, again without the stall metrics" >> "$OUT/ncu.txt"; ncu_run; }
-    echo "ncu $shape: exit $?" | tee -a "$OUT/checks.log"
+  # PROFILE_REUSE="default 0": every shape again under BATCHKL_LOGITS_REUSE=0,
+  # so that the sections' L2 hit rate and DRAM bytes compare the streamed
+  # rows' alternating sweeps (the default) with the plain order.
+  for reuse in ${PROFILE_REUSE:-default}; do
+    if [ "$reuse" = default ]; then unset BATCHKL_LOGITS_REUSE; else export BATCHKL_LOGITS_REUSE=$reuse; fi
+    for shape in "${shapes[@]}"; do
+      echo "== ncu: $shape (BATCHKL_LOGITS_REUSE: $reuse)" >> "$OUT/ncu.txt"
+      # Without the stall metrics if this ncu does not know one of them.
+      ncu_run --metrics "$stalls" || { echo "== ncu: $shape, again without the stall metrics" >> "$OUT/ncu.txt"; ncu_run; }
+      echo "ncu $shape (reuse $reuse): exit $?" | tee -a "$OUT/checks.log"
+    done
   done
+  unset BATCHKL_LOGITS_REUSE
   # PROFILE_SOURCE=1: the first shape again with per-instruction counters
   # (executed instructions and stall samples of every SASS instruction), as
   # CSV, xz-compressed: where the instructions per element go, the loops'

@@ -186,7 +186,10 @@ void launch_typed(const LogitsLaunch& p) {
   if (!fits()) {
     // A cluster this large with this much shared memory per CTA cannot be
     // co-resident (a GPU partitioned into small slices): stream the row
-    // twice instead of staging it. Same slices, same order, same results.
+    // twice instead of staging it. Same slices, same order, same results:
+    // the sweeps keep the staged plan's direction and cache policy
+    // (Grid::backward / evict_first stay false), so the bits do not depend
+    // on how the GPU is partitioned.
     TORCH_CHECK(grid.stage, "batchkl.kl_with_logits: this GPU cannot run a cluster of ", grid.cluster,
                 " CTAs, which rows of ", geo.cols, " columns need");
     grid.stage = false;

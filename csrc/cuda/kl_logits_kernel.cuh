@@ -144,15 +144,15 @@ struct LaunchKnobs {
   // kDistillStreamRowBytes); false: planned as the general kernel's.
   bool distill_stream = true;
   // How the sweeps after the first treat L2, where a streamed row's second
-  // read may find it (rows streamed by CTAs only: a staged slice is re-read
-  // from shared memory, a warp's short row from L1, and those keep the
-  // plain order): 0 every sweep forward and an evict-normal policy on the
-  // hinted accesses (the same instructions: the order of 2026-11-27, with
-  // a cache policy that should act as none); 1 each sweep runs opposite to
-  // the one before it, so that it starts on the packs its CTA read last; 2
-  // (the default) also the gradient's stores and, in the distillation
-  // kernel, the row's last read through the 16-byte step loop
-  // evict-first.
+  // read may find it (rows that plan_grid streams over CTAs only: a staged
+  // slice is re-read from shared memory, a warp's short row from L1, and
+  // those keep the plain order and an evict-normal policy): 0 every sweep
+  // forward and an evict-normal policy on the hinted accesses (the same
+  // instructions: the order of 2026-11-27, with a cache policy that should
+  // act as none); 1 each sweep runs opposite to the one before it, so that
+  // it starts on the packs its CTA read last; 2 (the default) also the
+  // 16-byte step loops' gradient stores and, in the distillation kernel,
+  // their loads on the row's last read evict-first.
   // Why: the streamed distillation kernel's time matches its second read
   // coming from HBM, not L2 (H200, 2026-11-27, float32 8192x128256 in 256
   // KiB slices: 4.95 ms, i.e. 21.0 GB, 5/3 of the minimal bytes, at the
@@ -602,11 +602,13 @@ __device__ __forceinline__ void store_pack(scalar_t* base, int64_t i, int64_t le
   }
 }
 
-// A row's last read and the gradient's stores carry an L2 eviction policy
-// (LaunchKnobs::reuse): evict-first, so that the lines of a long row still
-// to be read again stay in L2 instead, or evict-normal, what a plain access
-// gets. A policy in a register rather than an instruction per choice: the
-// loops are the same code either way. Global memory only.
+// The gradient's stores in the 16-byte step loops, and the distillation
+// kernel's loads there on its last read of a streamed row, carry an L2
+// eviction policy (LaunchKnobs::reuse): evict-first on rows planned as
+// streamed, so that the lines of a long row still to be read again stay in
+// L2 instead, else evict-normal, which should act as a plain access. A
+// policy in a register rather than an instruction per choice: the loops
+// are the same code either way. Global memory only.
 __device__ __forceinline__ uint64_t l2_policy(bool evict_first) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(BATCHKL_CUDA_EMULATOR)
   uint64_t first, normal;

@@ -441,6 +441,15 @@ void test_lean_and_share_knobs() {
         check_bitwise(lean, emulated(x, t, c), str("distillation kernel V=", cols, " ", dt, " ", red));
         g_device.knobs.lean = 0;
         compare_with_cpu(x, t, c, str("general sweep V=", cols, " ", dt, " ", red));
+        // The general kernel's two sweeps on streamed rows (the writing one backward).
+        for (const int lean_knob : {0, 1}) {
+          g_device = kDevices[2].second;
+          g_device.knobs.lean = lean_knob;
+          compare_with_cpu(x, t, c, str("streamed, lean=", lean_knob, " V=", cols, " ", dt, " ", red));
+        }
+        g_device = DeviceLimits{4, 227 * 1024, true};
+        g_device.knobs.stage = StageMode::kWhereFits;
+        g_device.knobs.lean = 0;
         const Result general = emulated(x, t, c);
         check_close(std::get<0>(general), std::get<0>(lean), rtol_for(dt), 1e-6, str("lean vs general loss V=", cols));
         g_device = DeviceLimits{4, 227 * 1024, true};
@@ -588,7 +597,7 @@ void test_plan() {
   check(plan_grid(65536, 512, 2, forced).lanes == 32, "BATCHKL_LOGITS_ROW_LANES=32: a warp per row");
   // Streamed rows' sweeps alternate direction, with evict-first hints;
   // BATCHKL_LOGITS_REUSE=1 drops the hints, =0 the alternation too. Short
-  // rows and staged slices keep the order, without hints.
+  // rows and staged slices keep the order, evict-normal.
   {
     DeviceLimits reuse = h100;
     reuse.knobs.stage = StageMode::kNever;
@@ -635,6 +644,9 @@ void test_plan() {
         str("distillation, long rows streamed in 256 KiB slices: ", d128.cluster, " ", d128f.cluster, " ",
             d256.cluster, " ", d256f.cluster));
   check(d128.smem == kFixedSmem && d256f.smem == kFixedSmem, "distillation, streamed: no slice in shared memory");
+  check(d128.backward && d128.evict_first && d256f.backward && !d32.backward && !d32.evict_first,
+        "distillation: streamed rows alternate, evict-first; staged ones do not");
+  check(plan_grid(4096, 256000, 2, sm).backward, "H100 256000 bf16, streamed (slices too large to stage): alternate");
   check(plan_grid(8192, 128256, 2, a100, true).cluster == 1, "distillation without clusters: one CTA per row");
   // Rows of 300 KiB (not measured streamed): the general kernel's plan.
   const Grid d76 = plan_grid(8192, 76800, 2, sm, true), g76 = plan_grid(8192, 76800, 2, sm);
