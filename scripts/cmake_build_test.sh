@@ -120,7 +120,7 @@ t1=$SECONDS
 cmake --build "$BUILD_DIR" -j "$JOBS"
 t2=$SECONDS
 status=0
-(cd "$BUILD_DIR" && ctest --output-on-failure) || status=$?
+(cd "$BUILD_DIR" && ctest --output-on-failure -j "$JOBS") || status=$?
 t3=$SECONDS
 log "configure $((t1 - t0))s, build $((t2 - t1))s, ctest $((t3 - t2))s (CUDA kernels: $WITH_CUDA)"
 [[ $status -eq 0 ]] || die "ctest failed (exit $status)"

@@ -750,19 +750,35 @@ void test_row_lanes() {
 
 }  // namespace
 
-int main() {
+// `part`: "checks" (the plan, layouts, probabilities), "knobs" (the launch
+// knobs' own tests), "default" (every launch shape as planned by default)
+// or "other" (the same with a row's maxes and sums merged in one exchange
+// and every sweep forward); ctest runs them side by side. No argument: all.
+int main(int argc, char** argv) {
+  const std::string part = argc > 1 ? argv[1] : "all";
+  if (part != "all" && part != "checks" && part != "knobs" && part != "default" && part != "other") {
+    std::fprintf(stderr,
+                 "test_logits_emulated: expected no argument or one of checks, knobs, default, other; got '%s'\n",
+                 part.c_str());
+    return 2;
+  }
   at::manual_seed(0);
-  test_plan();
-  test_layouts_reductions_masks();
-  test_layouts_bitwise();
-  test_probs_mode();
-  test_lean_and_share_knobs();
-  test_merged_exchange();
-  test_sweep_directions();
+  if (part == "all" || part == "checks") {
+    test_plan();
+    test_layouts_reductions_masks();
+    test_layouts_bitwise();
+    test_probs_mode();
+  }
+  if (part == "all" || part == "knobs") {
+    test_lean_and_share_knobs();
+    test_merged_exchange();
+    test_sweep_directions();
+  }
   // Every launch shape against the CPU kernel, special values, determinism
   // and batch invariance: as planned by default, then with a row's maxes and
   // sums merged in one exchange and every sweep forward.
   for (const bool other : {false, true}) {
+    if (part != "all" && part != (other ? "other" : "default")) continue;
     g_merge = g_forward = other;
     test_shapes_dtypes_divergences();
     test_special_values();
@@ -771,6 +787,6 @@ int main() {
     test_row_lanes();
   }
   g_merge = g_forward = false;
-  std::printf("%d checks, %d failed\n", g_checks, g_failures);
+  std::printf("%s: %d checks, %d failed\n", part.c_str(), g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }
