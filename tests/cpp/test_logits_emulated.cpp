@@ -148,6 +148,19 @@ double rtol_for(at::ScalarType dt) {
   }
 }
 
+// The gradient's small elements carry the rounding of the row's larger ones.
+double atol_for(at::ScalarType dt) { return dt == at::kDouble ? 1e-12 : dt == at::kFloat ? 1e-5 : 4e-3; }
+
+// Two emulated results of the same call under other launch settings: loss
+// and the gradients computed, to the dtype's tolerances.
+void check_results_close(const Result& a, const Result& b, at::ScalarType dt, bool grad_target,
+                         const std::string& what) {
+  const double rtol = rtol_for(dt), atol = atol_for(dt);
+  check_close(std::get<0>(a), std::get<0>(b), rtol, atol, what + " loss");
+  check_close(std::get<1>(a), std::get<1>(b), rtol, atol, what + " grad input");
+  if (grad_target) check_close(std::get<2>(a), std::get<2>(b), rtol, atol, what + " grad target");
+}
+
 // Against the CPU kernel in float64 on the very same values (the exact
 // result to a few ulp of float64): the tolerance is then the emulated
 // kernel's own rounding. (Against the CPU kernel in float, two roundings of
@@ -172,9 +185,7 @@ void compare_with_cpu(const at::Tensor& x, const at::Tensor& t, const Call& c, c
   check(std::get<0>(e).scalar_type() == dt && std::get<1>(e).scalar_type() == dt &&
             std::get<2>(e).scalar_type() == dt,
         what + ": outputs in the inputs' dtype");
-  const double rtol = rtol_for(dt) * loosen;
-  // The gradient's small elements carry the rounding of the row's larger ones.
-  const double atol = (dt == at::kDouble ? 1e-12 : dt == at::kFloat ? 1e-5 : 4e-3) * loosen;
+  const double rtol = rtol_for(dt) * loosen, atol = atol_for(dt) * loosen;
   // A loss that is 0 (identical rows; a single column) comes out as the
   // rounding of its terms, each of order 1, in the accumulation type.
   const double floor = dt == at::kDouble ? 1e-14 : 1e-6;
@@ -441,17 +452,14 @@ void test_lean_and_share_knobs() {
         check_bitwise(lean, emulated(x, t, c), str("distillation kernel V=", cols, " ", dt, " ", red));
         g_device.knobs.lean = 0;
         compare_with_cpu(x, t, c, str("general sweep V=", cols, " ", dt, " ", red));
+        const Result general = emulated(x, t, c);
+        check_close(std::get<0>(general), std::get<0>(lean), rtol_for(dt), 1e-6, str("lean vs general loss V=", cols));
         // The general kernel's two sweeps on streamed rows (the writing one backward).
         for (const int lean_knob : {0, 1}) {
           g_device = kDevices[2].second;
           g_device.knobs.lean = lean_knob;
           compare_with_cpu(x, t, c, str("streamed, lean=", lean_knob, " V=", cols, " ", dt, " ", red));
         }
-        g_device = DeviceLimits{4, 227 * 1024, true};
-        g_device.knobs.stage = StageMode::kWhereFits;
-        g_device.knobs.lean = 0;
-        const Result general = emulated(x, t, c);
-        check_close(std::get<0>(general), std::get<0>(lean), rtol_for(dt), 1e-6, str("lean vs general loss V=", cols));
         g_device = DeviceLimits{4, 227 * 1024, true};
         const Result shares = emulated(x, t, c);
         g_device.knobs.share = false;
@@ -481,10 +489,7 @@ void test_merged_exchange() {
           const Result one = emulated(x, t, c);
           const auto what = str(kDevices[device].first, ": merged vs two exchanges V=", cols, " ", dt, " beta=", beta,
                                 " gt=", grad_target);
-          const double rtol = rtol_for(dt), atol = dt == at::kDouble ? 1e-12 : dt == at::kFloat ? 1e-5 : 4e-3;
-          check_close(std::get<0>(one), std::get<0>(two), rtol, atol, what + " loss");
-          check_close(std::get<1>(one), std::get<1>(two), rtol, atol, what + " grad input");
-          if (grad_target) check_close(std::get<2>(one), std::get<2>(two), rtol, atol, what + " grad target");
+          check_results_close(one, two, dt, grad_target, what);
           check_bitwise(one, emulated(x, t, c), what + " deterministic");
         }
       }
@@ -516,12 +521,7 @@ void test_sweep_directions() {
             const Result forward = emulated(x, t, c);
             const auto what = str("forward vs alternating sweeps V=", cols, " ", dt, " beta=", beta,
                                   " gt=", grad_target, " smem=", smem / 1024, "K");
-            const double rtol = rtol_for(dt), atol = dt == at::kFloat ? 1e-5 : 4e-3;
-            check_close(std::get<0>(alternating), std::get<0>(forward), rtol, atol, what + " loss");
-            check_close(std::get<1>(alternating), std::get<1>(forward), rtol, atol, what + " grad input");
-            if (grad_target) {
-              check_close(std::get<2>(alternating), std::get<2>(forward), rtol, atol, what + " grad target");
-            }
+            check_results_close(alternating, forward, dt, grad_target, what);
             check_bitwise(forward, emulated(x, t, c), what + " forward deterministic");
             g_device.knobs.reuse = 2;
             check_bitwise(alternating, emulated(x, t, c), what + " alternating deterministic");
