@@ -66,6 +66,10 @@ SETTINGS = {
     # KiB: fewer packs in flight between a pack's two reads (more of them
     # found in L2), more CTAs per row.
     "stream192": {"BATCHKL_LOGITS_STAGE": "0", "BATCHKL_LOGITS_SLICE_KIB": "192"},
+    # The distillation kernel's staged rows (8192x32000) on as many clusters
+    # as fit at once, each copying its next row's slice in during its last
+    # read of this one (the kAhead kernel, two CTAs per SM; not yet measured).
+    "prefetch": {"BATCHKL_LOGITS_PREFETCH": "1"},
     "lanes32": {"BATCHKL_LOGITS_ROW_LANES": "32"},  # a whole warp per short row (before 2026-11-26)
     "lanes4": {"BATCHKL_LOGITS_ROW_LANES": "4"},  # fewer lanes per short row than the default at 512
 }

@@ -385,7 +385,8 @@ def test_cuda_compile(dynamic):
                                    {"BATCHKL_LOGITS_MERGE": "1", "BATCHKL_LOGITS_LEAN": "1"},
                                    {"BATCHKL_LOGITS_DISTILL_STREAM": "0"}, {"BATCHKL_LOGITS_REUSE": "0"},
                                    {"BATCHKL_LOGITS_REUSE": "1"},
-                                   {"BATCHKL_LOGITS_REUSE": "0", "BATCHKL_LOGITS_STAGE": "0"}], ids=str)
+                                   {"BATCHKL_LOGITS_REUSE": "0", "BATCHKL_LOGITS_STAGE": "0"},
+                                   {"BATCHKL_LOGITS_PREFETCH": "1"}], ids=str)
 def test_tuning_knobs_change_the_launch_not_the_results(knobs):
     """The launcher's developer knobs (read once per process, hence a fresh
     one): streamed rows, slices that take more or fewer CTAs per row, and
@@ -397,6 +398,16 @@ def test_tuning_knobs_change_the_launch_not_the_results(knobs):
     the float64 reference's values and gradients at every launch shape, and
     each setting is deterministic."""
     run_python("import test_logits_cuda\ntest_logits_cuda.check_under_knobs()\n", str(knobs), env=knobs)
+
+
+def test_prefetch_rows_copied_ahead_give_the_same_bits():
+    """BATCHKL_LOGITS_PREFETCH=1: the distillation kernel's staged rows on a
+    grid of as many clusters as fit at once, each copying its next row's
+    slice in during its last read of this one. With more rows than fit, most
+    rows are copied in ahead: they must agree with the float64 reference and
+    give the bits of the same row computed alone (which nothing copies in)."""
+    env = {"BATCHKL_LOGITS_PREFETCH": "1"}
+    run_python("import test_logits_cuda\ntest_logits_cuda.check_prefetch()\n", str(env), env=env)
 
 
 def check_under_knobs():
@@ -413,6 +424,31 @@ def check_under_knobs():
             assert_bitwise_equal(a, op(x.to(DEV), t.to(DEV), beta=0.5, reduction="none"))
 
 
+def check_prefetch():
+    # 4000: a CTA per row; 32000: clusters of 2 (bfloat16) or 4 (float32);
+    # 40003: rows off 16 bytes among aligned ones (not copied ahead). Rows:
+    # more than the clusters that fit on an H100 or H200 at once.
+    for v, rows in ((4000, 1200), (32000, 700), (40003, 500)):
+        for dtype in (torch.float32, torch.bfloat16):
+            x, t = make_logits((rows, v), dtype), make_logits((rows, v), dtype)
+            check_cuda(x, t, beta=0.0, grad_target=False)
+            xd, td = x.to(DEV), t.to(DEV)
+            mask = torch.arange(rows, device=DEV) % 7 != 3  # rows the previous row does not copy in
+
+            def per_row(a, b, m=None):
+                w = torch.ones(a.shape[:-1], dtype=dtype, device=DEV)
+                return run_op(lambda p, q: op(p, q, reduction="none", mask=m), a, b, grad_target=False, w=w)
+
+            full, masked = per_row(xd, td), per_row(xd, td, mask)
+            assert_bitwise_equal(per_row(xd, td)[1], full[1], "deterministic")
+            for i in (0, 1, rows // 2, rows - 2, rows - 1):
+                alone = per_row(xd[i:i + 1], td[i:i + 1])
+                for k, name in ((0, "loss"), (1, "grad_input")):
+                    assert_bitwise_equal(alone[k][0], full[k][i], f"{name} alone vs batch, V={v}, row {i}")
+                    if i % 7 != 3:
+                        assert_bitwise_equal(masked[k][i], full[k][i], f"{name} with rows masked, V={v}, row {i}")
+
+
 @pytest.mark.parametrize("knobs,message", [({"BATCHKL_LOGITS_STAGE": "no"}, "BATCHKL_LOGITS_STAGE: expected 0 or 1"),
                                            ({"BATCHKL_LOGITS_SLICE_KIB": "64k"}, "BATCHKL_LOGITS_SLICE_KIB: expected"),
                                            ({"BATCHKL_LOGITS_ROW_LANES": "3"},
@@ -424,8 +460,11 @@ def check_under_knobs():
                                            ({"BATCHKL_LOGITS_DISTILL_STREAM": ""},
                                             "BATCHKL_LOGITS_DISTILL_STREAM: expected 0 or 1, got ''"),
                                            ({"BATCHKL_LOGITS_REUSE": "3"},
-                                            "BATCHKL_LOGITS_REUSE: expected 0, 1 or 2, got '3'")],
-                         ids=["stage", "slice", "lanes", "lean", "share", "merge", "distill_stream", "reuse"])
+                                            "BATCHKL_LOGITS_REUSE: expected 0, 1 or 2, got '3'"),
+                                           ({"BATCHKL_LOGITS_PREFETCH": "yes"},
+                                            "BATCHKL_LOGITS_PREFETCH: expected 0 or 1, got 'yes'")],
+                         ids=["stage", "slice", "lanes", "lean", "share", "merge", "distill_stream", "reuse",
+                              "prefetch"])
 def test_a_bad_tuning_knob_is_an_error_naming_it(knobs, message):
     code = ("import torch, pytest, batchkl_ext\n"
             "x = torch.randn(2, 5000, device='cuda')\n"

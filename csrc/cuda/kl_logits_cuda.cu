@@ -42,6 +42,10 @@ namespace {
 //                             policy; 1 sweeps alternate direction; 2 (the default) also
 //                             evict-first on the gradient's stores and the distillation
 //                             kernel's last read (LaunchKnobs::reuse)
+//   BATCHKL_LOGITS_PREFETCH   1: the distillation kernel's staged rows run on as many
+//                             clusters as fit at once, each copying its next row's slice
+//                             in during its last read of this one (LaunchKnobs::prefetch;
+//                             off by default)
 
 // `name`'s value, 0 or 1, into `out` where it is set.
 void read_flag(const char* name, bool& out) {
@@ -86,6 +90,7 @@ const LaunchKnobs& tuning() {
     read_flag("BATCHKL_LOGITS_SHARE", v.share);
     read_flag("BATCHKL_LOGITS_MERGE", v.merge);
     read_flag("BATCHKL_LOGITS_DISTILL_STREAM", v.distill_stream);
+    read_flag("BATCHKL_LOGITS_PREFETCH", v.prefetch);
     return v;
   }();
   return t;
@@ -131,11 +136,19 @@ void launch_typed(const LogitsLaunch& p) {
   constexpr int64_t elem = sizeof(scalar_t);
   const RowGeometry& geo = p.geo;
   const bool distill = use_distill_kernel(tuning(), p);
-  const LogitsKernel kernel = logits_kernel_for(DtypeTag<scalar_t>{}, p, distill);
-  TORCH_INTERNAL_ASSERT(kernel != nullptr, "batchkl.kl_with_logits: no CUDA kernel for this divergence");
-  // Per kernel (the general one and the kDistill one) and device (prepare).
-  static std::array<std::array<std::atomic<int>, 64>, 2> seen{};
-  Grid grid = plan_grid(geo.rows, geo.cols, elem, prepare(kernel, seen[distill ? 1 : 0]), distill);
+  const LogitsKernel planned = logits_kernel_for(DtypeTag<scalar_t>{}, p, distill, false);
+  TORCH_INTERNAL_ASSERT(planned != nullptr, "batchkl.kl_with_logits: no CUDA kernel for this divergence");
+  // Per kernel (the general one, the kDistill one and its kAhead twin) and
+  // device (prepare).
+  static std::array<std::array<std::atomic<int>, 64>, 3> seen{};
+  Grid grid = plan_grid(geo.rows, geo.cols, elem, prepare(planned, seen[distill ? 1 : 0]), distill);
+  // The twin has the same limits (shared memory, clusters): its own prepare
+  // only raises its shared-memory limit.
+  LogitsKernel kernel = planned;
+  if (grid.prefetch) {
+    kernel = logits_kernel_for(DtypeTag<scalar_t>{}, p, distill, true);
+    prepare(kernel, seen[2]);
+  }
 
   auto stream = at::cuda::getCurrentCUDAStream();
   const auto opts = at::TensorOptions().device(at::kCUDA, at::cuda::current_device());
@@ -176,12 +189,19 @@ void launch_typed(const LogitsLaunch& p) {
     config.attrs = attr;
     config.numAttrs = 1;
   }
+  int resident = 0;  // clusters of the grid that fit on the GPU at once
   const auto fits = [&]() {
     config.dynamicSmemBytes = grid.smem;
-    if (grid.cluster == 1) return true;
-    int clusters = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
-    return clusters > 0;
+    if (grid.cluster == 1) {
+      if (grid.prefetch) {
+        int per_sm = 0;
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, grid.smem));
+        resident = per_sm * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+      }
+      return true;
+    }
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&resident, kernel, &config));
+    return resident > 0;
   };
   if (!fits()) {
     // A cluster this large with this much shared memory per CTA cannot be
@@ -193,9 +213,19 @@ void launch_typed(const LogitsLaunch& p) {
     TORCH_CHECK(grid.stage, "batchkl.kl_with_logits: this GPU cannot run a cluster of ", grid.cluster,
                 " CTAs, which rows of ", geo.cols, " columns need");
     grid.stage = false;
+    grid.prefetch = false;  // nothing staged to copy ahead into
+    kernel = planned;
     grid.smem = kFixedSmem;
     TORCH_CHECK(fits(), "batchkl.kl_with_logits: this GPU cannot run a cluster of ", grid.cluster,
                 " CTAs, which rows of ", geo.cols, " columns need");
+  }
+  if (grid.prefetch) {
+    // As many clusters as fit at once, each taking every so many rows
+    // (LaunchKnobs::prefetch): a row's CTAs are then resident when the
+    // previous row copies its slice in. More would wait for a free SM
+    // with nothing to copy ahead for their first row.
+    grid.blocks = std::min<int64_t>(geo.rows, std::max(resident, 1)) * grid.cluster;
+    config.gridDim = dim3(static_cast<unsigned>(grid.blocks));
   }
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, grid, row_loss, ticket,
                                     static_cast<const unsigned long long*>(kept)));

@@ -111,6 +111,7 @@ struct Grid {
   bool merge = false;  // the maxes and the sums in one exchange (LseOp), not two
   bool backward = false;     // streamed rows: the sweeps after the first alternate direction (LaunchKnobs::reuse)
   bool evict_first = false;  // streamed rows: the gradient's stores (and the distillation kernel's last read) evict-first
+  bool prefetch = false;     // the distillation kernel's staged CTA rows: the kAhead kernel (LaunchKnobs::prefetch)
 };
 
 // Where a long row's slices live between sweeps (BATCHKL_LOGITS_STAGE).
@@ -167,6 +168,24 @@ struct LaunchKnobs {
   // lts__t_sector_hit_rate and dram__bytes_read under 0, 1 and 2 say
   // whether it works.
   int reuse = 2;
+  // The distillation kernel's staged rows (CTA slices in shared memory): a
+  // kernel of its own (kAhead) on a grid of as many clusters as fit on the
+  // GPU at once, each taking rows r, r + clusters, ... in turn,
+  // and each thread, during its last read of its packs of row r, copies its
+  // packs of its next row's slice into the same places (cp.async, one
+  // commit group per sweep-1 step, as stage_async does). The next row's
+  // reads from HBM are then in flight during this row's writing sweep and
+  // its last exchange, where a CTA per row reads nothing from HBM between
+  // its slice landing and the CTA's end.
+  // Why: H200, 2026-11-27, bfloat16 8192x32000 took 0.649 ms, about the sum
+  // of its HBM time (0.37 ms at the copy bandwidth) and its SFU time (4 exp2
+  // per element, 16 per clock and SM: 0.25 ms), as if the CTAs on an SM,
+  // which start together and do the same work, loaded and computed in turn
+  // rather than side by side. Only where both rows are staged by cp.async
+  // (contiguous, 16-byte aligned), so that a thread overwrites only packs
+  // that it alone reads. The same sweeps and sums per row: results are
+  // bitwise those without it. Off until a GPU has measured it.
+  bool prefetch = false;
 };
 
 struct DeviceLimits {
@@ -253,6 +272,9 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
   g.smem = g.stage ? staged : kFixedSmem;
   g.backward = !g.stage && dev.knobs.reuse >= 1;
   g.evict_first = !g.stage && dev.knobs.reuse >= 2;
+  g.prefetch = g.stage && distill && dev.knobs.prefetch;
+  // With prefetch (the kAhead kernel), the launcher cuts this down to the
+  // clusters that fit at once; the kernel's row loop takes the rest.
   g.blocks = rows * c;
   return g;
 }
@@ -674,10 +696,14 @@ struct RowConsts {
 
 // kDistill: the forward KL from logits with the student's gradient alone (or
 // none), distillation's case: only the lean sweeps are compiled, which take
-// few enough registers for three CTAs per SM (logits_kernel).
-template <typename scalar_t, Divergence kDiv, bool kProbs, bool kDistill = false>
+// few enough registers for three CTAs per SM (logits_kernel). kAhead: the
+// distillation kernel that copies each CTA's next row's slice in during its
+// last read of this one (Grid::prefetch), a kernel of its own so that the
+// others keep their registers.
+template <typename scalar_t, Divergence kDiv, bool kProbs, bool kDistill = false, bool kAhead = false>
 struct RowWork {
   static_assert(!kDistill || (kDiv == Divergence::kForward && !kProbs), "kDistill: the forward KL from logits");
+  static_assert(!kAhead || kDistill, "kAhead: the distillation kernel");
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t>;
   using Ops = DeviceOps<acc_t>;
@@ -858,15 +884,37 @@ struct RowWork {
     return groups;
   }
 
+  // This thread's commit groups of a slice of `len` elements copied by
+  // stage_async (or by a row's prefetch, which commits as it does): one per
+  // sweep-1 step of its packs, the last one partial.
+  __device__ __forceinline__ static int stage_groups(int64_t len, int tid, int group) {
+    const int64_t npacks = (len + N - 1) / N;
+    const int64_t mine = tid < npacks ? (npacks - 1 - tid) / group + 1 : 0;
+    return static_cast<int>((mine + kUnroll - 1) / kUnroll);
+  }
+
   // One row, or one CTA's slice of it. `tid` / `group`: this thread's rank
   // in the group and the group's size (up to 32: lanes of one warp, reducing
   // with shuffles alone; kThreads: the CTA); `cluster`: CTAs per row. Returns the row's
   // loss, the same in every thread of the group, or where `share` comes back
   // true, this CTA's share of it in thread 0 alone (the caller adds the
-  // cluster's shares up).
-  __device__ double row(int64_t r, int64_t c0, int64_t len, int tid, int group, int cluster,
-                        unsigned char* stage, Slot* slots, bool& share) const {
+  // cluster's shares up). `next`: the row whose slice this CTA takes after
+  // this one, or -1; with Grid::prefetch, this thread copies its packs of
+  // that slice into the stage during its last read of this one, where it
+  // can (see LaunchKnobs::prefetch), and says so in `ahead`. On entry,
+  // `ahead` says that the previous row did so for this one (its copies are
+  // in flight, stage_groups of them).
+  // Staging a row over the previous one needs no barrier first: in the
+  // kAhead kernel (the distillation kernel), every thread's last read of a
+  // staged row comes before a CTA barrier: the loss reduction's after the
+  // writing sweep (its re-sum reads global memory), or for a NaN row, whose
+  // last read is sweep 1, its exchanges'. A row the mask drops stages
+  // nothing.
+  __device__ double row(int64_t r, int64_t next, int64_t c0, int64_t len, int tid, int group, int cluster,
+                        unsigned char* stage, Slot* slots, bool& share, bool& ahead) const {
     share = false;
+    const bool staged_ahead = kAhead && ahead;
+    ahead = false;
     const RowGeometry& g = p.geo;
     scalar_t* gx = want_gx ? static_cast<scalar_t*>(p.ptr[kGradInput]) + g.row_offset(kGradInput, r) + c0 : nullptr;
     scalar_t* gy = !kDistill && want_gy ? static_cast<scalar_t*>(p.ptr[kGradTarget]) + g.row_offset(kGradTarget, r) + c0
@@ -885,7 +933,9 @@ struct RowWork {
       }
     };
     if (p.mask != nullptr && !p.mask[r]) {
-      // Excluded: 0 loss and 0 gradient whatever the row holds.
+      // Excluded: 0 loss and 0 gradient whatever the row holds; the stage
+      // keeps what the previous row left (never this row's: the previous
+      // row checks the mask before copying ahead).
       fill_grads(acc_t(0));
       return 0.0;
     }
@@ -898,13 +948,20 @@ struct RowWork {
     const scalar_t* ry = y;
     int64_t rsx = sx, rsy = sy;
     int async_groups = 0;  // stage_async's groups still to wait for, one per sweep-1 step
+    bool async_slice = false;  // staged by cp.async: each thread reads only the packs it copied
+    unsigned char* const stage_y = stage != nullptr ? stage + stage_bytes(grid.slice, sizeof(scalar_t)) : nullptr;
     if (stage != nullptr) {
-      unsigned char* const stage_y = stage + stage_bytes(grid.slice, sizeof(scalar_t));
-      if (sx == 1 && sy == 1 && vector_ok(x, 1) && vector_ok(y, 1)) {
+      if (staged_ahead) {
+        rx = reinterpret_cast<const scalar_t*>(stage);
+        ry = reinterpret_cast<const scalar_t*>(stage_y);
+        async_groups = stage_groups(len, tid, group);
+        async_slice = true;
+      } else if (sx == 1 && sy == 1 && vector_ok(x, 1) && vector_ok(y, 1)) {
         rx = reinterpret_cast<const scalar_t*>(stage);
         ry = reinterpret_cast<const scalar_t*>(stage_y);
         async_groups = stage_async(x, y, reinterpret_cast<scalar_t*>(stage), reinterpret_cast<scalar_t*>(stage_y),
                                    len, tid, group);
+        async_slice = true;
       } else {
         // Strided or misaligned rows: another thread may own a pack's
         // leading elements, hence the barrier. (Staging is for a CTA per
@@ -1027,6 +1084,51 @@ struct RowWork {
     const bool third = !kDistill && needs_row_totals(kDiv, want_gx, want_gy);
     const acc_t minus_one(-1);
 
+    // Grid::prefetch: the next row's slice, where both rows' slices are
+    // staged by cp.async (contiguous, 16-byte aligned, and a row the mask
+    // keeps). Each thread copies its packs of it in as it reads its packs
+    // of this one for the last time, in the writing sweep (staged slices are
+    // swept forward, as sweep 1 waits for them).
+    const P* ahead_x = nullptr;
+    const P* ahead_y = nullptr;
+    if (kAhead && next >= 0 && async_slice && (p.mask == nullptr || p.mask[next])) {
+      const scalar_t* const nx = static_cast<const scalar_t*>(p.ptr[kInput]) + g.row_offset(kInput, next) + c0;
+      const scalar_t* const ny = static_cast<const scalar_t*>(p.ptr[kTarget]) + g.row_offset(kTarget, next) + c0;
+      if (vector_ok(nx, 1) && vector_ok(ny, 1)) {
+        ahead_x = reinterpret_cast<const P*>(nx);
+        ahead_y = reinterpret_cast<const P*>(ny);
+      }
+    }
+    // The writing sweep below runs in every thread from here.
+    ahead = ahead_x != nullptr;
+    // After this thread's last read of its j-th pack: the next row's pack
+    // there, its partial last pack copied at once. The writing sweep
+    // commits them in stage_async's groups, kUnroll of a thread's packs
+    // each, the last one partial (stage_groups). No fence between the read
+    // and the copy: CUDA's memory model performs an asynchronous copy as if
+    // by a new thread started at the instruction, after this thread's
+    // earlier reads.
+    // `any_pack`: false in the step loop, whose packs are all whole.
+    const auto fetch_ahead = [&](int64_t j, auto any_pack) {
+      const int i = static_cast<int>(tid + j * group);
+      P* const tx = reinterpret_cast<P*>(stage);
+      P* const ty = reinterpret_cast<P*>(stage_y);
+      if (!decltype(any_pack)::value || i < whole) {
+        BATCHKL_CHECK_ALIGNED(ahead_x + i);
+        BATCHKL_CHECK_ALIGNED(ahead_y + i);
+        cp_async_16(tx + i, ahead_x + i);
+        cp_async_16(ty + i, ahead_y + i);
+      } else {
+        const scalar_t* const fx = reinterpret_cast<const scalar_t*>(ahead_x);
+        const scalar_t* const fy = reinterpret_cast<const scalar_t*>(ahead_y);
+#pragma unroll 1
+        for (int64_t e = int64_t{i} * N; e < len; ++e) {
+          reinterpret_cast<scalar_t*>(stage)[e] = fx[e];
+          reinterpret_cast<scalar_t*>(stage_y)[e] = fy[e];
+        }
+      }
+    };
+
     // One pass over the slice: sums the divergence (and when kTotals, the
     // row totals of gq and gp that a third sweep needs), and writes the
     // gradients that kGX / kGY select, given their row constants cq / cp.
@@ -1043,6 +1145,7 @@ struct RowWork {
       // last read (but for lean_step's rare NaN re-sum below).
       const bool backward = grid.backward && (kTotals || !third);
       const bool last_read = !kTotals;
+      const bool fetch = kAhead && last_read && ahead_x != nullptr;  // never backward: staged
       const auto step = [&](const P xp, const P yp, P& ox, P& oy) {  // by value: one 16-byte load each
         if constexpr (kLean) {
           lean_step<kGX>(xp, yp, k, loss, ox);
@@ -1093,7 +1196,13 @@ struct RowWork {
         if ((part == 0) == backward) {
           const int64_t dj = backward ? -1 : 1;
           int64_t j = backward ? n_all - 1 : n_fast;
-          for (int64_t c = n_fast; c < n_all; ++c, j += dj) rest(tid + j * group);
+          for (int64_t c = n_fast; c < n_all; ++c, j += dj) {
+            rest(tid + j * group);
+            if (fetch) {
+              fetch_ahead(j, std::true_type{});
+              if ((j + 1) % kUnroll == 0) cp_async_commit();
+            }
+          }
           continue;
         }
         if (n_fast == 0) continue;
@@ -1139,6 +1248,12 @@ struct RowWork {
               step(xs[u], ys[u], ox, oy);
               put(i + u * di, ox, oy);
             }
+            if (fetch) {
+              static_assert(kUnroll % kStep == 0, "a commit group ends at a step's end");
+#pragma unroll
+              for (int u = 0; u < kStep; ++u) fetch_ahead(c + u, std::false_type{});
+              if ((c + kStep) % kUnroll == 0) cp_async_commit();
+            }
           }
         };
         // A staged slice is read from shared memory, which takes no policy.
@@ -1152,16 +1267,22 @@ struct RowWork {
         }
         steps(std::false_type{});
       }
+      if (fetch && n_all % kUnroll != 0) cp_async_commit();  // the last, partial group
       if constexpr (kLean) {
         if (loss != loss) {
           // lean_step's one NaN that is not the row's (see there): this
-          // thread's packs again, their loss through `term`.
+          // thread's packs again, their loss through `term`, in kAhead
+          // from global memory (the stage may hold the next row's by now).
           if constexpr (kDistill) general_consts();
           loss = 0;
+          const scalar_t* const ax = kAhead ? x : rx;
+          const scalar_t* const ay = kAhead ? y : ry;
+          const int64_t asx = kAhead ? sx : rsx, asy = kAhead ? sy : rsy;
+          const bool avx = kAhead ? vector_ok(x, sx) : rvx, avy = kAhead ? vector_ok(y, sy) : rvy;
           for (int64_t j = tid; j < npacks; j += group) {
             acc_t xs[N], ys[N];
-            unpack(load_pack(rx, rsx, j, len, rvx, fill()), xs);
-            unpack(load_pack(ry, rsy, j, len, rvy, fill()), ys);
+            unpack(load_pack(ax, asx, j, len, avx, fill()), xs);
+            unpack(load_pack(ay, asy, j, len, avy, fill()), ys);
 #pragma unroll 1
             for (int e = 0; e < N; ++e) {
               acc_t q, pr;
@@ -1255,12 +1376,12 @@ __global__ void __launch_bounds__(kThreads) count_kept_kernel(const bool* __rest
 // Two CTAs per SM (128 registers a thread), three for the distillation
 // kernel (kDistill, 80 registers; their staged 64 KB slices fit beside each
 // other too).
-template <typename scalar_t, Divergence kDiv, bool kProbs, bool kDistill = false>
-__global__ void __launch_bounds__(kThreads, kDistill ? 3 : 2)
+template <typename scalar_t, Divergence kDiv, bool kProbs, bool kDistill = false, bool kAhead = false>
+__global__ void __launch_bounds__(kThreads, kDistill && !kAhead ? 3 : 2)
     logits_kernel(const __grid_constant__ LogitsLaunch p, const __grid_constant__ Grid grid,
                   double* __restrict__ row_loss,
                   unsigned int* __restrict__ ticket, const unsigned long long* __restrict__ kept) {
-  using Work = RowWork<scalar_t, kDiv, kProbs, kDistill>;
+  using Work = RowWork<scalar_t, kDiv, kProbs, kDistill, kAhead>;
   using acc_t = typename Work::acc_t;
   BATCHKL_DYNAMIC_SMEM(smem);
   double* const final_sum = reinterpret_cast<double*>(smem);
@@ -1292,34 +1413,51 @@ __global__ void __launch_bounds__(kThreads, kDistill ? 3 : 2)
     for (int64_t r = static_cast<int64_t>(blockIdx.x) * rows_per_cta + threadIdx.x / lanes; r < rows;
          r += static_cast<int64_t>(gridDim.x) * rows_per_cta) {
       bool share;
-      const double loss = work.row(r, 0, cols, tid, lanes, 1, nullptr, nullptr, share);
+      bool ahead = false;
+      const double loss = work.row(r, -1, 0, cols, tid, lanes, 1, nullptr, nullptr, share, ahead);
       if (tid == 0) row_loss[r] = loss;
     }
   } else {
     const int cluster = grid.cluster;
     const unsigned rank = cluster > 1 ? cluster_rank() : 0;
-    const int64_t r = static_cast<int64_t>(blockIdx.x) / cluster;
     const int64_t c0 = static_cast<int64_t>(rank) * grid.slice;
     const int64_t len = std::min<int64_t>(grid.slice, cols - c0);
-    bool share;
-    const double loss = work.row(r, c0, len, threadIdx.x, kThreads, cluster, stage, slots, share);
-    if (share && cluster > 1) {
-      // Each CTA's share goes to rank 0's shared memory, which adds them up
-      // in rank order after the barrier (what cta_allreduce would have
-      // given, one barrier fewer). Peers then leave: no one reads theirs.
-      double* const shares = reinterpret_cast<double*>(smem + kFinalBytes + kExchangeBytes);
-      if (threadIdx.x == 0) *cluster_peer(shares + rank, 0) = loss;
-      cluster_sync();
-      if (rank == 0 && threadIdx.x == 0) {
-        double total = shares[0];
-        for (int k = 1; k < cluster; ++k) total += shares[k];
-        row_loss[r] = total;
+    const auto one_row = [&](int64_t r, int64_t next, bool& ahead) {
+      bool share;
+      const double loss = work.row(r, next, c0, len, threadIdx.x, kThreads, cluster, stage, slots, share, ahead);
+      if (share && cluster > 1) {
+        // Each CTA's share goes to rank 0's shared memory, which adds them up
+        // in rank order after the barrier (what cta_allreduce would have
+        // given, one barrier fewer). Peers then go on: in the kAhead kernel
+        // rank 0 reads the shares before it reaches the next row's first
+        // cluster barrier, and no peer writes its next share before that.
+        double* const shares = reinterpret_cast<double*>(smem + kFinalBytes + kExchangeBytes);
+        if (threadIdx.x == 0) *cluster_peer(shares + rank, 0) = loss;
+        cluster_sync();
+        if (rank == 0 && threadIdx.x == 0) {
+          double total = shares[0];
+          for (int k = 1; k < cluster; ++k) total += shares[k];
+          row_loss[r] = total;
+        }
+      } else {
+        if (rank == 0 && threadIdx.x == 0) row_loss[r] = loss;
+        // No CTA may leave (and free its shared memory), or reuse its
+        // exchange slots for the next row, while another of its cluster
+        // still reads them.
+        if (cluster > 1) cluster_sync();
+      }
+    };
+    bool ahead = false;  // this row's slice copied in by the CTA's previous row (Work::row)
+    if constexpr (kAhead) {
+      // As many clusters as fit on the GPU at once (Grid::prefetch), each
+      // taking every `clusters`-th row. A cluster's CTAs take the same rows,
+      // so their cluster barriers pair up row by row.
+      const int64_t clusters = static_cast<int64_t>(gridDim.x) / cluster;
+      for (int64_t r = static_cast<int64_t>(blockIdx.x) / cluster; r < rows; r += clusters) {
+        one_row(r, r + clusters < rows ? r + clusters : -1, ahead);
       }
     } else {
-      if (rank == 0 && threadIdx.x == 0) row_loss[r] = loss;
-      // No CTA may leave (and free its shared memory) while another of its
-      // cluster still reads from it.
-      if (cluster > 1) cluster_sync();
+      one_row(static_cast<int64_t>(blockIdx.x) / cluster, -1, ahead);
     }
   }
 
@@ -1372,8 +1510,11 @@ inline bool use_distill_kernel(const LaunchKnobs& knobs, const LogitsLaunch& p) 
 // The kernel for p's divergence and inputs (dispatch_logits, as every
 // backend); `distill`: the kDistill kernel, where distill_case(p).
 template <typename scalar_t>
-LogitsKernel logits_kernel_of(const LogitsLaunch& p, bool distill) {
-  if (distill && distill_case(p)) return logits_kernel<scalar_t, Divergence::kForward, false, true>;
+LogitsKernel logits_kernel_of(const LogitsLaunch& p, bool distill, bool ahead = false) {
+  if (distill && distill_case(p)) {
+    return ahead ? logits_kernel<scalar_t, Divergence::kForward, false, true, true>
+                 : logits_kernel<scalar_t, Divergence::kForward, false, true>;
+  }
   LogitsKernel kernel = nullptr;
   dispatch_logits(p, [&](auto div, auto probs) {
     kernel = logits_kernel<scalar_t, decltype(div)::value, decltype(probs)::value>;
@@ -1385,10 +1526,10 @@ LogitsKernel logits_kernel_of(const LogitsLaunch& p, bool distill) {
 // would convert (an at::Half to float) where an overload were missing.
 template <typename scalar_t>
 struct DtypeTag {};
-LogitsKernel logits_kernel_for(DtypeTag<float>, const LogitsLaunch& p, bool distill);
-LogitsKernel logits_kernel_for(DtypeTag<double>, const LogitsLaunch& p, bool distill);
-LogitsKernel logits_kernel_for(DtypeTag<at::Half>, const LogitsLaunch& p, bool distill);
-LogitsKernel logits_kernel_for(DtypeTag<at::BFloat16>, const LogitsLaunch& p, bool distill);
+LogitsKernel logits_kernel_for(DtypeTag<float>, const LogitsLaunch& p, bool distill, bool ahead);
+LogitsKernel logits_kernel_for(DtypeTag<double>, const LogitsLaunch& p, bool distill, bool ahead);
+LogitsKernel logits_kernel_for(DtypeTag<at::Half>, const LogitsLaunch& p, bool distill, bool ahead);
+LogitsKernel logits_kernel_for(DtypeTag<at::BFloat16>, const LogitsLaunch& p, bool distill, bool ahead);
 
 }  // namespace logits_cuda
 }  // namespace batchkl

@@ -6,8 +6,8 @@
 namespace batchkl {
 namespace logits_cuda {
 
-LogitsKernel logits_kernel_for(DtypeTag<at::BFloat16>, const LogitsLaunch& p, bool distill) {
-  return logits_kernel_of<at::BFloat16>(p, distill);
+LogitsKernel logits_kernel_for(DtypeTag<at::BFloat16>, const LogitsLaunch& p, bool distill, bool ahead) {
+  return logits_kernel_of<at::BFloat16>(p, distill, ahead);
 }
 
 }  // namespace logits_cuda

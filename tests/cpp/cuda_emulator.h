@@ -2,7 +2,10 @@
 // thread of a cluster (or of a CTA) is a fiber (ucontext) on the calling
 // thread, and __syncthreads, the cluster barrier and the warp shuffles are
 // barriers at which a fiber hands over to the next; an asynchronous copy
-// (cp.async) lands only at the wait that covers it. Clusters run one after
+// (cp.async) lands at the wait that covers it, or in every other pair of
+// clusters at once (the latest and the earliest a GPU may deliver it: a read
+// too early, or of bytes a copy already issued overwrites, shows up in one
+// of them). Clusters run one after
 // another. Blind to what only hardware shows (speed, the weaker corners of
 // the memory model, bank conflicts), but it executes the very indexing,
 // reductions, synchronisation and distributed-shared-memory exchanges of a
@@ -131,12 +134,16 @@ inline void fiber_main() {
 // reverse, so that a missing barrier between a writer and a reader shows up
 // whichever of the two has the lower thread index.
 inline thread_local unsigned launches = 0;
+// Whether the cluster running lands its cp.async copies when they are
+// issued (else at the wait that covers them): set by run().
+inline thread_local bool copies_land_early = false;
 
 // Runs the fibers until all are done; throws on a deadlock. When the last
 // thread of a CTA finishes, its shared memory is overwritten with 0xff bytes
 // (NaN): on a GPU it is gone, and a peer of the cluster still reading it
 // would read garbage.
 inline void run(std::vector<Fiber>& fibers) {
+  copies_land_early = launches / 2 % 2 == 1;
   const bool reverse = launches++ % 2 == 1;
   const size_t n = fibers.size();
   for (;;) {
@@ -176,7 +183,9 @@ inline void check_aligned(const void* p) {
 }
 // cp.async: the source is read when the copy is issued, and the bytes land
 // in shared memory only when a wait covers the copy's group, the latest a
-// GPU may deliver them. A read before that wait sees the 0xff filling (NaN).
+// GPU may deliver them (a read before that wait sees the 0xff filling, NaN,
+// or what was there before), or, where copies_land_early, at once (a read
+// of what the copy overwrites sees the new bytes).
 // (.cg copies move 16 bytes, both addresses aligned to 16.)
 inline void cp_async(void* dst, const void* src, size_t n) {
   auto* d = static_cast<unsigned char*>(dst);
@@ -187,19 +196,26 @@ inline void cp_async(void* dst, const void* src, size_t n) {
   if (n != 16) throw std::logic_error("cp_async: a .cg copy moves 16 bytes");
   check_aligned(dst);
   check_aligned(src);
-  AsyncCopy c{d, {}, n};
-  std::memcpy(c.bytes, src, n);
+  AsyncCopy c{d, {}, copies_land_early ? 0 : n};
+  std::memcpy(copies_land_early ? d : c.bytes, src, n);
   current->open_copies.push_back(c);
 }
 inline void cp_async_commit() {
   current->copy_groups.push_back(std::move(current->open_copies));
   current->open_copies.clear();
 }
+// The groups a wait completes land newest first: nothing orders copies of
+// two groups, so a stale copy still in flight to the same bytes may land
+// last on a GPU.
 inline void cp_async_wait(int pending) {
   auto& groups = current->copy_groups;
+  std::vector<std::vector<AsyncCopy>> done;
   while (groups.size() > static_cast<size_t>(pending)) {
-    for (const auto& c : groups.front()) std::memcpy(c.dst, c.bytes, c.n);
+    done.push_back(std::move(groups.front()));
     groups.pop_front();
+  }
+  for (auto g = done.rbegin(); g != done.rend(); ++g) {
+    for (const auto& c : *g) std::memcpy(c.dst, c.bytes, c.n);
   }
 }
 

@@ -47,6 +47,12 @@ bool g_merge = false;
 // Whether every launch runs all its sweeps forward (LaunchKnobs::reuse 0),
 // likewise.
 bool g_forward = false;
+// Whether every launch copies staged rows' next slices ahead
+// (LaunchKnobs::prefetch), likewise; and how many clusters the emulated GPU
+// holds at once (the launcher's occupancy query), so that a persistent grid
+// takes several rows per cluster.
+bool g_prefetch = false;
+int64_t g_resident = 2;
 
 // What kl_logits_cuda.cu's launcher does, with host memory and the emulator.
 template <typename scalar_t, batchkl::Divergence kDiv, bool kProbs>
@@ -54,8 +60,10 @@ void launch_typed(const LogitsLaunch& p) {
   DeviceLimits dev = g_device;
   dev.knobs.merge = dev.knobs.merge || g_merge;
   if (g_forward) dev.knobs.reuse = 0;
+  dev.knobs.prefetch = dev.knobs.prefetch || g_prefetch;
   const bool distill = use_distill_kernel(dev.knobs, p);
-  const Grid grid = plan_grid(p.geo.rows, p.geo.cols, sizeof(scalar_t), dev, distill);
+  Grid grid = plan_grid(p.geo.rows, p.geo.cols, sizeof(scalar_t), dev, distill);
+  if (grid.prefetch) grid.blocks = std::min(p.geo.rows, g_resident) * grid.cluster;
   unsigned ticket = 0;
   unsigned long long kept = 0;
   std::vector<double> workspace(p.row_out == nullptr ? p.geo.rows : 0);
@@ -66,7 +74,7 @@ void launch_typed(const LogitsLaunch& p) {
   }
   const unsigned long long* kept_ptr = &kept;
   batchkl_emu::launch(static_cast<unsigned>(grid.blocks), kThreads, grid.smem, grid.warp_rows ? 1 : grid.cluster,
-                      logits_kernel_of<scalar_t>(p, distill), p, grid, row_loss, &ticket, kept_ptr);
+                      logits_kernel_of<scalar_t>(p, distill, grid.prefetch), p, grid, row_loss, &ticket, kept_ptr);
 }
 
 void launch_emulated(const LogitsLaunch& p) {
@@ -559,6 +567,87 @@ void test_sweep_directions() {
   g_device = kDevices[1].second;
 }
 
+// The distillation kernel's staged rows' next slices copied ahead
+// (BATCHKL_LOGITS_PREFETCH=1, the kAhead kernel), on a grid of 1 or 3 clusters that each take several rows in turn: bitwise the
+// results of a cluster per row, on staged launch shapes of a CTA and of
+// clusters of 2 to 8, with what stops a row from copying ahead or from
+// being copied into: rows off 16 bytes among aligned ones (20002 columns:
+// every second or fourth row aligned), a strided layout, rows the mask
+// drops, a NaN row (no writing sweep), the lean sweep's exact re-sum (which
+// reads its row again after its slice was overwritten), partial last packs.
+// Each launch's first cluster runs its threads in reverse order and lands
+// its copies at once: a thread that overwrites a pack another thread has
+// yet to read, or that reads a pack after copying the next row's over it,
+// shows in the results.
+void test_prefetch() {
+  const double inf = std::numeric_limits<double>::infinity();
+  int staged = 0;
+  const auto run = [&](int device, int64_t cols, at::ScalarType dt, const std::string& kind, const at::Tensor& x,
+                       const at::Tensor& t, bool grad_input, bool masked) {
+    Call c;
+    c.reduction = masked ? "sum" : "none";
+    c.grad_input = grad_input;
+    c.grad_target = false;  // the distillation kernel's case
+    if (masked) {
+      auto mask = at::ones({7}, at::kBool);
+      mask[1] = false;
+      mask[5] = false;
+      mask[6] = false;  // a CTA's last row: a copy into it would never be waited for
+      c.mask = mask;
+    }
+    g_device = kDevices[device].second;
+    if (!plan_grid(7, cols, at::elementSize(dt), g_device, true).stage) return;
+    ++staged;
+    const auto what = str(kDevices[device].first, ": prefetch V=", cols, " ", dt, " ", kind, " gi=", grad_input,
+                          " masked=", masked);
+    try {
+      const Result per_row = emulated(x, t, c);
+      g_device.knobs.prefetch = true;
+      check(plan_grid(7, cols, at::elementSize(dt), g_device, true).prefetch, what + ": planned");
+      // 1 cluster: rows 1-6 each copied in by the row before; 3: rows 0,
+      // 3, 6 in one cluster. (2: the "other" part.)
+      for (const int64_t resident : {1, 3}) {
+        g_resident = resident;
+        batchkl_emu::launches = 3;  // the first cluster: reverse order, copies landing at once
+        check_bitwise(per_row, emulated(x, t, c), str(what, " clusters=", resident));
+      }
+    } catch (const std::exception& ex) {
+      check(false, str(what, ": emulated kernel threw ", ex.what()));
+    }
+    g_resident = 2;
+  };
+  for (const int device : {0, 1}) {  // a CTA per row (no clusters); clusters
+    for (const int64_t cols : {5000, 20002, 40003, 100000}) {
+      for (const auto dt : {at::kFloat, at::kBFloat16}) {
+        if (cols == 100000 && dt == at::kBFloat16) continue;  // float: 8 CTAs of 100 KiB slices
+        auto x = logits(7, cols, at::kDouble), t = logits(7, cols, at::kDouble);
+        t[2][cols / 3] = std::numeric_limits<double>::quiet_NaN();  // a NaN row
+        for (const int r : {0, 3, 4}) {  // the lean sweep's re-sum (see test_special_values)
+          x[r][1] = 0.5;
+          x[r][3] = -inf;
+          t[r][3] = -200;
+        }
+        const auto xd = x.to(dt), td = t.to(dt);
+        for (const std::string kind : {"contiguous", "strided"}) {
+          if (kind == "strided" && cols != 20002) continue;
+          const auto xl = layout(xd, kind), tl = layout(td, kind);
+          for (const bool grad_input : {true, false}) {
+            for (const bool masked : {false, true}) run(device, cols, dt, kind, xl, tl, grad_input, masked);
+          }
+        }
+      }
+    }
+  }
+  check(staged >= 50, str("prefetch: ", staged, " staged configurations"));
+  // Streamed rows, warps' short rows, the general kernel: the grid as before.
+  DeviceLimits streamed = kDevices[2].second, staged_dev = kDevices[1].second;
+  streamed.knobs.prefetch = staged_dev.knobs.prefetch = true;
+  check(!plan_grid(7, 100000, 4, streamed, true).prefetch && !plan_grid(7, 512, 4, staged_dev, true).prefetch &&
+            !plan_grid(7, 5000, 4, staged_dev, false).prefetch && plan_grid(7, 5000, 4, staged_dev, true).prefetch,
+        "prefetch: the distillation kernel's staged CTA rows only");
+  g_device = kDevices[1].second;
+}
+
 // A row's per-row result and gradient rows are the same bits alone and at
 // any position of any batch (and on a second run).
 void test_batch_invariance() {
@@ -750,15 +839,19 @@ void test_row_lanes() {
 
 }  // namespace
 
-// `part`: "checks" (the plan, layouts, probabilities), "knobs" (the launch
-// knobs' own tests), "default" (every launch shape as planned by default)
-// or "other" (the same with a row's maxes and sums merged in one exchange
-// and every sweep forward); ctest runs them side by side. No argument: all.
+// `part`: "checks" (the plan, layouts, probabilities), "knobs" (the other
+// launch knobs' own tests), "default" (every launch shape as planned by default)
+// or "other" (the same with a row's maxes and sums merged in one exchange,
+// every sweep forward and staged rows' slices copied ahead on a grid of two
+// clusters), or "prefetch" (BATCHKL_LOGITS_PREFETCH's own test); ctest
+// runs them side by side. No argument: all.
 int main(int argc, char** argv) {
   const std::string part = argc > 1 ? argv[1] : "all";
-  if (part != "all" && part != "checks" && part != "knobs" && part != "default" && part != "other") {
+  if (part != "all" && part != "checks" && part != "knobs" && part != "default" && part != "other" &&
+      part != "prefetch") {
     std::fprintf(stderr,
-                 "test_logits_emulated: expected no argument or one of checks, knobs, default, other; got '%s'\n",
+                 "test_logits_emulated: expected no argument or one of checks, knobs, default, other, prefetch; "
+                 "got '%s'\n",
                  part.c_str());
     return 2;
   }
@@ -774,19 +867,21 @@ int main(int argc, char** argv) {
     test_merged_exchange();
     test_sweep_directions();
   }
+  if (part == "all" || part == "prefetch") test_prefetch();
   // Every launch shape against the CPU kernel, special values, determinism
   // and batch invariance: as planned by default, then with a row's maxes and
-  // sums merged in one exchange and every sweep forward.
+  // sums merged in one exchange, every sweep forward and staged slices
+  // copied ahead.
   for (const bool other : {false, true}) {
     if (part != "all" && part != (other ? "other" : "default")) continue;
-    g_merge = g_forward = other;
+    g_merge = g_forward = g_prefetch = other;
     test_shapes_dtypes_divergences();
     test_special_values();
     test_staged_equals_streamed();
     test_batch_invariance();
     test_row_lanes();
   }
-  g_merge = g_forward = false;
+  g_merge = g_forward = g_prefetch = false;
   std::printf("%s: %d checks, %d failed\n", part.c_str(), g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }
