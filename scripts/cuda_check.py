@@ -6,9 +6,11 @@ of CTAs per row), compared with a float64 CPU reference. Exits non-zero on
 any mismatch.
 
   python scripts/cuda_check.py [--small]
+  python scripts/cuda_check.py --prefetch [--small]   # BATCHKL_LOGITS_PREFETCH=1's rows copied ahead
 """
 import argparse
 import math
+import os
 import sys
 import warnings
 
@@ -157,17 +159,64 @@ def check_logits(small):
     return checks, failures
 
 
+def check_prefetch(small):
+    """The distillation case under BATCHKL_LOGITS_PREFETCH=1 (set by main
+    before the first launch: the knob is read once per process), with more
+    rows than the clusters that fit at once, so that most rows are copied in
+    by the row before: against float64, and each of a few rows computed alone
+    (which nothing copies in), bitwise."""
+    shapes = [(400, 4000)] if small else [(1200, 4000), (700, 32000), (500, 40003)]
+    checks = failures = 0
+    for dtype in DTYPES:
+        for n, v in shapes:
+            x = (torch.randn(n, v, device=DEV) * 3).to(dtype)
+            t = (torch.randn(n, v, device=DEV) * 3).to(dtype)
+            mask = torch.arange(n, device=DEV) % 7 != 3
+
+            def per_row(a, b, m=None):
+                a = a.detach().clone().requires_grad_()
+                out = torch.ops.batchkl.kl_with_logits(a, b, 0.0, 1.0, "none", m)
+                out.sum().backward()
+                return out.detach(), a.grad
+
+            full = per_row(x, t, mask)
+            xr = x.cpu().double().requires_grad_()
+            r = ref_logits(xr, t.cpu().double(), 0.0, 1.0, mask.cpu())
+            r.sum().backward()
+            checks += 1
+            errs = [rel_err(full[0], r), rel_err(full[1], xr.grad)]
+            if not all(e <= 2 * TOL[dtype] for e in errs):
+                failures += 1
+                print(f"FAIL prefetch {dtype} {n}x{v}: rel err loss/gx = {errs}")
+            for i in (n // 2, n - 3, n - 2, n - 1):  # from the tail: copied in by the row before
+                if i % 7 == 3:
+                    continue
+                alone = per_row(x[i:i + 1], t[i:i + 1])
+                checks += 1
+                if not (torch.equal(alone[0][0], full[0][i]) and torch.equal(alone[1][0], full[1][i])):
+                    failures += 1
+                    print(f"FAIL prefetch {dtype} {n}x{v}: row {i} alone is not bitwise the row in its batch")
+    return checks, failures
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="small shapes (for compute-sanitizer)")
     ap.add_argument("--device", default="cuda", help="cuda (default), or cpu to check this script")
     ap.add_argument("--dtypes", nargs="+", choices=["float32", "float64", "bfloat16", "float16"],
                     help="only these dtypes (default all four; racecheck is slow)")
+    ap.add_argument("--prefetch", action="store_true",
+                    help="only kl_with_logits' distillation case under BATCHKL_LOGITS_PREFETCH=1")
     args = ap.parse_args()
     global DEV, DTYPES
     DEV = args.device
     if args.dtypes:
         DTYPES = [getattr(torch, d) for d in args.dtypes]
+    if args.prefetch:
+        os.environ["BATCHKL_LOGITS_PREFETCH"] = "1"
+        checks, failures = check_prefetch(args.small)
+        print(f"cuda_check --prefetch: {checks - failures} passed, {failures} failed")
+        return 1 if failures else 0
     shapes = [(3, 37), (5, 1), (2, 9000)] if args.small else [(64, 1000), (7, 37), (4, 33000), (1024, 3), (2, 256000)]
     failures = 0
     checks = 0

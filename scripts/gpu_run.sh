@@ -4,6 +4,7 @@
 #             build for the local GPU (sm of this GPU only: faster)
 #   check     scripts/cuda_check.py: both ops, every launch shape, against float64
 #   sanitize  compute-sanitizer memcheck, racecheck, synccheck on `cuda_check.py --small`
+#             (memcheck, racecheck also on `cuda_check.py --prefetch --small`)
 #   test      pytest: the CUDA tests (-m cuda; PYTEST_ARGS overrides), huge tests included
 #   profile   Nsight Compute of kl_with_logits at a few shapes (scripts/profile_logits.py);
 #             PROFILE_SOURCE=1 adds the first shape's per-SASS-instruction counters;
@@ -111,6 +112,14 @@ sanitize() {
     rc=$?
     { echo "== compute-sanitizer --tool $tool: exit $rc"; tail -25 /tmp/sanitizer_$tool.log; } >> "$OUT/sanitizer.log"
     echo "compute-sanitizer $tool: exit $rc ($(date +%T))" | tee -a "$OUT/checks.log"
+  done
+  # BATCHKL_LOGITS_PREFETCH=1 (off by default): threads copy a CTA's next row
+  # into shared memory while other threads of the CTA still read this one.
+  for tool in memcheck racecheck; do
+    timeout ${SANITIZER_TIMEOUT:-150} compute-sanitizer --tool $tool --error-exitcode 99 $PY scripts/cuda_check.py --prefetch --small --dtypes bfloat16 > /tmp/sanitizer_prefetch_$tool.log 2>&1
+    rc=$?
+    { echo "== compute-sanitizer --tool $tool, cuda_check.py --prefetch: exit $rc"; tail -25 /tmp/sanitizer_prefetch_$tool.log; } >> "$OUT/sanitizer.log"
+    echo "compute-sanitizer $tool --prefetch: exit $rc ($(date +%T))" | tee -a "$OUT/checks.log"
   done
 }
 

@@ -5,6 +5,7 @@ they time nothing themselves (speed is the benchmark's business, not a test's).
 """
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -218,3 +219,15 @@ def test_tune_script_runs_on_the_cpu(tmp_path):
         (8, 300, "float32"), (8, 300, "bfloat16"), (3, 5000, "float32"), (3, 5000, "bfloat16")]
     assert all(r["ms"] > 0 and r["bytes"] == 3 * r["N"] * r["V"] * (4 if r["dtype"] == "float32" else 2)
                for r in data["results"]["default"])
+
+
+def test_cuda_check_prefetch_runs_on_the_cpu():
+    """scripts/cuda_check.py --prefetch (run on a GPU, also under
+    compute-sanitizer) checked where there is no GPU: the CPU kernel passes
+    its float64 and row-alone comparisons, and a failure would exit non-zero."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "cuda_check.py"), "--device", "cpu", "--prefetch",
+                           "--small", "--dtypes", "float32", "bfloat16"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cuda_check --prefetch: 10 passed, 0 failed" in proc.stdout, proc.stdout

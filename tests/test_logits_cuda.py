@@ -394,7 +394,9 @@ def test_tuning_knobs_change_the_launch_not_the_results(knobs):
     sweep or its lean one in the general kernel instead of the distillation
     kernel, a cluster's loss all-reduced, a row's maxes and sums merged in
     one exchange, the distillation kernel's long rows staged, every sweep
-    forward or alternating without cache hints, still give
+    forward or alternating without cache hints, the distillation kernel's
+    twin for BATCHKL_LOGITS_PREFETCH=1 (one row per cluster here: see
+    test_prefetch_rows_copied_ahead_give_the_same_bits), still give
     the float64 reference's values and gradients at every launch shape, and
     each setting is deterministic."""
     run_python("import test_logits_cuda\ntest_logits_cuda.check_under_knobs()\n", str(knobs), env=knobs)
@@ -441,12 +443,15 @@ def check_prefetch():
 
             full, masked = per_row(xd, td), per_row(xd, td, mask)
             assert_bitwise_equal(per_row(xd, td)[1], full[1], "deterministic")
-            for i in (0, 1, rows // 2, rows - 2, rows - 1):
+            for k, name in ((0, "loss"), (1, "grad_input")):
+                # Every kept row, those after a dropped one (not copied in) too.
+                assert_bitwise_equal(masked[k][mask], full[k][mask], f"{name} with rows masked, V={v}")
+                assert not masked[k][~mask].any(), f"{name} of dropped rows, V={v}"
+            # Rows from the tail: each copied in by its CTA's previous row.
+            for i in (rows // 2, rows - 3, rows - 2, rows - 1):
                 alone = per_row(xd[i:i + 1], td[i:i + 1])
                 for k, name in ((0, "loss"), (1, "grad_input")):
                     assert_bitwise_equal(alone[k][0], full[k][i], f"{name} alone vs batch, V={v}, row {i}")
-                    if i % 7 != 3:
-                        assert_bitwise_equal(masked[k][i], full[k][i], f"{name} with rows masked, V={v}, row {i}")
 
 
 @pytest.mark.parametrize("knobs,message", [({"BATCHKL_LOGITS_STAGE": "no"}, "BATCHKL_LOGITS_STAGE: expected 0 or 1"),

@@ -203,7 +203,15 @@ void launch_typed(const LogitsLaunch& p) {
     C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&resident, kernel, &config));
     return resident > 0;
   };
-  if (!fits()) {
+  bool fit = fits();
+  if (!fit && grid.prefetch) {
+    // The twin (128 registers, two CTAs per SM) does not fit where the
+    // planned kernel may: that one, a cluster per row (the same bits).
+    grid.prefetch = false;
+    kernel = planned;
+    fit = fits();
+  }
+  if (!fit) {
     // A cluster this large with this much shared memory per CTA cannot be
     // co-resident (a GPU partitioned into small slices): stream the row
     // twice instead of staging it. Same slices, same order, same results:
@@ -213,18 +221,12 @@ void launch_typed(const LogitsLaunch& p) {
     TORCH_CHECK(grid.stage, "batchkl.kl_with_logits: this GPU cannot run a cluster of ", grid.cluster,
                 " CTAs, which rows of ", geo.cols, " columns need");
     grid.stage = false;
-    grid.prefetch = false;  // nothing staged to copy ahead into
-    kernel = planned;
     grid.smem = kFixedSmem;
     TORCH_CHECK(fits(), "batchkl.kl_with_logits: this GPU cannot run a cluster of ", grid.cluster,
                 " CTAs, which rows of ", geo.cols, " columns need");
   }
   if (grid.prefetch) {
-    // As many clusters as fit at once, each taking every so many rows
-    // (LaunchKnobs::prefetch): a row's CTAs are then resident when the
-    // previous row copies its slice in. More would wait for a free SM
-    // with nothing to copy ahead for their first row.
-    grid.blocks = std::min<int64_t>(geo.rows, std::max(resident, 1)) * grid.cluster;
+    cut_to_resident(grid, geo.rows, resident);
     config.gridDim = dim3(static_cast<unsigned>(grid.blocks));
   }
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, grid, row_loss, ticket,

@@ -279,6 +279,14 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
   return g;
 }
 
+// The kAhead kernel's grid (Grid::prefetch): as many clusters as fit on the
+// GPU at once (`resident`: the launcher's occupancy query), each taking
+// every so many rows. More would wait for a free SM, with nothing copied
+// ahead for their first row.
+inline void cut_to_resident(Grid& g, int64_t rows, int64_t resident) {
+  g.blocks = std::min<int64_t>(rows, std::max<int64_t>(resident, 1)) * g.cluster;
+}
+
 // ---------------------------------------------------------------------------
 // Device helpers.
 
@@ -843,6 +851,26 @@ struct RowWork {
     return dst;
   }
 
+  // Pack `i` of both operands' slices (both 16-byte aligned) into the
+  // stage, asynchronously; and a slice's partial last pack (from element
+  // `from` to `len`), at once. stage_async and the kAhead kernel's copies
+  // of the next row go through these two, so that they lay the stage out
+  // alike.
+  __device__ __forceinline__ static void stage_pack(P* to_x, P* to_y, const P* x, const P* y, int i) {
+    BATCHKL_CHECK_ALIGNED(x + i);
+    BATCHKL_CHECK_ALIGNED(y + i);
+    cp_async_16(to_x + i, x + i);
+    cp_async_16(to_y + i, y + i);
+  }
+  __device__ __forceinline__ static void stage_tail(scalar_t* to_x, scalar_t* to_y, const scalar_t* x,
+                                                    const scalar_t* y, int64_t from, int64_t len) {
+#pragma unroll 1
+    for (int64_t j = from; j < len; ++j) {
+      to_x[j] = x[j];
+      to_y[j] = y[j];
+    }
+  }
+
   // Stages a slice whose two rows are contiguous and 16-byte aligned with
   // asynchronous copies, each thread issuing the packs it reads in sweep 1,
   // in that order: one commit group per sweep-1 step (kUnroll packs of each
@@ -865,32 +893,25 @@ struct RowWork {
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int i = i0 + u * group;
-        if (i < whole) {
-          BATCHKL_CHECK_ALIGNED(fx + i);
-          BATCHKL_CHECK_ALIGNED(fy + i);
-          cp_async_16(tx + i, fx + i);
-          cp_async_16(ty + i, fy + i);
-        }
+        if (i < whole) stage_pack(tx, ty, fx, fy, i);
       }
       cp_async_commit();
       ++groups;
     }
-    if (whole < npacks && tid == whole % group) {
-      for (int64_t j = int64_t{whole} * N; j < len; ++j) {
-        to_x[j] = x[j];
-        to_y[j] = y[j];
-      }
-    }
+    if (whole < npacks && tid == whole % group) stage_tail(to_x, to_y, x, y, int64_t{whole} * N, len);
     return groups;
+  }
+
+  // How many of `packs` packs thread `tid` of `group` owns (tid + j * group).
+  __device__ __forceinline__ static int64_t packs_of(int64_t packs, int tid, int group) {
+    return tid < packs ? (packs - 1 - tid) / group + 1 : 0;
   }
 
   // This thread's commit groups of a slice of `len` elements copied by
   // stage_async (or by a row's prefetch, which commits as it does): one per
   // sweep-1 step of its packs, the last one partial.
   __device__ __forceinline__ static int stage_groups(int64_t len, int tid, int group) {
-    const int64_t npacks = (len + N - 1) / N;
-    const int64_t mine = tid < npacks ? (npacks - 1 - tid) / group + 1 : 0;
-    return static_cast<int>((mine + kUnroll - 1) / kUnroll);
+    return static_cast<int>((packs_of((len + N - 1) / N, tid, group) + kUnroll - 1) / kUnroll);
   }
 
   // One row, or one CTA's slice of it. `tid` / `group`: this thread's rank
@@ -901,20 +922,16 @@ struct RowWork {
   // cluster's shares up). `next`: the row whose slice this CTA takes after
   // this one, or -1; with Grid::prefetch, this thread copies its packs of
   // that slice into the stage during its last read of this one, where it
-  // can (see LaunchKnobs::prefetch), and says so in `ahead`. On entry,
-  // `ahead` says that the previous row did so for this one (its copies are
-  // in flight, stage_groups of them).
-  // Staging a row over the previous one needs no barrier first: in the
-  // kAhead kernel (the distillation kernel), every thread's last read of a
-  // staged row comes before a CTA barrier: the loss reduction's after the
-  // writing sweep (its re-sum reads global memory), or for a NaN row, whose
-  // last read is sweep 1, its exchanges'. A row the mask drops stages
-  // nothing.
+  // can (see LaunchKnobs::prefetch), and says so in `copying_next`.
+  // `copied_in`: the previous row did so for this one (its copies are in
+  // flight, stage_groups of them). The kAhead kernel ends every row with a
+  // barrier (see there), so a row neither stages over what another thread
+  // still reads nor writes exchange slots another thread still folds.
   __device__ double row(int64_t r, int64_t next, int64_t c0, int64_t len, int tid, int group, int cluster,
-                        unsigned char* stage, Slot* slots, bool& share, bool& ahead) const {
+                        unsigned char* stage, Slot* slots, bool& share, bool copied_in, bool& copying_next) const {
     share = false;
-    const bool staged_ahead = kAhead && ahead;
-    ahead = false;
+    copying_next = false;
+    const bool staged_ahead = kAhead && copied_in;
     const RowGeometry& g = p.geo;
     scalar_t* gx = want_gx ? static_cast<scalar_t*>(p.ptr[kGradInput]) + g.row_offset(kGradInput, r) + c0 : nullptr;
     scalar_t* gy = !kDistill && want_gy ? static_cast<scalar_t*>(p.ptr[kGradTarget]) + g.row_offset(kGradTarget, r) + c0
@@ -1100,7 +1117,7 @@ struct RowWork {
       }
     }
     // The writing sweep below runs in every thread from here.
-    ahead = ahead_x != nullptr;
+    copying_next = ahead_x != nullptr;
     // After this thread's last read of its j-th pack: the next row's pack
     // there, its partial last pack copied at once. The writing sweep
     // commits them in stage_async's groups, kUnroll of a thread's packs
@@ -1108,24 +1125,15 @@ struct RowWork {
     // and the copy: CUDA's memory model performs an asynchronous copy as if
     // by a new thread started at the instruction, after this thread's
     // earlier reads.
-    // `any_pack`: false in the step loop, whose packs are all whole.
-    const auto fetch_ahead = [&](int64_t j, auto any_pack) {
+    // `maybe_partial`: false in the step loop, whose packs are all whole.
+    const auto fetch_ahead = [&](int64_t j, auto maybe_partial) {
       const int i = static_cast<int>(tid + j * group);
-      P* const tx = reinterpret_cast<P*>(stage);
-      P* const ty = reinterpret_cast<P*>(stage_y);
-      if (!decltype(any_pack)::value || i < whole) {
-        BATCHKL_CHECK_ALIGNED(ahead_x + i);
-        BATCHKL_CHECK_ALIGNED(ahead_y + i);
-        cp_async_16(tx + i, ahead_x + i);
-        cp_async_16(ty + i, ahead_y + i);
+      if (!decltype(maybe_partial)::value || i < whole) {
+        stage_pack(reinterpret_cast<P*>(stage), reinterpret_cast<P*>(stage_y), ahead_x, ahead_y, i);
       } else {
-        const scalar_t* const fx = reinterpret_cast<const scalar_t*>(ahead_x);
-        const scalar_t* const fy = reinterpret_cast<const scalar_t*>(ahead_y);
-#pragma unroll 1
-        for (int64_t e = int64_t{i} * N; e < len; ++e) {
-          reinterpret_cast<scalar_t*>(stage)[e] = fx[e];
-          reinterpret_cast<scalar_t*>(stage_y)[e] = fy[e];
-        }
+        stage_tail(reinterpret_cast<scalar_t*>(stage), reinterpret_cast<scalar_t*>(stage_y),
+                   reinterpret_cast<const scalar_t*>(ahead_x), reinterpret_cast<const scalar_t*>(ahead_y),
+                   int64_t{i} * N, len);
       }
     };
 
@@ -1177,8 +1185,8 @@ struct RowWork {
       // could alias it, and two loads in flight matter when the rows stream
       // from global memory. (JSD's longer arithmetic would spill.)
       constexpr int kStep = kDiv != Divergence::kJSD ? 2 : 1;
-      const int64_t n_all = tid < npacks ? (npacks - 1 - tid) / group + 1 : 0;
-      const int64_t n_whole = tid < whole ? (whole - 1 - tid) / group + 1 : 0;
+      const int64_t n_all = packs_of(npacks, tid, group);
+      const int64_t n_whole = packs_of(whole, tid, group);
       const bool fast = rvx && rvy && (!kGX || vgx) && (!kGY || vgy);
       const int64_t n_fast = fast ? n_whole / kStep * kStep : 0;
       const auto rest = [&](int64_t i) {
@@ -1412,9 +1420,8 @@ __global__ void __launch_bounds__(kThreads, kDistill && !kAhead ? 3 : 2)
     const int tid = static_cast<int>(threadIdx.x) & (lanes - 1);  // lanes: a power of two
     for (int64_t r = static_cast<int64_t>(blockIdx.x) * rows_per_cta + threadIdx.x / lanes; r < rows;
          r += static_cast<int64_t>(gridDim.x) * rows_per_cta) {
-      bool share;
-      bool ahead = false;
-      const double loss = work.row(r, -1, 0, cols, tid, lanes, 1, nullptr, nullptr, share, ahead);
+      bool share, copying_next;
+      const double loss = work.row(r, -1, 0, cols, tid, lanes, 1, nullptr, nullptr, share, false, copying_next);
       if (tid == 0) row_loss[r] = loss;
     }
   } else {
@@ -1422,9 +1429,11 @@ __global__ void __launch_bounds__(kThreads, kDistill && !kAhead ? 3 : 2)
     const unsigned rank = cluster > 1 ? cluster_rank() : 0;
     const int64_t c0 = static_cast<int64_t>(rank) * grid.slice;
     const int64_t len = std::min<int64_t>(grid.slice, cols - c0);
-    const auto one_row = [&](int64_t r, int64_t next, bool& ahead) {
-      bool share;
-      const double loss = work.row(r, next, c0, len, threadIdx.x, kThreads, cluster, stage, slots, share, ahead);
+    // Returns whether this CTA's threads copy row `next` in (Work::row).
+    const auto one_row = [&](int64_t r, int64_t next, bool copied_in) {
+      bool share, copying_next;
+      const double loss = work.row(r, next, c0, len, threadIdx.x, kThreads, cluster, stage, slots, share, copied_in,
+                                   copying_next);
       if (share && cluster > 1) {
         // Each CTA's share goes to rank 0's shared memory, which adds them up
         // in rank order after the barrier (what cta_allreduce would have
@@ -1441,23 +1450,31 @@ __global__ void __launch_bounds__(kThreads, kDistill && !kAhead ? 3 : 2)
         }
       } else {
         if (rank == 0 && threadIdx.x == 0) row_loss[r] = loss;
-        // No CTA may leave (and free its shared memory), or reuse its
-        // exchange slots for the next row, while another of its cluster
-        // still reads them.
-        if (cluster > 1) cluster_sync();
+        // No CTA may leave (and free its shared memory) while another of its
+        // cluster still reads it. In the kAhead kernel, a CTA of its own
+        // too: the next row's first exchange and its staging through
+        // registers write what other threads may still be reading (a NaN
+        // row's last exchange, with BATCHKL_LOGITS_MERGE=1 its only one,
+        // has no barrier after it; a row staged off 16 bytes shares packs).
+        if (cluster > 1) {
+          cluster_sync();
+        } else if constexpr (kAhead) {
+          __syncthreads();
+        }
       }
+      return copying_next;
     };
-    bool ahead = false;  // this row's slice copied in by the CTA's previous row (Work::row)
     if constexpr (kAhead) {
       // As many clusters as fit on the GPU at once (Grid::prefetch), each
       // taking every `clusters`-th row. A cluster's CTAs take the same rows,
       // so their cluster barriers pair up row by row.
       const int64_t clusters = static_cast<int64_t>(gridDim.x) / cluster;
+      bool copied_in = false;
       for (int64_t r = static_cast<int64_t>(blockIdx.x) / cluster; r < rows; r += clusters) {
-        one_row(r, r + clusters < rows ? r + clusters : -1, ahead);
+        copied_in = one_row(r, r + clusters < rows ? r + clusters : -1, copied_in);
       }
     } else {
-      one_row(static_cast<int64_t>(blockIdx.x) / cluster, -1, ahead);
+      one_row(static_cast<int64_t>(blockIdx.x) / cluster, -1, false);
     }
   }
 

@@ -63,7 +63,7 @@ void launch_typed(const LogitsLaunch& p) {
   dev.knobs.prefetch = dev.knobs.prefetch || g_prefetch;
   const bool distill = use_distill_kernel(dev.knobs, p);
   Grid grid = plan_grid(p.geo.rows, p.geo.cols, sizeof(scalar_t), dev, distill);
-  if (grid.prefetch) grid.blocks = std::min(p.geo.rows, g_resident) * grid.cluster;
+  if (grid.prefetch) cut_to_resident(grid, p.geo.rows, g_resident);
   unsigned ticket = 0;
   unsigned long long kept = 0;
   std::vector<double> workspace(p.row_out == nullptr ? p.geo.rows : 0);
@@ -568,17 +568,21 @@ void test_sweep_directions() {
 }
 
 // The distillation kernel's staged rows' next slices copied ahead
-// (BATCHKL_LOGITS_PREFETCH=1, the kAhead kernel), on a grid of 1 or 3 clusters that each take several rows in turn: bitwise the
-// results of a cluster per row, on staged launch shapes of a CTA and of
+// (BATCHKL_LOGITS_PREFETCH=1, the kAhead kernel), on a grid of 1 or 3
+// clusters that each take several rows in turn: bitwise the results of the
+// same batch on a cluster per row, on staged launch shapes of a CTA and of
 // clusters of 2 to 8, with what stops a row from copying ahead or from
-// being copied into: rows off 16 bytes among aligned ones (20002 columns:
-// every second or fourth row aligned), a strided layout, rows the mask
-// drops, a NaN row (no writing sweep), the lean sweep's exact re-sum (which
-// reads its row again after its slice was overwritten), partial last packs.
-// Each launch's first cluster runs its threads in reverse order and lands
-// its copies at once: a thread that overwrites a pack another thread has
-// yet to read, or that reads a pack after copying the next row's over it,
-// shows in the results.
+// being copied into: rows off 16 bytes (20002 columns; "lead": rows 0-3
+// aligned, 4-7 not, so a row copied in is followed by one staged through
+// registers), a strided layout, rows the mask drops (a CTA's last row
+// among them), a NaN row (no writing sweep), the lean sweep's exact re-sum
+// (which reads its row again after its slice was overwritten), partial
+// last packs. Each launch runs once with its first cluster's threads in
+// order and once in reverse, that cluster landing its copies at once: a
+// thread that overwrites a pack another thread has yet to read, on either
+// side, or that reads a pack after copying the next row's over it, shows
+// in the results. (Not shown: races that need a fiber to be switched out
+// between two barriers, which the emulator never does.)
 void test_prefetch() {
   const double inf = std::numeric_limits<double>::infinity();
   int staged = 0;
@@ -589,27 +593,29 @@ void test_prefetch() {
     c.grad_input = grad_input;
     c.grad_target = false;  // the distillation kernel's case
     if (masked) {
-      auto mask = at::ones({7}, at::kBool);
+      auto mask = at::ones({8}, at::kBool);
       mask[1] = false;
       mask[5] = false;
-      mask[6] = false;  // a CTA's last row: a copy into it would never be waited for
-      c.mask = mask;
+      mask[7] = false;  // a CTA's last row: a copy into it would never be waited for
+      c.mask = mask.reshape(x.sizes().slice(0, x.dim() - 1));  // "lead": (2, 4)
     }
     g_device = kDevices[device].second;
-    if (!plan_grid(7, cols, at::elementSize(dt), g_device, true).stage) return;
+    if (!plan_grid(8, cols, at::elementSize(dt), g_device, true).stage) return;
     ++staged;
     const auto what = str(kDevices[device].first, ": prefetch V=", cols, " ", dt, " ", kind, " gi=", grad_input,
                           " masked=", masked);
     try {
       const Result per_row = emulated(x, t, c);
       g_device.knobs.prefetch = true;
-      check(plan_grid(7, cols, at::elementSize(dt), g_device, true).prefetch, what + ": planned");
-      // 1 cluster: rows 1-6 each copied in by the row before; 3: rows 0,
-      // 3, 6 in one cluster. (2: the "other" part.)
+      check(plan_grid(8, cols, at::elementSize(dt), g_device, true).prefetch, what + ": planned");
+      // 1 cluster: rows 1-7 each copied in by the row before where they
+      // can be; 3: rows 0, 3, 6 in one cluster. (2: the "other" part.)
       for (const int64_t resident : {1, 3}) {
         g_resident = resident;
-        batchkl_emu::launches = 3;  // the first cluster: reverse order, copies landing at once
-        check_bitwise(per_row, emulated(x, t, c), str(what, " clusters=", resident));
+        for (const unsigned order : {2u, 3u}) {  // the first cluster's copies land at once, threads in order / reversed
+          batchkl_emu::launches = order;
+          check_bitwise(per_row, emulated(x, t, c), str(what, " clusters=", resident, " reversed=", order % 2));
+        }
       }
     } catch (const std::exception& ex) {
       check(false, str(what, ": emulated kernel threw ", ex.what()));
@@ -620,7 +626,7 @@ void test_prefetch() {
     for (const int64_t cols : {5000, 20002, 40003, 100000}) {
       for (const auto dt : {at::kFloat, at::kBFloat16}) {
         if (cols == 100000 && dt == at::kBFloat16) continue;  // float: 8 CTAs of 100 KiB slices
-        auto x = logits(7, cols, at::kDouble), t = logits(7, cols, at::kDouble);
+        auto x = logits(8, cols, at::kDouble), t = logits(8, cols, at::kDouble);
         t[2][cols / 3] = std::numeric_limits<double>::quiet_NaN();  // a NaN row
         for (const int r : {0, 3, 4}) {  // the lean sweep's re-sum (see test_special_values)
           x[r][1] = 0.5;
@@ -628,8 +634,8 @@ void test_prefetch() {
           t[r][3] = -200;
         }
         const auto xd = x.to(dt), td = t.to(dt);
-        for (const std::string kind : {"contiguous", "strided"}) {
-          if (kind == "strided" && cols != 20002) continue;
+        for (const std::string kind : {"contiguous", "strided", "lead"}) {
+          if (kind != "contiguous" && cols != 20002) continue;
           const auto xl = layout(xd, kind), tl = layout(td, kind);
           for (const bool grad_input : {true, false}) {
             for (const bool masked : {false, true}) run(device, cols, dt, kind, xl, tl, grad_input, masked);
@@ -638,12 +644,12 @@ void test_prefetch() {
       }
     }
   }
-  check(staged >= 50, str("prefetch: ", staged, " staged configurations"));
+  check(staged >= 60, str("prefetch: ", staged, " staged configurations"));
   // Streamed rows, warps' short rows, the general kernel: the grid as before.
   DeviceLimits streamed = kDevices[2].second, staged_dev = kDevices[1].second;
   streamed.knobs.prefetch = staged_dev.knobs.prefetch = true;
-  check(!plan_grid(7, 100000, 4, streamed, true).prefetch && !plan_grid(7, 512, 4, staged_dev, true).prefetch &&
-            !plan_grid(7, 5000, 4, staged_dev, false).prefetch && plan_grid(7, 5000, 4, staged_dev, true).prefetch,
+  check(!plan_grid(8, 100000, 4, streamed, true).prefetch && !plan_grid(8, 512, 4, staged_dev, true).prefetch &&
+            !plan_grid(8, 5000, 4, staged_dev, false).prefetch && plan_grid(8, 5000, 4, staged_dev, true).prefetch,
         "prefetch: the distillation kernel's staged CTA rows only");
   g_device = kDevices[1].second;
 }
