@@ -100,26 +100,33 @@ if want build; then
   fi
 fi
 
+# One compute-sanitizer run of scripts/cuda_check.py: sanitize_run TOOL NAME ARGS...
+# (its log's tail to sanitizer.log, its exit status to checks.log).
+sanitize_run() {
+  local tool=$1 name=$2
+  shift 2
+  OMP_NUM_THREADS=$CHECK_THREADS timeout ${SANITIZER_TIMEOUT:-150} compute-sanitizer --tool $tool --error-exitcode 99 $PY scripts/cuda_check.py "$@" > /tmp/sanitizer_$name.log 2>&1
+  local rc=$?
+  { echo "== compute-sanitizer --tool $tool, cuda_check.py $*: exit $rc"; tail -25 /tmp/sanitizer_$name.log; } >> "$OUT/sanitizer.log"
+  echo "compute-sanitizer $tool ($*): exit $rc ($(date +%T))" | tee -a "$OUT/checks.log"
+}
+
 sanitize() {
   # synccheck: shuffle masks and barriers in divergent code (short rows run
   # several rows per warp, each group shuffling under its own mask).
   for tool in memcheck racecheck synccheck; do
     # racecheck and synccheck are slow: two dtypes (one 4-byte, one 2-byte:
     # different vector widths and lane counts) unless SANITIZER_DTYPES says otherwise.
-    dtypes=""
-    [ $tool != memcheck ] && dtypes="--dtypes ${SANITIZER_DTYPES:-float32 bfloat16}"
-    OMP_NUM_THREADS=$CHECK_THREADS timeout ${SANITIZER_TIMEOUT:-150} compute-sanitizer --tool $tool --error-exitcode 99 $PY scripts/cuda_check.py --small $dtypes > /tmp/sanitizer_$tool.log 2>&1
-    rc=$?
-    { echo "== compute-sanitizer --tool $tool: exit $rc"; tail -25 /tmp/sanitizer_$tool.log; } >> "$OUT/sanitizer.log"
-    echo "compute-sanitizer $tool: exit $rc ($(date +%T))" | tee -a "$OUT/checks.log"
+    if [ $tool = memcheck ]; then
+      sanitize_run $tool $tool --small
+    else
+      sanitize_run $tool $tool --small --dtypes ${SANITIZER_DTYPES:-float32 bfloat16}
+    fi
   done
   # BATCHKL_LOGITS_PREFETCH=1 (off by default): threads copy a CTA's next row
   # into shared memory while other threads of the CTA still read this one.
   for tool in memcheck racecheck; do
-    timeout ${SANITIZER_TIMEOUT:-150} compute-sanitizer --tool $tool --error-exitcode 99 $PY scripts/cuda_check.py --prefetch --small --dtypes bfloat16 > /tmp/sanitizer_prefetch_$tool.log 2>&1
-    rc=$?
-    { echo "== compute-sanitizer --tool $tool, cuda_check.py --prefetch: exit $rc"; tail -25 /tmp/sanitizer_prefetch_$tool.log; } >> "$OUT/sanitizer.log"
-    echo "compute-sanitizer $tool --prefetch: exit $rc ($(date +%T))" | tee -a "$OUT/checks.log"
+    sanitize_run $tool prefetch_$tool --prefetch --small --dtypes bfloat16
   done
 }
 

@@ -875,10 +875,10 @@ struct RowWork {
   // asynchronous copies, each thread issuing the packs it reads in sweep 1,
   // in that order: one commit group per sweep-1 step (kUnroll packs of each
   // operand). A last, partial pack is copied element by element, at once,
-  // by the thread that owns it. Returns the number of groups, which sweep
-  // 1's step loop waits for one at a time (its pack-at-a-time rest, for all
-  // that remain).
-  __device__ __forceinline__ static int stage_async(const scalar_t* x, const scalar_t* y, scalar_t* to_x,
+  // by the thread that owns it. Sweep 1's step loop waits for the groups
+  // (stage_groups of them) one at a time, its pack-at-a-time rest for all
+  // that remain.
+  __device__ __forceinline__ static void stage_async(const scalar_t* x, const scalar_t* y, scalar_t* to_x,
                                                     scalar_t* to_y, int64_t len, int tid, int group) {
     // 32-bit pack indices (a staged slice fits in shared memory), and the
     // partial pack after the loop: with 64-bit indices and the element-wise
@@ -888,7 +888,6 @@ struct RowWork {
     const P* const fy = reinterpret_cast<const P*>(y);
     P* const tx = reinterpret_cast<P*>(to_x);
     P* const ty = reinterpret_cast<P*>(to_y);
-    int groups = 0;
     for (int i0 = tid; i0 < npacks; i0 += group * kUnroll) {
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
@@ -896,10 +895,8 @@ struct RowWork {
         if (i < whole) stage_pack(tx, ty, fx, fy, i);
       }
       cp_async_commit();
-      ++groups;
     }
     if (whole < npacks && tid == whole % group) stage_tail(to_x, to_y, x, y, int64_t{whole} * N, len);
-    return groups;
   }
 
   // How many of `packs` packs thread `tid` of `group` owns (tid + j * group).
@@ -908,8 +905,8 @@ struct RowWork {
   }
 
   // This thread's commit groups of a slice of `len` elements copied by
-  // stage_async (or by a row's prefetch, which commits as it does): one per
-  // sweep-1 step of its packs, the last one partial.
+  // stage_async (or by a row's copies ahead, which commit as it does): one
+  // per sweep-1 step of its packs, the last one partial.
   __device__ __forceinline__ static int stage_groups(int64_t len, int tid, int group) {
     return static_cast<int>((packs_of((len + N - 1) / N, tid, group) + kUnroll - 1) / kUnroll);
   }
@@ -968,16 +965,15 @@ struct RowWork {
     bool async_slice = false;  // staged by cp.async: each thread reads only the packs it copied
     unsigned char* const stage_y = stage != nullptr ? stage + stage_bytes(grid.slice, sizeof(scalar_t)) : nullptr;
     if (stage != nullptr) {
-      if (staged_ahead) {
+      if (staged_ahead || (sx == 1 && sy == 1 && vector_ok(x, 1) && vector_ok(y, 1))) {
+        // Copied in by the previous row (kAhead) or now, in the same groups.
+        if (!staged_ahead) {
+          stage_async(x, y, reinterpret_cast<scalar_t*>(stage), reinterpret_cast<scalar_t*>(stage_y), len, tid,
+                      group);
+        }
         rx = reinterpret_cast<const scalar_t*>(stage);
         ry = reinterpret_cast<const scalar_t*>(stage_y);
         async_groups = stage_groups(len, tid, group);
-        async_slice = true;
-      } else if (sx == 1 && sy == 1 && vector_ok(x, 1) && vector_ok(y, 1)) {
-        rx = reinterpret_cast<const scalar_t*>(stage);
-        ry = reinterpret_cast<const scalar_t*>(stage_y);
-        async_groups = stage_async(x, y, reinterpret_cast<scalar_t*>(stage), reinterpret_cast<scalar_t*>(stage_y),
-                                   len, tid, group);
         async_slice = true;
       } else {
         // Strided or misaligned rows: another thread may own a pack's
