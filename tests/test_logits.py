@@ -445,6 +445,37 @@ def test_large_magnitude_logits(dtype, scale, beta):
         torch.testing.assert_close(ours[fin], theirs[fin], rtol=2e-2, atol=scale * 1e-3)
 
 
+@pytest.mark.parametrize("V", [512, 32000])
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_jsd_of_identical_rows_is_zero_to_rounding(beta, V):
+    """JSD(P, P) = 0: float32 gives the rounding of log p - log m alone, at
+    most the relative error of the exp that gives p and q (about 20 ulp,
+    2.4e-6; a few 1e-7 per row seen, gradients a few 1e-8), not an error of
+    the formula."""
+    x = (3 * torch.randn(8, V)).requires_grad_()
+    loss = batchkl_ext.jsd_with_logits(x, x.detach().clone(), beta=beta, reduction="none")
+    loss.sum().backward()
+    assert loss.abs().max() <= 3e-6, loss.abs().max()
+    assert x.grad.abs().max() <= 3e-6, x.grad.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=DT_ID.get)
+@pytest.mark.parametrize("V", [33, 12000])
+@pytest.mark.parametrize("beta,p", [(0.5, 1.67e-38), (1e-3, 1e-36)])
+def test_jsd_subnormal_mixture(beta, p, dtype, V):
+    """From logits, where the student's probability is 0 and the teacher's p,
+    the mixture m = beta p is subnormal in float32, where LogitsTerm floors
+    it for its log: finite, and as the float64 reference gives it. (The
+    CPU's log takes subnormals; that the floor is there, for the SFU's log,
+    the emulated kernel's special values and the GPU's check.)"""
+    x, t = make_logits((4, V), torch.float64), make_logits((4, V), torch.float64)
+    x[:, 5] = t[:, 5] = NEG_INF
+    t[:, 5] = torch.logsumexp(t, dim=-1) + math.log(p)
+    for red in ("none", "sum"):
+        loss, gx, gt = check_logits(x.to(dtype), t.to(dtype), beta=beta, reduction=red)
+        assert torch.isfinite(loss).all() and torch.isfinite(gx).all() and torch.isfinite(gt).all()
+
+
 # --------------------------------------------------------------------------
 # mask, num_items_in_batch
 # --------------------------------------------------------------------------
@@ -948,6 +979,29 @@ def test_op_probs_mode(beta):
     assert_close_scaled(ql.grad, r.gx / qc, r.gx_mag / qc, tol=tol, what="probs grad input")
     pos = pc > 0
     assert_close_scaled(pl.grad[pos], (r.gt / pc)[pos], (r.gt_mag / pc)[pos], tol=tol, what="probs grad target")
+
+
+@pytest.mark.parametrize("beta,p", [(0.5, 1e-40), (0.5, 1.67e-38), (1e-3, 1e-36)])
+def test_op_probs_mode_jsd_tiny_probabilities(beta, p):
+    """probs=True in float32, where the student's probability is 0 and the
+    teacher's p is subnormal or nearly (so is m = beta p): the gradient w.r.t.
+    a probability is the term divided by it, beta (log p - log m), of order
+    1 however small p is; a floor on m there would be off by as much."""
+    qc = torch.rand(4, 50, dtype=torch.float64) + 0.1
+    pc = torch.rand(4, 50, dtype=torch.float64) + 0.1
+    qc[:, 5] = 0.0
+    pc[:, 5] = p * pc.sum(-1)
+    qc, pc = qc.float().double(), pc.float().double()  # the float32 values, exactly
+    w = torch.randn(4, dtype=torch.float64)
+    ql, pl = leaf(qc.float()), leaf(pc.float())
+    out = op(ql, pl, beta=beta, reduction="none", probs=True)
+    (out * w.float()).sum().backward()
+    r = ref_logits(qc.log(), pc.log(), beta=beta, reduction="none", w=w)
+    tol = TOL[torch.float32]
+    assert_close_scaled(out, r.loss, r.loss_mag, tol=tol, what="probs loss")
+    pos = qc > 0
+    assert_close_scaled(ql.grad[pos], (r.gx / qc)[pos], (r.gx_mag / qc)[pos], tol=tol, what="probs grad input")
+    assert_close_scaled(pl.grad, r.gt / pc, r.gt_mag / pc, tol=tol, what="probs grad target")
 
 
 # --------------------------------------------------------------------------

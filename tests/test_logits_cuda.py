@@ -6,6 +6,8 @@ fit, streamed twice), layouts, masks, num_items_in_batch, special values,
 determinism, batch invariance, streams, memory, autocast, opcheck and
 torch.compile. The kernel's logic also runs without a GPU in
 tests/cpp/test_logits_emulated.cpp."""
+import math
+
 import pytest
 import torch
 
@@ -169,8 +171,10 @@ def test_cuda_num_items_on_device_does_not_sync():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
 def test_cuda_special_values_like_cpu(dtype, beta, V):
     """-inf entries (probability 0: 0, never NaN), a NaN row, a +inf logit
-    and a row of -inf only (NaN, as PyTorch), a masked NaN row (0): as the
-    CPU kernel gives them."""
+    and a row of -inf only (NaN, as PyTorch), a masked NaN row (0), and a
+    JSD mixture that is subnormal (beta = 0.5 times a teacher probability
+    of 1.67e-38 where the student's is 0; the SFU's log would make it
+    -inf): as the CPU kernel gives them."""
     inf = float("inf")
     x, t = make_logits((6, V), torch.float64), make_logits((6, V), torch.float64)
     x[:, 1] = -inf
@@ -179,6 +183,8 @@ def test_cuda_special_values_like_cpu(dtype, beta, V):
     x[1, V // 2] = float("nan")
     t[2, -1] = inf
     x[3] = -inf
+    x[4, 5] = t[4, 5] = -inf
+    t[4, 5] = torch.logsumexp(t[4], 0) + math.log(1.67e-38)
     x, t = x.to(dtype), t.to(dtype)
     for mask, red in ((None, "none"), (torch.tensor([True, False, True, True, True, False]), "batchmean")):
         kw = dict(beta=beta, reduction=red, mask=mask)
@@ -188,6 +194,28 @@ def test_cuda_special_values_like_cpu(dtype, beta, V):
         for a, b, name in zip(gpu, cpu, ("loss", "grad_input", "grad_target")):
             torch.testing.assert_close(a, b, equal_nan=True, rtol=2e-2 if dtype == torch.bfloat16 else 2e-5,
                                        atol=1e-5, msg=lambda m: f"{name} {red}: {m}")
+
+
+@pytest.mark.parametrize("V", [50, 9000])
+@pytest.mark.parametrize("beta", [0.5, 1e-3])
+def test_cuda_jsd_probs_mode_like_cpu(beta, V):
+    """probs=True JSD in float32 with zeros, a teacher probability of 1e-40
+    where the student's is 0 (its gradient is beta (log p - log m), of order
+    1), and a NaN (its row NaN): as the CPU kernel gives them."""
+    q = torch.rand(5, V, dtype=torch.float64) + 0.1
+    p = torch.rand(5, V, dtype=torch.float64) + 0.1
+    q[:, 3] = 0.0
+    p[:, 3] = 1e-40 * p.sum(-1)
+    p[:, 7] = 0.0
+    q[2, V // 2] = float("nan")
+    q, p = q.float(), p.float()
+    kw = dict(beta=beta, reduction="none", probs=True)
+    w = torch.ones(5)
+    cpu = run_op(lambda a, b: op(a, b, **kw), q, p, w=w)
+    gpu = run_op(lambda a, b: op(a.to(DEV), b.to(DEV), **kw).cpu(), q, p, w=w)
+    for a, b, name in zip(gpu, cpu, ("loss", "grad_input", "grad_target")):
+        scale = b.nan_to_num().abs().max().item()  # a gradient's scale is beta / V here
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=2e-5, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("shape,dim", [((7, 30), -1), ((30, 7), 0), ((3, 5000, 2), 1), ((2, 40000), -1)],

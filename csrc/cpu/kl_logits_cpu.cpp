@@ -30,7 +30,7 @@ namespace batchkl {
 namespace {
 
 // exp is the hot operation (one per element and distribution in sweep 1,
-// one more for JSD in sweep 2): ATen's ~20-ulp float32 exp, whose error is far
+// one more for JSD on probabilities in sweep 2): ATen's ~20-ulp float32 exp, whose error is far
 // below what a loss resolves. Its arguments here are <= 0 (x - running max),
 // and its two shortcuts are harmless: it flushes results below FLT_MIN to 0
 // (probability 0, the log-probability being computed without exp), and a
@@ -200,14 +200,15 @@ struct RowKernel {
   }
 
   // The element's term from the loaded values x, y and probabilities q, p.
-  inline LogitsTerm<kDiv, Acc, Ops> term(const Acc& x, const Acc& q, const Normaliser<acc_t>& nq, const Acc& y,
+  inline LogitsTerm<kDiv, Acc, Ops, kProbs> term(const Acc& x, const Acc& q, const Normaliser<acc_t>& nq, const Acc& y,
                                          const Acc& p, const Normaliser<acc_t>& np, const Acc& c) const {
     if constexpr (kDiv == Divergence::kJSD || kProbs) {
-      return LogitsTerm<kDiv, Acc, Ops>(log_prob(x, nq), q, log_prob(y, np), p, w);
+      return LogitsTerm<kDiv, Acc, Ops, kProbs>(log_prob(x, nq), q, log_prob(y, np), p, w);
     } else {
       // log p - log q with each side shifted by its own max first: exact
       // where x / T is its row's max (a V = 1 row gives exactly 0).
-      return LogitsTerm<kDiv, Acc, Ops>((y * Acc(inv_t) - Acc(np.shift)) - (x * Acc(inv_t) - Acc(nq.shift)) - c, q, p);
+      return LogitsTerm<kDiv, Acc, Ops, kProbs>((y * Acc(inv_t) - Acc(np.shift)) - (x * Acc(inv_t) - Acc(nq.shift)) - c,
+                                                q, p);
     }
   }
 
@@ -258,7 +259,7 @@ struct RowKernel {
           const int64_t at = j + i * kS;
           const Acc eq = Acc::loadu(nq.e + at), ep = Acc::loadu(np.e + at);
           const Acc q = eq * fq, p = ep * fp;
-          const LogitsTerm<kDiv, Acc, Ops> t = term(xv[i], q, nq, yv[i], p, np, c);
+          const LogitsTerm<kDiv, Acc, Ops, kProbs> t = term(xv[i], q, nq, yv[i], p, np, c);
           s_loss = s_loss + t.loss;
           if constexpr (!kWrite) {  // the row constants sweep 3 needs
             s_gq = s_gq + t.gq;

@@ -24,6 +24,8 @@ struct VecMathOps {
   static inline Mask eq(const V& a, const V& b) { return a == b; }
   static inline V splat(T v) { return V(v); }
   static inline V log1p(const V& v) { return v.log1p(); }
+  static inline V log_normal(const V& v) { return v.log(); }
+  static inline V min_normal() { return V(std::numeric_limits<T>::min()); }
   static inline V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
   static inline V min(const V& a, const V& b) { return at::vec::minimum(a, b); }
 };

@@ -339,6 +339,10 @@ void test_probs_mode() {
       auto x = at::rand({4, cols}, at::kDouble).to(at::kFloat);
       auto t = at::rand({4, cols}, at::kDouble).to(at::kFloat);
       x.select(1, 3).zero_();  // exact zeros: the zero-probability rule
+      // Where the student's probability is 0, a teacher's that is subnormal
+      // (about 1e-40): the gradient w.r.t. it is beta (log p - log m), of
+      // order 1, which JSD from logits' floor on m would get wrong.
+      t.select(1, 3).copy_(t.sum(1) * 1e-40);
       for (const double beta : {0.0, 0.5, 1.0}) {
         Call c;
         c.beta = beta;
@@ -380,6 +384,14 @@ void test_special_values() {
       x[0][1] = 0.5;
       x[0][3] = -inf;
       t[0][3] = -200;
+      // The student's -inf where the teacher's probability is 1.67e-38,
+      // just above FLT_MIN: JSD's mixture m = p / 2 there is subnormal,
+      // which its log must not take for 0 (the SFU flushes it: an infinite
+      // loss). (A bfloat16 logit near -75 is off by at most 0.25, which
+      // keeps p between 1.3e-38 and 2.1e-38.)
+      x[4][5] = -inf;
+      t[4][5] = -inf;
+      t[4][5] = at::logsumexp(t[4], 0).item<double>() + std::log(1.67e-38);
       for (const auto dt : {at::kFloat, at::kBFloat16}) {
         for (const double beta : {0.0, 0.5, 1.0}) {
           // Both gradients (a third sweep for the KLs), the student's alone
