@@ -466,8 +466,9 @@ def test_jsd_subnormal_mixture(beta, p, dtype, V):
     """From logits, where the student's probability is 0 and the teacher's p,
     the mixture m = beta p is subnormal in float32, where LogitsTerm floors
     it for its log: finite, and as the float64 reference gives it. (The
-    CPU's log takes subnormals; that the floor is there, for the SFU's log,
-    the emulated kernel's special values and the GPU's check.)"""
+    CPU's log takes subnormals, so whether the floor is there shows only
+    where the log is the SFU's: in the emulated kernel's special values and
+    on a GPU.)"""
     x, t = make_logits((4, V), torch.float64), make_logits((4, V), torch.float64)
     x[:, 5] = t[:, 5] = NEG_INF
     t[:, 5] = torch.logsumexp(t, dim=-1) + math.log(p)
@@ -985,8 +986,8 @@ def test_op_probs_mode(beta):
 def test_op_probs_mode_jsd_tiny_probabilities(beta, p):
     """probs=True in float32, where the student's probability is 0 and the
     teacher's p is subnormal or nearly (so is m = beta p): the gradient w.r.t.
-    a probability is the term divided by it, beta (log p - log m), of order
-    1 however small p is; a floor on m there would be off by as much."""
+    a probability divides its term by it, so it does not shrink with p, and
+    a floor on m there would be off by as much as the gradient itself."""
     qc = torch.rand(4, 50, dtype=torch.float64) + 0.1
     pc = torch.rand(4, 50, dtype=torch.float64) + 0.1
     qc[:, 5] = 0.0

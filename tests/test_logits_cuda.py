@@ -200,8 +200,9 @@ def test_cuda_special_values_like_cpu(dtype, beta, V):
 @pytest.mark.parametrize("beta", [0.5, 1e-3])
 def test_cuda_jsd_probs_mode_like_cpu(beta, V):
     """probs=True JSD in float32 with zeros, a teacher probability of 1e-40
-    where the student's is 0 (its gradient is beta (log p - log m), of order
-    1), and a NaN (its row NaN): as the CPU kernel gives them."""
+    where the student's is 0 (its gradient divides its term by it, so no
+    floor on m may touch it), and a NaN (its row NaN): as the CPU kernel
+    gives them."""
     q = torch.rand(5, V, dtype=torch.float64) + 0.1
     p = torch.rand(5, V, dtype=torch.float64) + 0.1
     q[:, 3] = 0.0
@@ -214,7 +215,7 @@ def test_cuda_jsd_probs_mode_like_cpu(beta, V):
     cpu = run_op(lambda a, b: op(a, b, **kw), q, p, w=w)
     gpu = run_op(lambda a, b: op(a.to(DEV), b.to(DEV), **kw).cpu(), q, p, w=w)
     for a, b, name in zip(gpu, cpu, ("loss", "grad_input", "grad_target")):
-        scale = b.nan_to_num().abs().max().item()  # a gradient's scale is beta / V here
+        scale = b.nan_to_num().abs().max().item()  # a gradient is of order beta / V here
         torch.testing.assert_close(a, b, equal_nan=True, rtol=2e-5, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")
 
 

@@ -340,8 +340,9 @@ void test_probs_mode() {
       auto t = at::rand({4, cols}, at::kDouble).to(at::kFloat);
       x.select(1, 3).zero_();  // exact zeros: the zero-probability rule
       // Where the student's probability is 0, a teacher's that is subnormal
-      // (about 1e-40): the gradient w.r.t. it is beta (log p - log m), of
-      // order 1, which JSD from logits' floor on m would get wrong.
+      // (about 1e-40): the gradient w.r.t. it divides its term by it, so it
+      // does not shrink with p, and JSD from logits' floor on m would make
+      // it wrong.
       t.select(1, 3).copy_(t.sum(1) * 1e-40);
       for (const double beta : {0.0, 0.5, 1.0}) {
         Call c;
