@@ -207,6 +207,16 @@ at::Tensor logits(int64_t rows, int64_t cols, at::ScalarType dt, double scale = 
   return (at::randn({rows, cols}, at::kDouble) * scale).to(dt);
 }
 
+// Row r of float64 logits gets the student's -inf where the teacher's
+// probability underflows to 0: 0 * inf in the forward KL's lean sweep, whose
+// thread then sums its loss again exactly. Column 1 is made finite, so that
+// the row's loss stays finite where a caller filled that column with -inf.
+void lean_resum_row(at::Tensor& x, at::Tensor& t, int64_t r) {
+  x[r][1] = 0.5;
+  x[r][3] = -std::numeric_limits<double>::infinity();
+  t[r][3] = -200;
+}
+
 // The same values in another memory layout.
 at::Tensor layout(const at::Tensor& v, const std::string& kind) {
   const int64_t rows = v.size(0), cols = v.size(1);
@@ -378,13 +388,7 @@ void test_special_values() {
       // 1), and the first pack of a row.
       x[9][cols - 1] = std::numeric_limits<double>::quiet_NaN();
       t[10].narrow(0, 0, 8).fill_(std::numeric_limits<double>::quiet_NaN());
-      // The student's -inf where the teacher's probability underflows to 0:
-      // 0 * inf in the forward KL's lean sweep, whose thread then sums its
-      // loss again exactly (the row's loss is finite: its student's -inf in
-      // column 1 is put back).
-      x[0][1] = 0.5;
-      x[0][3] = -inf;
-      t[0][3] = -200;
+      lean_resum_row(x, t, 0);  // column 1's student -inf put back
       // The student's -inf where the teacher's probability is 1.67e-38,
       // just above FLT_MIN: JSD's mixture m = p / 2 there is subnormal,
       // which its log must not take for 0 (the SFU flushes it: an infinite
@@ -597,7 +601,6 @@ void test_sweep_directions() {
 // in the results. (Not shown: races that need a fiber to be switched out
 // between two barriers, which the emulator never does.)
 void test_prefetch() {
-  const double inf = std::numeric_limits<double>::infinity();
   int staged = 0;
   const auto run = [&](int device, int64_t cols, at::ScalarType dt, const std::string& kind, const at::Tensor& x,
                        const at::Tensor& t, bool grad_input, bool masked) {
@@ -641,11 +644,7 @@ void test_prefetch() {
         if (cols == 100000 && dt == at::kBFloat16) continue;  // float: 8 CTAs of 100 KiB slices
         auto x = logits(8, cols, at::kDouble), t = logits(8, cols, at::kDouble);
         t[2][cols / 3] = std::numeric_limits<double>::quiet_NaN();  // a NaN row
-        for (const int r : {0, 3, 4}) {  // the lean sweep's re-sum (see test_special_values)
-          x[r][1] = 0.5;
-          x[r][3] = -inf;
-          t[r][3] = -200;
-        }
+        for (const int r : {0, 3, 4}) lean_resum_row(x, t, r);
         const auto xd = x.to(dt), td = t.to(dt);
         for (const std::string kind : {"contiguous", "strided", "lead"}) {
           if (kind != "contiguous" && cols != 20002) continue;
