@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     python -m bench [--device cpu|cuda] [--quick] [--modes fwd fwd+bwd] [--sweeps V N]
-                    [--cases ...] [--out PATH.json] [--repeats N] [--warmup N]
+                    [--cases ...] [--out PATH.json] [--repeats N] [--warmup N] [--[no-]queued]
 
 Every case (see bench/cases.py) runs forward alone (the loss of a model in
 evaluation: inputs need no gradient) and forward + backward (a training step
@@ -14,8 +14,12 @@ scaling: over V at a fixed number of elements N·V, and over N at a fixed V.
 
 All implementations of a configuration run in the same process on the same
 tensors, timed round by round (each round times each once, in a rotating
-order), so a slow phase of a shared machine hits them all alike. The
-machine's copy bandwidth is measured first in the same run. On a GPU an
+order), so a slow phase of a shared machine hits them all alike. Each call
+is timed alone, from an idle device, so on a GPU its time includes the launch
+latency and the host's work before the first kernel; on a GPU (``--queued``)
+calls issued back to back, the host running ahead as in training, are timed
+too: the figure to hold a kernel's bandwidth against. The machine's copy
+bandwidth is measured first in the same run, both ways. On a GPU an
 implementation runs only where its estimated peak memory (need_bytes) fits in
 80 % of the free memory; one that does not gets a row saying so, and the
 others are still measured. A Markdown table goes to stdout; every figure,
@@ -42,7 +46,8 @@ import torch
 from torch import Tensor
 
 from .cases import CASES, ELEMENTWISE, LOGITS, LOG_PROBS, MEAN_ROWS, PER_ROW, SCALAR, SUM_ROWS, Case, LossFn
-from .measure import GIB, REPO, Step, copy_bandwidth, machine_info, peak_extra_mib, time_ms
+from .measure import (GIB, QUEUED_ROUNDS, REPO, Step, copy_bandwidth, machine_info, peak_extra_mib, queued_ms,
+                      time_ms)
 from .report import dtype_name, markdown_table, summary_lines
 
 SEED = 0
@@ -318,13 +323,17 @@ def _warm_and_check(step: Step, reset: Callable[[], None], inp: Inputs, ref: tup
 
 
 def measure(steps: dict[str, Step], inp: Inputs, ref: tuple[Tensor, Optional[Tensor]], device: torch.device,
-            warmup: int, repeats: int) -> dict[str, dict]:
+            warmup: int, repeats: int, queued: bool = False) -> dict[str, dict]:
     """Warm up and check each implementation, then time them round by round, then measure memory.
 
     Timing is interleaved: each round times every implementation once, the
     order rotating from round to round, so a slow phase of a shared machine
     lands on all of them instead of on whichever happened to be running.
     An implementation that fails gets an "error" instead of figures.
+    ``queued``: also QUEUED_ROUNDS rounds of ``repeats`` calls back to back
+    each (measure.queued_ms), in the same rotating order; the median round's
+    time per call is "queued_ms" (an implementation that fails there keeps
+    its other figures and gets a "queued_error").
     """
     def reset() -> None:
         inp.x.grad = None
@@ -351,25 +360,40 @@ def measure(steps: dict[str, Step], inp: Inputs, ref: tuple[Tensor, Optional[Ten
         for impl, t in times.items():
             out[impl].update({"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "times_ms": t,
                               "peak_extra_mib": peak_extra_mib(steps[impl], reset, device)})
+        rounds: dict[str, list[float]] = {impl: [] for impl in times} if queued else {}
+        for k in range(QUEUED_ROUNDS if queued else 0):
+            live = list(rounds)
+            if not live:
+                break
+            for impl in live[k % len(live):] + live[:k % len(live)]:
+                try:
+                    rounds[impl].append(queued_ms(steps[impl], reset, device, repeats))
+                except Exception as e:
+                    out[impl]["queued_error"] = _one_line(e)
+                    del rounds[impl]
+        for impl, r in rounds.items():
+            out[impl].update({"queued_ms": statistics.median(r), "queued_rounds_ms": r})
     reset()
     return out
 
 
 def _measure_config(cfg: Config, fns: dict[str, LossFn], device: torch.device, warmup: int,
-                    repeats: int) -> dict[str, dict]:
+                    repeats: int, queued: bool = False) -> dict[str, dict]:
     try:
         inp = make_inputs(cfg, device)
         ref = reference(cfg.case, inp)
     except Exception as e:  # e.g. out of memory: the run goes on with the next configuration
         failed = {impl: {"error": f"inputs or reference: {_one_line(e)}"} for impl in fns}
     else:
-        return measure({impl: make_step(fn, inp) for impl, fn in fns.items()}, inp, ref, device, warmup, repeats)
+        return measure({impl: make_step(fn, inp) for impl, fn in fns.items()}, inp, ref, device, warmup, repeats,
+                       queued)
     if device.type == "cuda":  # here, where the exception no longer holds the tensors
         torch.cuda.empty_cache()
     return failed
 
 
-def run_config(cfg: Config, device: torch.device, warmup: int, repeats: int, liger: bool) -> list[dict]:
+def run_config(cfg: Config, device: torch.device, warmup: int, repeats: int, liger: bool,
+               queued: bool = False) -> list[dict]:
     """All implementations of one configuration: one result row each, measured, failed or
     skipped (an implementation that would not fit in the device's free memory)."""
     rows: dict[str, dict] = {}
@@ -382,7 +406,7 @@ def run_config(cfg: Config, device: torch.device, warmup: int, repeats: int, lig
     rows.update({impl: {"skipped": why} for impl, why in skipped.items()})
     live = {impl: fn for impl, fn in fns.items() if impl not in skipped}
     if live:
-        rows.update(_measure_config(cfg, live, device, warmup, repeats))
+        rows.update(_measure_config(cfg, live, device, warmup, repeats, queued))
     torch._dynamo.reset()
     return [{**cfg.key(), "impl": impl, **rows[impl]} for impl in IMPLS if impl in rows]
 
@@ -392,8 +416,10 @@ def _one_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def annotate(rows: list[dict], cfg: Config, copy_gbps: Optional[float]) -> None:
-    """Add the derived figures: batchkl's speedup over each impl, bandwidths, agreement flag."""
+def annotate(rows: list[dict], cfg: Config, copy_gbps: Optional[float],
+             copy_queued_gbps: Optional[float] = None) -> None:
+    """Add the derived figures: batchkl's speedup over each impl, bandwidths, agreement flag;
+    for queued timings (measure's ``queued``) the same against the queued copy bandwidth."""
     ours = next((r for r in rows if r["impl"] == "batchkl" and "median_ms" in r), None)
     nbytes = minimal_bytes(cfg)
     tol = TOLERANCE.get(cfg.dtype, 1e-2)
@@ -405,6 +431,11 @@ def annotate(rows: list[dict], cfg: Config, copy_gbps: Optional[float]) -> None:
         r["gbps"] = nbytes / r["median_ms"] / 1e6
         r["pct_copy_bw"] = 100 * r["gbps"] / copy_gbps if copy_gbps else None
         r["agrees_with_reference"] = r["rel_err_loss"] <= tol and (r["rel_err_grad"] or 0.0) <= tol
+        if "queued_ms" in r:
+            r["batchkl_queued_speedup"] = (r["queued_ms"] / ours["queued_ms"]
+                                           if ours and "queued_ms" in ours else None)
+            r["queued_gbps"] = nbytes / r["queued_ms"] / 1e6
+            r["queued_pct_copy_bw"] = 100 * r["queued_gbps"] / copy_queued_gbps if copy_queued_gbps else None
 
 
 def _units(cfg: Config, impl: str) -> int:
@@ -569,6 +600,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int,
                    help="timed iterations per measurement (default 50 on cuda, 10 on cpu, 3 with --quick)")
     p.add_argument("--warmup", type=int, help="untimed iterations first (default 3, 2 with --quick; at least 2)")
+    p.add_argument("--queued", action=argparse.BooleanOptionalAction,
+                   help="also time calls issued back to back (the host running ahead, as in training), "
+                        f"{QUEUED_ROUNDS} rounds of --repeats calls; default: on cuda, off on cpu (where "
+                        "calls are synchronous and it would measure the same thing again)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
@@ -576,6 +611,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         args.repeats = 3 if args.quick else (50 if args.device == "cuda" else 10)
     if args.warmup is None:
         args.warmup = 2 if args.quick else 3
+    if args.queued is None:
+        args.queued = args.device == "cuda"
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.warmup < 2:
@@ -595,8 +632,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     skipped_cases = {c: why for c in args.cases if (why := unsupported(CASES[c], device))}
     for c, why in skipped_cases.items():
         print(f"case {c} skipped: batchkl cannot run it on {device.type}: {why}")
-    copy = copy_bandwidth(device, args.repeats)
-    print(f"{device.type} copy_ bandwidth: {copy['gbps']:.1f} GB/s ({copy['bytes'] / GIB:.1f} GiB, read + write)")
+    copy = copy_bandwidth(device, args.repeats, args.queued)
+    queued_copy = f"; queued {copy['queued_gbps']:.1f} GB/s" if args.queued else ""
+    print(f"{device.type} copy_ bandwidth: {copy['gbps']:.1f} GB/s ({copy['bytes'] / GIB:.1f} GiB, read + write)"
+          + queued_copy)
 
     cases = [c for c in args.cases if c not in skipped_cases]
     base = [(shape, DTYPES[d]) for shape in args.shapes for d in args.dtypes] if args.shapes else None
@@ -609,6 +648,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "seed": SEED, "tolerance": {dtype_name(k): v for k, v in TOLERANCE.items()},
                 "timing": "median wall time of one call, the implementations timed round by round in a rotating order"
                           + (" (cuda events, synchronized)" if device.type == "cuda" else " (perf_counter)"),
+                "queued": f"{QUEUED_ROUNDS} rounds of {args.repeats} calls back to back (the host running ahead), "
+                          "rotating order; queued_ms: the median round's time per call" if args.queued else None,
                 "peak_memory": "cuda max_memory_allocated minus allocated before the step"
                                if device.type == "cuda" else
                                "approximate: peak RSS growth sampled from /proc/self/statm",
@@ -628,8 +669,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     progress = Progress(len(configs))
     for cfg in configs:
         progress.show(cfg.label)
-        config_rows = run_config(cfg, device, args.warmup, args.repeats, liger_skip is None)
-        annotate(config_rows, cfg, copy["gbps"])
+        config_rows = run_config(cfg, device, args.warmup, args.repeats, liger_skip is None, args.queued)
+        annotate(config_rows, cfg, copy["gbps"], copy.get("queued_gbps"))
         rows += config_rows
         write(complete=False)
         progress.step()

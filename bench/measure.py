@@ -21,6 +21,8 @@ MIB = 2**20
 GIB = 2**30
 
 Step = Callable[[], Tensor]
+# Rounds of back-to-back calls (queued_ms) per implementation; the median is reported.
+QUEUED_ROUNDS = 3
 
 
 # --- time -----------------------------------------------------------------------
@@ -57,7 +59,42 @@ def time_ms(step: Step, reset: Callable[[], None], device: torch.device, repeats
     return times
 
 
-def copy_bandwidth(device: torch.device, repeats: int) -> dict:
+def queued_ms(step: Step, reset: Callable[[], None], device: torch.device, calls: int) -> float:
+    """Mean time per call of ``calls`` calls of ``step`` issued back to back, in ms.
+
+    ``reset`` runs between the calls, inside the timed span: it must be host
+    work only (dropping a gradient), as in a training loop. On a GPU the host
+    then runs ahead of the device, as it does in training, so a call costs
+    the larger of its host time and its device time: the figure to hold a
+    kernel's bandwidth against, where time_ms's synchronized call adds the
+    launch latency and the host's time before the first kernel (a fixed
+    0.1-0.2 ms that weighs on sub-millisecond calls). On the CPU every call
+    runs to its end before the next starts, so both figures are the same
+    measurement. Either way a call may find what the one before it left in
+    a cache (a GPU's L2, the CPU's L3) where the tensors fit in it, as
+    time_ms's rounds, which run the other implementations in between, do
+    not: read the queued figures of shapes well past the caches.
+    """
+    if calls < 1:
+        raise ValueError(f"queued_ms: 'calls' must be at least 1, got {calls}")
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            reset()
+            step()
+        return (time.perf_counter() - t0) * 1e3 / calls
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(calls):
+        reset()
+        step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def copy_bandwidth(device: torch.device, repeats: int, queued: bool = False) -> dict:
     """The machine's ``copy_`` bandwidth (bytes read + written per second), measured now.
 
     The practical ceiling for a memory-bound kernel such as batchkl, against
@@ -73,8 +110,15 @@ def copy_bandwidth(device: torch.device, repeats: int) -> dict:
         dst.copy_(src)
     times = time_ms(lambda: dst.copy_(src), lambda: None, device, max(repeats, 5))
     ms = statistics.median(times)
-    return {"bytes": nbytes, "median_ms": ms, "times_ms": times, "gbps": 2 * nbytes / ms / 1e6,
-            "threads": torch.get_num_threads() if device.type == "cpu" else None}
+    out = {"bytes": nbytes, "median_ms": ms, "times_ms": times, "gbps": 2 * nbytes / ms / 1e6,
+           "threads": torch.get_num_threads() if device.type == "cpu" else None}
+    if queued:
+        # The same copy back to back: the ceiling for the queued figures.
+        rounds = [queued_ms(lambda: dst.copy_(src), lambda: None, device, max(repeats, 5))
+                  for _ in range(QUEUED_ROUNDS)]
+        out.update({"queued_ms": statistics.median(rounds), "queued_rounds_ms": rounds,
+                    "queued_gbps": 2 * nbytes / statistics.median(rounds) / 1e6})
+    return out
 
 
 # --- memory ---------------------------------------------------------------------

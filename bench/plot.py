@@ -55,18 +55,25 @@ def _base_bandwidth(data: dict, target: Path) -> bool:
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.4 * len(panels)), squeeze=False)
     for ax, ((case, mode), rows) in zip(axes[:, 0], panels.items()):
         labels = list(dict.fromkeys(f"{r['shape'][0]}×{r['shape'][1]}\n{r['dtype']}" for r in rows))
-        impls = [i for i in IMPL_STYLE if any(r["impl"] == i for r in rows)]
-        width = 0.8 / len(impls)
-        for k, impl in enumerate(impls):
-            pct = {f"{r['shape'][0]}×{r['shape'][1]}\n{r['dtype']}": r["pct_copy_bw"] for r in rows if r["impl"] == impl}
-            xs = [i + (k - (len(impls) - 1) / 2) * width for i, lab in enumerate(labels) if lab in pct]
-            ax.bar(xs, [pct[lab] for lab in labels if lab in pct], width, label=impl,
-                   color=IMPL_STYLE[impl]["color"])
+        # (implementation, figure): each implementation's synchronized calls, and
+        # batchkl's queued ones where the run timed them (bench.kl's --queued).
+        series = [(i, "pct_copy_bw") for i in IMPL_STYLE if any(r["impl"] == i for r in rows)]
+        if any(r["impl"] == "batchkl" and r.get("queued_pct_copy_bw") is not None for r in rows):
+            series.insert(1, ("batchkl", "queued_pct_copy_bw"))
+        width = 0.8 / len(series)
+        for k, (impl, key) in enumerate(series):
+            pct = {f"{r['shape'][0]}×{r['shape'][1]}\n{r['dtype']}": r[key] for r in rows
+                   if r["impl"] == impl and r.get(key) is not None}
+            xs = [i + (k - (len(series) - 1) / 2) * width for i, lab in enumerate(labels) if lab in pct]
+            queued = key == "queued_pct_copy_bw"
+            ax.bar(xs, [pct[lab] for lab in labels if lab in pct], width, label=impl + (" (queued)" if queued else ""),
+                   color="none" if queued else IMPL_STYLE[impl]["color"], edgecolor=IMPL_STYLE[impl]["color"],
+                   hatch="//" if queued else None)
         ax.axhline(85, color="grey", ls="--", lw=1, label="85 %")
         ax.set_xticks(range(len(labels)), labels, fontsize=7)
         ax.set(ylabel="% of copy bandwidth", title=f"{case}, {mode}: bandwidth over the minimal bytes")
         ax.grid(True, axis="y", alpha=0.3)
-        ax.legend(fontsize=7, ncol=len(impls) + 1)
+        ax.legend(fontsize=7, ncol=len(series) + 1)
     fig.suptitle(textwrap.fill(describe(data), 110), fontsize=8)
     fig.tight_layout()
     fig.savefig(target, dpi=90)

@@ -58,28 +58,45 @@ def _time_cell(r: Optional[dict], ours: bool) -> str:
     return cell
 
 
+def _gbps_cell(gbps: float, pct: Optional[float]) -> str:
+    return f"{gbps:.{0 if gbps >= 100 else 1}f}" + (f" ({pct:.0f}%)" if pct is not None else "")
+
+
+def _queued_cell(r: dict) -> str:
+    if r.get("queued_ms") is None:
+        return "error" if "queued_error" in r else "-"
+    return f"{r['queued_ms']:.3g}, " + _gbps_cell(r["queued_gbps"], r.get("queued_pct_copy_bw"))
+
+
 def markdown_table(rows: list[dict], device=None, sweep: Optional[str] = None) -> str:
     """One line per configuration: each implementation's median time (batchkl's speedup over it),
-    batchkl's bandwidth and every implementation's peak memory.
+    batchkl's bandwidth and every implementation's peak memory; where the rows have queued
+    timings (bench.kl's ``--queued``), batchkl's queued time and bandwidth and its queued
+    speedups too.
 
     ``sweep``: only that sweep's configurations ('base', 'V', 'N'); all when None.
     """
     groups = {k: g for k, g in group(rows).items() if sweep is None or k[0] == sweep}
     impls = ["batchkl", "eager", "compile"] + (["liger"] if any("liger" in g for g in groups.values()) else [])
     cuda = str(getattr(device, "type", device)) == "cuda"
+    # Files without queued timings (every run before them, and CPU runs) keep their table.
+    queued = any("queued_ms" in r for g in groups.values() for r in g.values())
     header = ["case", "mode", "N×V", "dtype"] + [f"{i} ms" + ("" if i == "batchkl" else " (speedup)") for i in impls]
-    header += ["batchkl GB/s (% copy)", "peak MiB " + "/".join(impls) + ("" if cuda else " (≈ RSS)")]
+    header.append("batchkl GB/s (% copy)")
+    if queued:
+        header += ["queued: batchkl ms, GB/s (% copy)", "queued speedup " + "/".join(impls[1:])]
+    header.append("peak MiB " + "/".join(impls) + ("" if cuda else " (≈ RSS)"))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (sw, case, mode, shape, dtype), g in groups.items():
         label = case if sweep is not None or sw == "base" else f"{case} ({sw} sweep)"
         cells = [label, mode, "×".join(map(str, shape)), dtype]
         cells += [_time_cell(g.get(i), i == "batchkl") for i in impls]
         ours = g.get("batchkl", {})
-        bw = "-"
-        if ours.get("gbps") is not None:
-            pct = ours.get("pct_copy_bw")
-            bw = f"{ours['gbps']:.{0 if ours['gbps'] >= 100 else 1}f}" + (f" ({pct:.0f}%)" if pct is not None else "")
+        bw = "-" if ours.get("gbps") is None else _gbps_cell(ours["gbps"], ours.get("pct_copy_bw"))
         cells.append(bw)
+        if queued:
+            cells.append(_queued_cell(ours))
+            cells.append(" / ".join(_fmt(g.get(i, {}).get("batchkl_queued_speedup"), ".2f") for i in impls[1:]))
         cells.append(" / ".join(_fmt(g.get(i, {}).get("peak_extra_mib"), ".0f") for i in impls))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -103,7 +120,11 @@ def describe(data: dict) -> str:
     m = data["machine"]
     where = m.get("gpu_name") or f"{m['cpu_model']}, {m['torch_num_threads']} threads"
     copy = data.get("copy_bandwidth")
-    copy = f", copy bandwidth {copy['gbps']:.1f} GB/s" if copy else ""
+    if copy:
+        queued = f" (queued {copy['queued_gbps']:.1f})" if copy.get("queued_gbps") else ""
+        copy = f", copy bandwidth {copy['gbps']:.1f} GB/s{queued}"
+    else:
+        copy = ""
     liger = m.get("liger_kernel_version")
     liger = f", Liger-Kernel {liger}" if liger and data["settings"].get("liger") == "benchmarked" else ""
     # A run from a tree with local changes says so: the commit alone would

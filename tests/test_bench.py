@@ -3,6 +3,7 @@
 These check that the tools work and tell the truth about what they measured;
 they time nothing themselves (speed is the benchmark's business, not a test's).
 """
+import importlib.util
 import json
 import math
 import os
@@ -50,6 +51,9 @@ def test_quick_run_measures_every_configuration(quick_run):
             assert math.isclose(r["batchkl_speedup"], r["median_ms"] / ours["median_ms"])
     assert data["copy_bandwidth"]["gbps"] > 0
     assert all(r["pct_copy_bw"] > 0 for r in rows)
+    # Queued timings are for GPUs: off on the CPU unless asked for.
+    assert data["settings"]["queued"] is None and "queued_gbps" not in data["copy_bandwidth"]
+    assert not any(k.startswith("queued") or k == "batchkl_queued_speedup" for r in rows for k in r)
     m = data["machine"]
     assert m["torch_version"] == torch.__version__ and m["cpu_model"] and m["git_commit"] is not None
     assert data["settings"]["liger"].startswith("Liger-Kernel skipped")
@@ -231,3 +235,81 @@ def test_cuda_check_prefetch_runs_on_the_cpu():
                           env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "cuda_check --prefetch: 10 passed, 0 failed" in proc.stdout, proc.stdout
+
+
+def test_queued_ms_times_back_to_back_calls():
+    from bench import measure
+    calls = []
+    step = lambda: calls.append("step")  # noqa: E731
+    reset = lambda: calls.append("reset")  # noqa: E731
+    ms = measure.queued_ms(step, reset, torch.device("cpu"), 4)
+    assert ms > 0 and calls == ["reset", "step"] * 4
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="'calls' must be at least 1, got"):
+            measure.queued_ms(step, reset, torch.device("cpu"), bad)
+
+
+def test_queued_run_reports_queued_figures(tmp_path):
+    """--queued (the default on CUDA) asked for on the CPU: every implementation gets
+    QUEUED_ROUNDS rounds, their median, the bandwidth against the queued copy bandwidth
+    and batchkl's speedups so timed; the report and the plot show them."""
+    from bench.measure import QUEUED_ROUNDS
+    out = tmp_path / "queued.json"
+    assert kl.main(["--device", "cpu", "--quick", "--cases", "batchmean", "--modes", "fwd+bwd", "--sweeps",
+                    "--repeats", "2", "--queued", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    copy = data["copy_bandwidth"]
+    assert len(copy["queued_rounds_ms"]) == QUEUED_ROUNDS and copy["queued_ms"] > 0
+    assert math.isclose(copy["queued_gbps"], 2 * copy["bytes"] / copy["queued_ms"] / 1e6)
+    assert data["settings"]["queued"].startswith(f"{QUEUED_ROUNDS} rounds of 2 calls back to back")
+    rows = {r["impl"]: r for r in data["results"]}
+    assert set(rows) == {"batchkl", "eager", "compile"}
+    for r in rows.values():
+        assert len(r["queued_rounds_ms"]) == QUEUED_ROUNDS and all(t > 0 for t in r["queued_rounds_ms"])
+        assert r["queued_ms"] == sorted(r["queued_rounds_ms"])[QUEUED_ROUNDS // 2]
+        assert math.isclose(r["queued_gbps"], r["min_bytes"] / r["queued_ms"] / 1e6)
+        assert math.isclose(r["queued_pct_copy_bw"], 100 * r["queued_gbps"] / copy["queued_gbps"])
+        assert math.isclose(r["batchkl_queued_speedup"], r["queued_ms"] / rows["batchkl"]["queued_ms"])
+    text = report.report(out)
+    ours = rows["batchkl"]
+    assert f"{ours['queued_ms']:.3g}, {ours['queued_gbps']:.1f} ({ours['queued_pct_copy_bw']:.0f}%)" in text
+    assert f"{rows['eager']['batchkl_queued_speedup']:.2f} / {rows['compile']['batchkl_queued_speedup']:.2f}" in text
+    assert "queued speedup eager/compile" in text and f"(queued {copy['queued_gbps']:.1f})" in text
+    if importlib.util.find_spec("matplotlib") is not None:
+        from bench import plot
+        assert [p.name for p in plot.plot_file(out, tmp_path)] == ["queued-bandwidth-base.png"]
+
+
+def test_queued_failure_keeps_the_synchronized_figures(monkeypatch):
+    """An implementation that fails only in the queued rounds keeps its other
+    figures, with a "queued_error"; the others' queued speedups are then None."""
+    cfg = kl.Config(CASES["batchmean"], (8, 64), torch.float32, kl.FWD_BWD, kl.BASE_SWEEP)
+    device = torch.device("cpu")
+    inp = kl.make_inputs(cfg, device)
+    ref = kl.reference(cfg.case, inp)
+    steps = {impl: kl.make_step(fn, inp) for impl, fn in kl.loss_fns(cfg.case, False).items()}
+    warmup, repeats, queued = 2, 3, [False]
+    good, real_queued_ms = steps["batchkl"], kl.queued_ms
+
+    def flaky():
+        if queued[0]:
+            raise RuntimeError("queued call failed\nsecond line")
+        return good()
+
+    def queued_ms(*args):
+        queued[0] = True
+        return real_queued_ms(*args)
+
+    steps["batchkl"] = flaky
+    monkeypatch.setattr(kl, "queued_ms", queued_ms)
+    out = kl.measure(steps, inp, ref, device, warmup, repeats, queued=True)
+    assert out["batchkl"]["queued_error"] == "RuntimeError: queued call failed"
+    assert "queued_ms" not in out["batchkl"] and len(out["batchkl"]["times_ms"]) == repeats
+    assert out["batchkl"]["median_ms"] > 0 and "peak_extra_mib" in out["batchkl"]
+    rows = [{**cfg.key(), "impl": impl, **row} for impl, row in out.items()]
+    kl.annotate(rows, cfg, 10.0, 10.0)
+    by = {r["impl"]: r for r in rows}
+    assert by["eager"]["queued_ms"] > 0 and by["eager"]["batchkl_queued_speedup"] is None
+    assert by["batchkl"]["batchkl_speedup"] == 1.0
+    line = report.markdown_table(rows, "cpu").splitlines()[2]
+    assert "| error | - / - |" in line
