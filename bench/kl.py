@@ -19,7 +19,8 @@ is timed alone, from an idle device, so on a GPU its time includes the launch
 latency and the host's work before the first kernel; on a GPU (``--queued``)
 calls issued back to back, the host running ahead as in training, are timed
 too: the figure to hold a kernel's bandwidth against. The machine's copy
-bandwidth is measured first in the same run, both ways. On a GPU an
+bandwidth is measured first in the same run (with ``--queued``, back to back
+too). On a GPU an
 implementation runs only where its estimated peak memory (need_bytes) fits in
 80 % of the free memory; one that does not gets a row saying so, and the
 others are still measured. A Markdown table goes to stdout; every figure,
@@ -46,8 +47,8 @@ import torch
 from torch import Tensor
 
 from .cases import CASES, ELEMENTWISE, LOGITS, LOG_PROBS, MEAN_ROWS, PER_ROW, SCALAR, SUM_ROWS, Case, LossFn
-from .measure import (GIB, QUEUED_ROUNDS, REPO, Step, copy_bandwidth, machine_info, peak_extra_mib, queued_ms,
-                      time_ms)
+from .measure import (GIB, QUEUED_ROUNDS, REPO, Step, copy_bandwidth, machine_info, peak_extra_mib, queued_calls,
+                      queued_ms, time_ms)
 from .report import dtype_name, markdown_table, summary_lines
 
 SEED = 0
@@ -330,10 +331,10 @@ def measure(steps: dict[str, Step], inp: Inputs, ref: tuple[Tensor, Optional[Ten
     order rotating from round to round, so a slow phase of a shared machine
     lands on all of them instead of on whichever happened to be running.
     An implementation that fails gets an "error" instead of figures.
-    ``queued``: also QUEUED_ROUNDS rounds of ``repeats`` calls back to back
-    each (measure.queued_ms), in the same rotating order; the median round's
-    time per call is "queued_ms" (an implementation that fails there keeps
-    its other figures and gets a "queued_error").
+    ``queued``: then QUEUED_ROUNDS rounds of queued_calls(repeats) calls back
+    to back each (measure.queued_ms), in the same rotating order; the median
+    round's time per call is "queued_ms" (an implementation that fails there
+    keeps its other figures and gets a "queued_error").
     """
     def reset() -> None:
         inp.x.grad = None
@@ -345,36 +346,44 @@ def measure(steps: dict[str, Step], inp: Inputs, ref: tuple[Tensor, Optional[Ten
         except Exception as e:  # one broken implementation must not lose the others' figures
             out[impl] = {"error": _one_line(e)}
     times: dict[str, list[float]] = {impl: [] for impl in steps if "error" not in out[impl]}
+
+    def fail(impl: str, e: Exception) -> None:
+        out[impl] = {"error": _one_line(e)}
+
     # Any recompilation past this point would be timed: make it an error instead.
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for k in range(repeats):
-            live = list(times)
-            if not live:
-                break
-            for impl in live[k % len(live):] + live[:k % len(live)]:
-                try:
-                    times[impl] += time_ms(steps[impl], reset, device, 1)
-                except Exception as e:
-                    out[impl] = {"error": _one_line(e)}
-                    del times[impl]
+        _rounds(times, repeats, lambda impl: time_ms(steps[impl], reset, device, 1)[0], fail)
         for impl, t in times.items():
             out[impl].update({"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "times_ms": t,
                               "peak_extra_mib": peak_extra_mib(steps[impl], reset, device)})
-        rounds: dict[str, list[float]] = {impl: [] for impl in times} if queued else {}
-        for k in range(QUEUED_ROUNDS if queued else 0):
-            live = list(rounds)
-            if not live:
-                break
-            for impl in live[k % len(live):] + live[:k % len(live)]:
-                try:
-                    rounds[impl].append(queued_ms(steps[impl], reset, device, repeats))
-                except Exception as e:
-                    out[impl]["queued_error"] = _one_line(e)
-                    del rounds[impl]
-        for impl, r in rounds.items():
-            out[impl].update({"queued_ms": statistics.median(r), "queued_rounds_ms": r})
+        if queued:
+            def queued_fail(impl: str, e: Exception) -> None:
+                out[impl]["queued_error"] = _one_line(e)
+
+            rounds: dict[str, list[float]] = {impl: [] for impl in times}
+            calls = queued_calls(repeats)
+            _rounds(rounds, QUEUED_ROUNDS, lambda impl: queued_ms(steps[impl], reset, device, calls), queued_fail)
+            for impl, r in rounds.items():
+                out[impl].update({"queued_ms": statistics.median(r), "queued_rounds_ms": r})
     reset()
     return out
+
+
+def _rounds(series: dict[str, list[float]], count: int, time_one: Callable[[str], float],
+            fail: Callable[[str, Exception], None]) -> None:
+    """``count`` rounds, each timing every implementation of ``series`` once
+    (``time_one``), the order rotating from round to round; an implementation
+    that raises is handed to ``fail`` and dropped from ``series``."""
+    for k in range(count):
+        live = list(series)
+        if not live:
+            return
+        for impl in live[k % len(live):] + live[:k % len(live)]:
+            try:
+                series[impl].append(time_one(impl))
+            except Exception as e:
+                fail(impl, e)
+                del series[impl]
 
 
 def _measure_config(cfg: Config, fns: dict[str, LossFn], device: torch.device, warmup: int,
@@ -426,16 +435,15 @@ def annotate(rows: list[dict], cfg: Config, copy_gbps: Optional[float],
     for r in rows:
         if "median_ms" not in r:
             continue
-        r["batchkl_speedup"] = r["median_ms"] / ours["median_ms"] if ours else None
         r["min_bytes"] = nbytes
-        r["gbps"] = nbytes / r["median_ms"] / 1e6
-        r["pct_copy_bw"] = 100 * r["gbps"] / copy_gbps if copy_gbps else None
         r["agrees_with_reference"] = r["rel_err_loss"] <= tol and (r["rel_err_grad"] or 0.0) <= tol
-        if "queued_ms" in r:
-            r["batchkl_queued_speedup"] = (r["queued_ms"] / ours["queued_ms"]
-                                           if ours and "queued_ms" in ours else None)
-            r["queued_gbps"] = nbytes / r["queued_ms"] / 1e6
-            r["queued_pct_copy_bw"] = 100 * r["queued_gbps"] / copy_queued_gbps if copy_queued_gbps else None
+        # (time key, copy bandwidth, prefix of the derived keys)
+        for key, copy, prefix in (("median_ms", copy_gbps, ""), ("queued_ms", copy_queued_gbps, "queued_")):
+            if key not in r:
+                continue
+            r[f"batchkl_{prefix}speedup"] = r[key] / ours[key] if ours and key in ours else None
+            r[f"{prefix}gbps"] = nbytes / r[key] / 1e6
+            r[f"{prefix}pct_copy_bw"] = 100 * r[f"{prefix}gbps"] / copy if copy else None
 
 
 def _units(cfg: Config, impl: str) -> int:
@@ -602,8 +610,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed iterations first (default 3, 2 with --quick; at least 2)")
     p.add_argument("--queued", action=argparse.BooleanOptionalAction,
                    help="also time calls issued back to back (the host running ahead, as in training), "
-                        f"{QUEUED_ROUNDS} rounds of --repeats calls; default: on cuda, off on cpu (where "
-                        "calls are synchronous and it would measure the same thing again)")
+                        f"{QUEUED_ROUNDS} rounds of max(5, --repeats / {QUEUED_ROUNDS}) calls; default: on cuda, "
+                        "off on cpu (where calls are synchronous: it would time them again, with warm caches)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
@@ -648,8 +656,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "seed": SEED, "tolerance": {dtype_name(k): v for k, v in TOLERANCE.items()},
                 "timing": "median wall time of one call, the implementations timed round by round in a rotating order"
                           + (" (cuda events, synchronized)" if device.type == "cuda" else " (perf_counter)"),
-                "queued": f"{QUEUED_ROUNDS} rounds of {args.repeats} calls back to back (the host running ahead), "
-                          "rotating order; queued_ms: the median round's time per call" if args.queued else None,
+                "queued": f"{QUEUED_ROUNDS} rounds of {queued_calls(args.repeats)} calls back to back (the host "
+                          "running ahead), rotating order; queued_ms: the median round's time per call"
+                          if args.queued else None,
                 "peak_memory": "cuda max_memory_allocated minus allocated before the step"
                                if device.type == "cuda" else
                                "approximate: peak RSS growth sampled from /proc/self/statm",

@@ -33,11 +33,15 @@ def _time_cpu(step: Step) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def _time_cuda(step: Step) -> float:
+def _time_cuda(step: Step, lead: Optional[Step] = None) -> float:
     # Synchronize first so each iteration starts on an idle GPU and its time
-    # includes the launch overhead, as in a real training step.
+    # includes the launch overhead, as in a real training step. `lead` runs
+    # after that, before the span opens: the span then starts with the GPU
+    # busy (queued_ms).
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
+    if lead is not None:
+        lead()
     start.record()
     step()
     end.record()
@@ -48,8 +52,9 @@ def _time_cuda(step: Step) -> float:
 def time_ms(step: Step, reset: Callable[[], None], device: torch.device, repeats: int) -> list[float]:
     """Wall time of each of ``repeats`` calls of ``step``, in ms, ``reset`` run untimed before each.
 
-    The one timing function of the benchmark: the copy-bandwidth probe and
-    every case go through it.
+    The one timing function of the benchmark for calls timed alone: the
+    copy-bandwidth probe and every case go through it (queued_ms times calls
+    back to back).
     """
     timer = _time_cuda if device.type == "cuda" else _time_cpu
     times = []
@@ -57,6 +62,12 @@ def time_ms(step: Step, reset: Callable[[], None], device: torch.device, repeats
         reset()
         times.append(timer(step))
     return times
+
+
+def queued_calls(repeats: int) -> int:
+    """Calls per queued round for a run of ``repeats`` timed repeats: the
+    rounds together about as many calls as the timed repeats, at least 5."""
+    return max(5, repeats // QUEUED_ROUNDS)
 
 
 def queued_ms(step: Step, reset: Callable[[], None], device: torch.device, calls: int) -> float:
@@ -68,30 +79,28 @@ def queued_ms(step: Step, reset: Callable[[], None], device: torch.device, calls
     the larger of its host time and its device time: the figure to hold a
     kernel's bandwidth against, where time_ms's synchronized call adds the
     launch latency and the host's time before the first kernel (a fixed
-    0.1-0.2 ms that weighs on sub-millisecond calls). On the CPU every call
-    runs to its end before the next starts, so both figures are the same
-    measurement. Either way a call may find what the one before it left in
-    a cache (a GPU's L2, the CPU's L3) where the tensors fit in it, as
-    time_ms's rounds, which run the other implementations in between, do
-    not: read the queued figures of shapes well past the caches.
+    0.1-0.2 ms that weighs on sub-millisecond calls). One call more is issued
+    before the span opens, so that the first timed call, too, finds the GPU
+    busy. (A baseline that waits for the GPU inside a call, such as
+    Liger-Kernel's JSD backward, which compares its upstream gradient with 1
+    through torch.equal, cannot run ahead: that wait is its own.) On the CPU
+    every call runs to its end before the next starts: this times the calls
+    again, with the caches warm. Either way a call may find what the one
+    before it left in a cache (a GPU's L2, the CPU's L3) where the tensors
+    fit in it, as time_ms's rounds, which run the other implementations in
+    between, do not.
     """
     if calls < 1:
         raise ValueError(f"queued_ms: 'calls' must be at least 1, got {calls}")
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        for _ in range(calls):
+
+    def run(n: int) -> None:
+        for _ in range(n):
             reset()
             step()
-        return (time.perf_counter() - t0) * 1e3 / calls
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(calls):
-        reset()
-        step()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / calls
+
+    if device.type == "cuda":
+        return _time_cuda(lambda: run(calls), lead=lambda: run(1)) / calls
+    return _time_cpu(lambda: run(calls)) / calls
 
 
 def copy_bandwidth(device: torch.device, repeats: int, queued: bool = False) -> dict:
@@ -114,10 +123,10 @@ def copy_bandwidth(device: torch.device, repeats: int, queued: bool = False) -> 
            "threads": torch.get_num_threads() if device.type == "cpu" else None}
     if queued:
         # The same copy back to back: the ceiling for the queued figures.
-        rounds = [queued_ms(lambda: dst.copy_(src), lambda: None, device, max(repeats, 5))
+        rounds = [queued_ms(lambda: dst.copy_(src), lambda: None, device, queued_calls(repeats))
                   for _ in range(QUEUED_ROUNDS)]
-        out.update({"queued_ms": statistics.median(rounds), "queued_rounds_ms": rounds,
-                    "queued_gbps": 2 * nbytes / statistics.median(rounds) / 1e6})
+        q = statistics.median(rounds)
+        out.update({"queued_ms": q, "queued_rounds_ms": rounds, "queued_gbps": 2 * nbytes / q / 1e6})
     return out
 
 

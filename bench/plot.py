@@ -43,6 +43,16 @@ def _panels(rows: list[dict], sweep: str) -> dict[tuple[str, str], list[dict]]:
     return out
 
 
+def bandwidth_series(rows: list[dict]) -> list[tuple[str, str]]:
+    """The bars of a base-bandwidth panel, as (implementation, figure): each
+    implementation's synchronized calls, and batchkl's queued ones beside
+    them where the run timed them (bench.kl's --queued)."""
+    series = [(i, "pct_copy_bw") for i in IMPL_STYLE if any(r["impl"] == i for r in rows)]
+    if any(r["impl"] == "batchkl" and r.get("queued_pct_copy_bw") is not None for r in rows):
+        series.insert(1, ("batchkl", "queued_pct_copy_bw"))
+    return series
+
+
 def _base_bandwidth(data: dict, target: Path) -> bool:
     """Bars of each implementation's bandwidth over the minimal bytes, in % of
     the run's copy bandwidth, per base shape; False when there is nothing to plot."""
@@ -55,11 +65,7 @@ def _base_bandwidth(data: dict, target: Path) -> bool:
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.4 * len(panels)), squeeze=False)
     for ax, ((case, mode), rows) in zip(axes[:, 0], panels.items()):
         labels = list(dict.fromkeys(f"{r['shape'][0]}×{r['shape'][1]}\n{r['dtype']}" for r in rows))
-        # (implementation, figure): each implementation's synchronized calls, and
-        # batchkl's queued ones where the run timed them (bench.kl's --queued).
-        series = [(i, "pct_copy_bw") for i in IMPL_STYLE if any(r["impl"] == i for r in rows)]
-        if any(r["impl"] == "batchkl" and r.get("queued_pct_copy_bw") is not None for r in rows):
-            series.insert(1, ("batchkl", "queued_pct_copy_bw"))
+        series = bandwidth_series(rows)
         width = 0.8 / len(series)
         for k, (impl, key) in enumerate(series):
             pct = {f"{r['shape'][0]}×{r['shape'][1]}\n{r['dtype']}": r[key] for r in rows

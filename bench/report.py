@@ -80,7 +80,7 @@ def markdown_table(rows: list[dict], device=None, sweep: Optional[str] = None) -
     impls = ["batchkl", "eager", "compile"] + (["liger"] if any("liger" in g for g in groups.values()) else [])
     cuda = str(getattr(device, "type", device)) == "cuda"
     # Files without queued timings (every run before them, and CPU runs) keep their table.
-    queued = any("queued_ms" in r for g in groups.values() for r in g.values())
+    queued = any("queued_ms" in r or "queued_error" in r for g in groups.values() for r in g.values())
     header = ["case", "mode", "N×V", "dtype"] + [f"{i} ms" + ("" if i == "batchkl" else " (speedup)") for i in impls]
     header.append("batchkl GB/s (% copy)")
     if queued:

@@ -237,22 +237,31 @@ def test_cuda_check_prefetch_runs_on_the_cpu():
     assert "cuda_check --prefetch: 10 passed, 0 failed" in proc.stdout, proc.stdout
 
 
-def test_queued_ms_times_back_to_back_calls():
+def test_queued_ms_times_back_to_back_calls(monkeypatch):
     from bench import measure
-    calls = []
-    step = lambda: calls.append("step")  # noqa: E731
-    reset = lambda: calls.append("reset")  # noqa: E731
-    ms = measure.queued_ms(step, reset, torch.device("cpu"), 4)
-    assert ms > 0 and calls == ["reset", "step"] * 4
+    clock, calls = [100.0], []
+
+    def step():  # 2 ms of (fake) wall time per call, reset free
+        calls.append("step")
+        clock[0] += 0.002
+
+    def reset():
+        calls.append("reset")
+
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+    assert measure.queued_ms(step, reset, torch.device("cpu"), 4) == pytest.approx(2.0)
+    assert calls == ["reset", "step"] * 4
     for bad in (0, -1):
         with pytest.raises(ValueError, match="'calls' must be at least 1, got"):
             measure.queued_ms(step, reset, torch.device("cpu"), bad)
+    assert [measure.queued_calls(r) for r in (1, 2, 15, 16, 50)] == [5, 5, 5, 5, 16]
 
 
 def test_queued_run_reports_queued_figures(tmp_path):
     """--queued (the default on CUDA) asked for on the CPU: every implementation gets
     QUEUED_ROUNDS rounds, their median, the bandwidth against the queued copy bandwidth
     and batchkl's speedups so timed; the report and the plot show them."""
+    from bench import plot
     from bench.measure import QUEUED_ROUNDS
     out = tmp_path / "queued.json"
     assert kl.main(["--device", "cpu", "--quick", "--cases", "batchmean", "--modes", "fwd+bwd", "--sweeps",
@@ -261,7 +270,7 @@ def test_queued_run_reports_queued_figures(tmp_path):
     copy = data["copy_bandwidth"]
     assert len(copy["queued_rounds_ms"]) == QUEUED_ROUNDS and copy["queued_ms"] > 0
     assert math.isclose(copy["queued_gbps"], 2 * copy["bytes"] / copy["queued_ms"] / 1e6)
-    assert data["settings"]["queued"].startswith(f"{QUEUED_ROUNDS} rounds of 2 calls back to back")
+    assert data["settings"]["queued"].startswith(f"{QUEUED_ROUNDS} rounds of 5 calls back to back")
     rows = {r["impl"]: r for r in data["results"]}
     assert set(rows) == {"batchkl", "eager", "compile"}
     for r in rows.values():
@@ -272,23 +281,30 @@ def test_queued_run_reports_queued_figures(tmp_path):
         assert math.isclose(r["batchkl_queued_speedup"], r["queued_ms"] / rows["batchkl"]["queued_ms"])
     text = report.report(out)
     ours = rows["batchkl"]
-    assert f"{ours['queued_ms']:.3g}, {ours['queued_gbps']:.1f} ({ours['queued_pct_copy_bw']:.0f}%)" in text
+    assert f"{ours['queued_ms']:.3g}, {report._gbps_cell(ours['queued_gbps'], ours['queued_pct_copy_bw'])}" in text
     assert f"{rows['eager']['batchkl_queued_speedup']:.2f} / {rows['compile']['batchkl_queued_speedup']:.2f}" in text
     assert "queued speedup eager/compile" in text and f"(queued {copy['queued_gbps']:.1f})" in text
+    # batchkl's queued bars beside its synchronized ones; none in a run without them.
+    results = data["results"]
+    assert plot.bandwidth_series(results)[:2] == [("batchkl", "pct_copy_bw"), ("batchkl", "queued_pct_copy_bw")]
+    plain = [{k: v for k, v in r.items() if not k.startswith("queued")} for r in results]
+    assert all(key == "pct_copy_bw" for _, key in plot.bandwidth_series(plain))
     if importlib.util.find_spec("matplotlib") is not None:
-        from bench import plot
         assert [p.name for p in plot.plot_file(out, tmp_path)] == ["queued-bandwidth-base.png"]
 
 
-def test_queued_failure_keeps_the_synchronized_figures(monkeypatch):
-    """An implementation that fails only in the queued rounds keeps its other
-    figures, with a "queued_error"; the others' queued speedups are then None."""
+def test_queued_rounds(monkeypatch):
+    """The queued rounds: QUEUED_ROUNDS of them, queued_calls(repeats) calls each, in a
+    rotating order, under error_on_recompile like the synchronized rounds; an
+    implementation that fails only there keeps its other figures, with a
+    "queued_error", and the others' queued speedups are then None."""
+    from bench.measure import QUEUED_ROUNDS, queued_calls
     cfg = kl.Config(CASES["batchmean"], (8, 64), torch.float32, kl.FWD_BWD, kl.BASE_SWEEP)
     device = torch.device("cpu")
     inp = kl.make_inputs(cfg, device)
     ref = kl.reference(cfg.case, inp)
     steps = {impl: kl.make_step(fn, inp) for impl, fn in kl.loss_fns(cfg.case, False).items()}
-    warmup, repeats, queued = 2, 3, [False]
+    warmup, repeats, queued, seen = 2, 3, [False], []
     good, real_queued_ms = steps["batchkl"], kl.queued_ms
 
     def flaky():
@@ -296,13 +312,20 @@ def test_queued_failure_keeps_the_synchronized_figures(monkeypatch):
             raise RuntimeError("queued call failed\nsecond line")
         return good()
 
-    def queued_ms(*args):
-        queued[0] = True
-        return real_queued_ms(*args)
-
     steps["batchkl"] = flaky
+    names = {id(step): impl for impl, step in steps.items()}
+
+    def queued_ms(step, reset, dev, calls):
+        seen.append((names[id(step)], calls, torch._dynamo.config.error_on_recompile))
+        queued[0] = True
+        return real_queued_ms(step, reset, dev, calls)
+
     monkeypatch.setattr(kl, "queued_ms", queued_ms)
     out = kl.measure(steps, inp, ref, device, warmup, repeats, queued=True)
+    # batchkl fails in round 0; the two left then rotate.
+    assert [impl for impl, _, _ in seen] == ["batchkl", "eager", "compile", "compile", "eager", "eager", "compile"]
+    assert all(calls == queued_calls(repeats) and strict for _, calls, strict in seen)
+    assert all(len(out[impl]["queued_rounds_ms"]) == QUEUED_ROUNDS for impl in ("eager", "compile"))
     assert out["batchkl"]["queued_error"] == "RuntimeError: queued call failed"
     assert "queued_ms" not in out["batchkl"] and len(out["batchkl"]["times_ms"]) == repeats
     assert out["batchkl"]["median_ms"] > 0 and "peak_extra_mib" in out["batchkl"]
