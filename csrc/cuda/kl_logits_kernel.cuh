@@ -1200,11 +1200,17 @@ struct RowWork {
       // where the layout allows 16-byte accesses) go through the step loop.
       // Forward: the step loop, then the rest, in increasing j. Backward
       // (LaunchKnobs::reuse): the rest, then the step loop, in decreasing j.
-      // Two packs per step for the KLs, both loaded before either gradient
-      // is stored: the compiler may not move a load above a store that
-      // could alias it, and two loads in flight matter when the rows stream
-      // from global memory. (JSD's longer arithmetic would spill.)
-      constexpr int kStep = kDiv != Divergence::kJSD ? 2 : 1;
+      // Two packs per step, both loaded before either gradient is stored:
+      // the compiler may not move a load above a store that could alias it,
+      // and two loads in flight matter when the rows stream from global
+      // memory (one pack per operand in flight per thread is 16 KB per SM
+      // at two CTAs, below what HBM's latency asks for). JSD from logits
+      // too since its mixture's log became one SFU log2: sm_90 bfloat16,
+      // its step loops take as many instructions per element with two
+      // packs as with one, with no local memory in them (its few spills are
+      // once per row). JSD on probabilities keeps one: its log-space
+      // mixture leaves no registers for a second pack.
+      constexpr int kStep = kDiv != Divergence::kJSD || !kProbs ? 2 : 1;
       const int64_t n_all = packs_of(npacks, tid, group);
       const int64_t n_whole = packs_of(whole, tid, group);
       const bool fast = rvx && rvy && (!kGX || vgx) && (!kGY || vgy);
