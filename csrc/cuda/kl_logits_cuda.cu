@@ -24,8 +24,9 @@ namespace {
 // Developer knobs for tuning runs on a GPU (scripts/tune_logits.py), read
 // once per process; a setting changes the launch shape and so the order of
 // the sums, and results are deterministic for each setting:
-//   BATCHKL_LOGITS_SLICE_KIB  the shared memory a CTA's slice aims at (default 64; set, it
-//                             also turns the distillation kernel's streaming rule off)
+//   BATCHKL_LOGITS_SLICE_KIB  the shared memory a CTA's slice aims at (default 64; set to
+//                             anything else, it also turns the distillation kernel's
+//                             streaming rule off)
 //   BATCHKL_LOGITS_STAGE      0: never stage a slice (every sweep reads global memory);
 //                             1: stage it wherever it fits (the default stages only
 //                             where two CTAs still fit on an SM; see plan_grid)
