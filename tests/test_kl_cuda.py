@@ -224,6 +224,19 @@ def test_cuda_row_batch_invariance(V, log_target, dtype):
             assert_bitwise_equal(out[pos], alone, f"row {pos} of {n}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+def test_cuda_row_many_rows_of_several_tiles(dtype):
+    """'row' where the last CTA adds up the tile sums of more than 1024 rows
+    of two tiles each (each of its 256 threads four rows at a time, so rows
+    r, r + 256, r + 512, r + 768, then r + 1024): every row's value and
+    gradients against float64 and the CPU kernel, and a row at each of those
+    offsets bitwise as when computed alone."""
+    x, t = cuda_pair((1100, 9000), dtype, False)
+    out = check_against_reference(x, t, "row", False, compare_cpu=True)
+    for r in (0, 255, 256, 600, 768, 1023, 1024, 1099):
+        assert_bitwise_equal(kl_op(x[r:r + 1], t[r:r + 1], "row", False)[0], out[r], f"row {r}")
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean", "row"])
 def test_cuda_fused_gradients_batch_invariant(reduction):
     V = 1001
