@@ -78,8 +78,15 @@ struct TileWorker {
     }
     // The tail of a unit-stride tile, or all of a strided one. A strided
     // tile is thousands of elements summed one by one, so it accumulates in
-    // double: in float32 the running sum's rounding grows with the tile.
-    double scalar_total = 0;
+    // double (in float32 the running sum's rounding grows with the tile) and
+    // in blocks of kBlock terms whose sums the total then takes: near-equal
+    // terms round the same way at every step, so a plain running sum's error
+    // grows with n (float64 inputs, no wider than their accumulator: 1.2e-13
+    // of the terms' magnitude over 8100 of them), the blocks' with
+    // kBlock + n / kBlock. Still one fixed order.
+    constexpr int64_t kBlock = 64;
+    double scalar_total = 0, block = 0;
+    [[maybe_unused]] int64_t in_block = 0;
     for (; j < n; ++j) {
       const acc_t x = reads_input ? static_cast<acc_t>(ptr[kInput][j * stride[kInput]]) : acc_t(0);
       const KLTerm<kLog, acc_t> term(static_cast<acc_t>(ptr[kTarget][j * stride[kTarget]]));
@@ -88,12 +95,19 @@ struct TileWorker {
       } else {
         acc_t s = scale;
         if constexpr (kMode == Mode::kBackward) s = static_cast<acc_t>(ptr[kOut][j * stride[kOut]]);
-        if constexpr (kMode == Mode::kReduce) scalar_total += static_cast<double>(term.loss(x));
+        if constexpr (kMode == Mode::kReduce) {
+          block += static_cast<double>(term.loss(x));
+          if (++in_block == kBlock) {
+            scalar_total += block;
+            block = 0;
+            in_block = 0;
+          }
+        }
         if (gx) ptr[kGradInput][j * stride[kGradInput]] = static_cast<scalar_t>(term.grad_input() * s);
         if (gt) ptr[kGradTarget][j * stride[kGradTarget]] = static_cast<scalar_t>(term.grad_target(x) * s);
       }
     }
-    return total + static_cast<acc_t>(scalar_total);
+    return total + static_cast<acc_t>(scalar_total + block);
   }
 };
 
