@@ -248,6 +248,28 @@ def _ambiguous_rows(x, t, beta, T, mask, floor):
     return amb if mask is None else amb & mask
 
 
+def _float16_fused_overflow(x, t, case, mask, ref, floor):
+    """Whether a float16 gradient element is beyond float16's range at an
+    upstream gradient of 1 but not at the case's: the fused forward stores
+    the gradient before backward scales it, a documented limitation
+    (test_logits_float16_fused_gradient_does_not_overflow_before_grad_output).
+    Reverse KL and JSD get there with logits far apart at a low temperature
+    (their gradients grow as (x - y) / T**2). Only the per-row upstream
+    gradients of 'none' can be below 1: the other reductions' is 3 here."""
+    wanted = [(x.dtype, "gx")] + ([(t.dtype, "gt")] if case["grad_target"] else [])
+    per_row = case["num_items"] is None and case["reduction"] == "none"
+    if not per_row or all(dt != torch.float16 for dt, _ in wanted):
+        return False
+    unit = ref_logits(x, t, beta=case["beta"], temperature=case["temperature"], reduction="none", mask=mask,
+                      w=torch.ones(x.shape[:-1], dtype=torch.float64), prob_floor=floor)
+    for dt, name in wanted:
+        g_unit, g_case = getattr(unit, name), getattr(ref, name)
+        if dt == torch.float16 and g_unit is not None and g_case is not None:
+            if ((g_unit.abs() > 65000) & ~(g_case.abs() > 65000)).any():
+                return True
+    return False
+
+
 @given(logits_cases())
 def test_kl_with_logits_matches_float64_reference(case):
     """Value, dtype, shape and gradients of torch.ops.batchkl.kl_with_logits
@@ -273,6 +295,7 @@ def test_kl_with_logits_matches_float64_reference(case):
                           x, t, grad_target=case["grad_target"], w=w, gscale=3.0)
     ref = ref_logits(x, t, beta=beta, temperature=T, reduction=red, mask=mask,
                      num_items=None if num_items is None else float(num_items), w=w, gscale=3.0, prob_floor=floor)
+    assume(not _float16_fused_overflow(x, t, case, mask, ref, floor))
     assert loss.dtype == rdtype and loss.shape == ref.loss.shape
     assert_close_scaled(loss, ref.loss, ref.loss_mag, tol=LOGITS_TOL[rdtype], what="loss")
 
@@ -363,6 +386,28 @@ def test_kl_float16_fused_gradient_does_not_overflow_before_grad_output(reductio
     want = 0.5 * math.exp(9.0) * 11.0
     assert torch.isfinite(gt).all(), f"grad_target {gt.tolist()}, expected {want:.0f} in element 0"
     torch.testing.assert_close(gt[0, 0].double(), torch.tensor(want, dtype=torch.float64), rtol=2e-3, atol=0)
+
+
+# The same limitation in kl_with_logits (the fuzzer's find, 2026-11-27: float16
+# logits of up to 1e4 at T = 1/16, reverse KL, a per-row upstream gradient of
+# -0.29). The forward KL's gradient, (q - p) / T, stays within 1 / T; reverse
+# KL's and JSD's grow as (x - y) / T**2.
+@pytest.mark.xfail(strict=True, reason="float16 fused gradient stored before grad_output scaling (README)")
+@pytest.mark.parametrize("reduction", ["none", "batchmean", "sum"])
+def test_logits_float16_fused_gradient_does_not_overflow_before_grad_output(reduction):
+    """Reverse KL, T = 1/16, student [0, 0], teacher [0, -2000]: the
+    student's gradient is +-128000 at an upstream gradient of 1, +-32000
+    (within float16's 65504) at 0.25."""
+    x = torch.tensor([[0.0, 0.0]], dtype=torch.float16)
+    t = torch.tensor([[0.0, -2000.0]], dtype=torch.float16)
+    w = torch.full((1,) if reduction == "none" else (), 0.25, dtype=torch.float16)
+    loss, gx, _ = run_op(lambda a, b: op(a, b, beta=1.0, temperature=1 / 16, reduction=reduction), x, t,
+                         grad_target=False, w=w if reduction == "none" else None, gscale=0.25)
+    ref = ref_logits(x, t, beta=1.0, temperature=1 / 16, reduction=reduction,
+                     w=w.double() if reduction == "none" else None, gscale=0.25)
+    torch.testing.assert_close(ref.gx, torch.tensor([[-32000.0, 32000.0]], dtype=torch.float64), rtol=1e-3, atol=0)
+    assert torch.isfinite(gx).all(), f"grad_input {gx.tolist()}, expected {ref.gx.tolist()}"
+    torch.testing.assert_close(gx.double(), ref.gx, rtol=2e-3, atol=0)
 
 
 def test_kl_broadcast_gradient_summed_in_the_wider_dtype():
