@@ -3,7 +3,6 @@
 // calls `kl_fused`, which writes the loss and the (pre-scaled) gradients in one
 // launch; the backward only multiplies by grad_output.
 #include <ATen/ATen.h>
-#include <ATen/ExpandUtils.h>
 #include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/SavedTensorHooks.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -34,17 +33,29 @@ void save_arguments(AutogradContext* ctx, const at::Tensor& input, const at::Ten
 
 // Sums a gradient computed in the broadcast shape down to argument `arg`'s
 // ("input" or "target") shape and dtype (SymInt-aware, so AOTAutograd can
-// trace it with dynamic shapes).
+// trace it with dynamic shapes), over the dims that at::sum_to sums.
 at::Tensor reduce_to(const at::Tensor& grad, AutogradContext* ctx, const std::string& arg) {
   if (!grad.defined()) return grad;
-  // Summing over broadcast dims happens in the wider of the two dtypes: a
-  // float32 0-d target (which does not promote the result) broadcast against
-  // float16 input gets its thousands of float16 gradient elements summed in
-  // float32, not rounded to (or overflowing) float16 first. Elsewhere the
-  // dtypes agree or nothing is summed, and this is at most one cast.
   const auto dtype = static_cast<at::ScalarType>(ctx->saved_data[arg + "_dtype"].toInt());
-  const auto wide = at::promote_types(grad.scalar_type(), dtype);
-  return at::sum_to(grad.to(wide), ctx->saved_data[arg + "_sizes"].toSymIntVector()).to(dtype);
+  const auto shape = ctx->saved_data[arg + "_sizes"].toSymIntVector();
+  const auto sizes = grad.sym_sizes();
+  const int64_t leading = static_cast<int64_t>(sizes.size()) - static_cast<int64_t>(shape.size());
+  std::vector<int64_t> dims;
+  for (int64_t i = 0; i < static_cast<int64_t>(sizes.size()); ++i) {
+    if (i < leading || (shape[i - leading] == 1 && sizes[i] != 1)) dims.push_back(i);
+  }
+  if (dims.empty()) return grad.to(dtype);
+  // The sum accumulates in float32 at least, and in the argument's dtype
+  // where that is wider: thousands of float16 elements summed in float16
+  // overflow (PyTorch's CPU sum of a float16 tensor keeps float16 partial
+  // sums: -inf for 48600 elements whose float32 sum is -52988) or, in
+  // bfloat16, lose digits; a float32 0-d target (which does not promote the
+  // result) broadcast against float16 input gets its gradient summed in
+  // float32. at::sum's dtype takes no float32 copy of the gradient.
+  const auto acc = at::promote_types(at::promote_types(grad.scalar_type(), dtype), at::kFloat);
+  auto summed = at::sum(grad, dims, /*keepdim=*/true, acc);
+  if (leading > 0) summed = summed.view_symint(shape);
+  return summed.to(dtype);
 }
 
 // The saved gradients are private to this node, so when the graph is freed

@@ -423,3 +423,23 @@ def test_kl_broadcast_gradient_summed_in_the_wider_dtype():
     want = (math.log(0.5) + 1 - x64).sum()   # d/dt of t * (log t - x), summed over the broadcast
     assert t.grad.dtype == torch.float32 and torch.isfinite(t.grad)
     torch.testing.assert_close(t.grad.double(), want, rtol=2e-3, atol=0)
+
+
+def test_kl_float16_broadcast_gradient_summed_in_float32():
+    """float16 input of one element broadcast over a (1, 2, 3, 8100) float16
+    target, 'row' with upstream gradients of both signs (the thorough fuzz
+    profile's find, 2026-11-27): the input's gradient is the sum of 48600
+    float16 elements, -52988 here, within float16's range. Summed in float16
+    (at::sum_to, as F.kl_div's backward does) it came out -inf: PyTorch's CPU
+    sum of float16 keeps float16 partial sums, and at an upstream gradient of
+    1 the same elements sum to -243246. batchkl accumulates in float32."""
+    g = torch.Generator().manual_seed(0)
+    t = (torch.rand((1, 2, 3, 8100), generator=g) * 9 + 0.5).half()
+    w = torch.tensor([[[1.75, -0.25, 0.375], [-1.75, 0.125, 1.125]]], dtype=torch.float16)
+    x = torch.zeros(1, dtype=torch.float16, requires_grad=True)
+    (kl_op(x, t, "row", False) * w).sum().backward()
+    want = (-t.double() * w.double().unsqueeze(-1)).sum().reshape(1)   # d/dx of t * (log t - x)
+    assert x.grad.dtype == torch.float16 and x.grad.shape == (1,)
+    assert torch.isfinite(x.grad).all(), f"grad_input {x.grad.tolist()}, expected {want.tolist()}"
+    torch.testing.assert_close(x.grad.double(), want, rtol=1e-3, atol=0)
+
