@@ -19,7 +19,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cstdio>
+#include <array>
 #include <optional>
+#include <random>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -114,9 +116,12 @@ Result cpu_kernel(const at::Tensor& x, const at::Tensor& t, const Call& c) {
 }
 
 // |a - b| <= atol + rtol |b| elementwise, NaN where the other has NaN, the
-// same infinities; atol is relative to the largest finite |b|.
+// same infinities; atol is relative to the largest finite |b|. `rounded_to`:
+// the dtype `a` was computed in, where b rounded to it is exact whatever the
+// tolerances say, and so is one subnormal step off it (a float16 subnormal's
+// spacing, 6e-8, can be more than them where every element of b is small).
 void check_close(const at::Tensor& a, const at::Tensor& b, double rtol, double atol_rel, const std::string& what,
-                 double atol_abs = 0.0) {
+                 double atol_abs = 0.0, std::optional<at::ScalarType> rounded_to = std::nullopt) {
   if (a.sizes() != b.sizes() || a.scalar_type() != b.scalar_type()) {
     check(false, str(what, ": shape/dtype ", a.sizes(), " ", a.scalar_type(), " vs ", b.sizes(), " ", b.scalar_type()));
     return;
@@ -125,13 +130,20 @@ void check_close(const at::Tensor& a, const at::Tensor& b, double rtol, double a
   const auto x = a.to(at::kDouble), y = b.to(at::kDouble);
   const auto fin = y.isfinite();
   const double scale = fin.any().item<bool>() ? y.masked_select(fin).abs().max().item<double>() : 0.0;
-  const auto ok = ((x - y).abs() <= atol_abs + atol_rel * scale + rtol * y.abs()) | (x.isnan() & y.isnan()) | ((x == y) & y.isinf());
+  auto ok = ((x - y).abs() <= atol_abs + atol_rel * scale + rtol * y.abs()) | (x.isnan() & y.isnan()) | ((x == y) & y.isinf());
+  if (rounded_to) {
+    // b rounded to that dtype, give or take its subnormals' spacing (a float16
+    // gradient's last bit there: 6e-8 absolute).
+    const double spacing = *rounded_to == at::kHalf ? 0x1p-24 : *rounded_to == at::kBFloat16 ? 0x1p-133 : 0.0;
+    ok = ok | ((x - y.to(*rounded_to).to(at::kDouble)).abs() <= spacing);
+  }
   if (!ok.all().item<bool>()) {
     const auto off = (~ok).flatten();
     const int64_t first = off.nonzero()[0][0].item<int64_t>();
     check(false, str(what, ": ", off.sum().item<int64_t>(), " of ", ok.numel(), " elements off, first at flat index ",
                      first, ": got ", x.flatten()[first].item<double>(), ", expected ",
-                     y.flatten()[first].item<double>()));
+                     y.flatten()[first].item<double>(), " (within ",
+                     atol_abs + atol_rel * scale + rtol * std::abs(y.flatten()[first].item<double>()), ")"));
     return;
   }
   check(true, what);
@@ -177,9 +189,15 @@ void check_results_close(const Result& a, const Result& b, at::ScalarType dt, bo
 // `in_float64` false: against the CPU kernel in the inputs' dtype, for the
 // special values, whose rules (a probability that underflows is 0) hold in
 // the dtype computed in. `loosen` widens the tolerances where a thread adds
-// up a longer run of its row in sequence.
+// up a longer run of its row in sequence. `grad_floor`: an absolute
+// tolerance for the gradients, for rows whose largest gradient is itself the
+// remainder of a cancellation (JSD where both distributions put nearly all
+// their mass on one entry each: q (log(q / m) - KL) at q = 1, m = 1/2).
+// `skip_grad_rows` (bool, one per row): rows whose gradients are not
+// compared (a divergence of +inf has no gradient to compare).
 void compare_with_cpu(const at::Tensor& x, const at::Tensor& t, const Call& c, const std::string& what,
-                      bool in_float64 = true, double loosen = 1.0) {
+                      bool in_float64 = true, double loosen = 1.0, double grad_floor = 0.0,
+                      const std::optional<at::Tensor>& skip_grad_rows = std::nullopt) {
   Result e, r;
   try {
     e = emulated(x, t, c);
@@ -198,9 +216,21 @@ void compare_with_cpu(const at::Tensor& x, const at::Tensor& t, const Call& c, c
   // rounding of its terms, each of order 1, in the accumulation type.
   const double floor = dt == at::kDouble ? 1e-14 : 1e-6;
   const auto wide = [](const at::Tensor& v) { return v.to(at::kDouble); };
-  check_close(wide(std::get<0>(e)), wide(std::get<0>(r)), rtol, atol, what + " loss", floor);
-  if (c.grad_input) check_close(wide(std::get<1>(e)), wide(std::get<1>(r)), rtol, atol, what + " grad_input");
-  if (c.grad_target) check_close(wide(std::get<2>(e)), wide(std::get<2>(r)), rtol, atol, what + " grad_target");
+  check_close(wide(std::get<0>(e)), wide(std::get<0>(r)), rtol, atol, what + " loss", floor, dt);
+  // Rows left out of the gradients' comparison: 0 on both sides.
+  const auto grads_of = [&](const at::Tensor& g) {
+    auto w = wide(g);
+    if (!skip_grad_rows) return w;
+    const auto keep = skip_grad_rows->logical_not().reshape({-1, 1}).expand({skip_grad_rows->numel(), x.size(-1)});
+    return at::where(keep.reshape(w.sizes()), w, at::zeros_like(w));
+  };
+  if (c.grad_input) {
+    check_close(grads_of(std::get<1>(e)), grads_of(std::get<1>(r)), rtol, atol, what + " grad_input", grad_floor, dt);
+  }
+  if (c.grad_target) {
+    check_close(grads_of(std::get<2>(e)), grads_of(std::get<2>(r)), rtol, atol, what + " grad_target", grad_floor,
+                dt);
+  }
 }
 
 at::Tensor logits(int64_t rows, int64_t cols, at::ScalarType dt, double scale = 3.0) {
@@ -855,25 +885,182 @@ void test_row_lanes() {
   g_device = kDevices[1].second;
 }
 
+// Random calls against the CPU kernel: shape, dtype, layout, divergence,
+// temperature, reduction, mask, num_items_in_batch, gradients, special
+// values and every launch knob drawn at once (the tests above vary one or
+// two at a time). `count` calls from `seed`; a failure names the seed and
+// the call's index K, which `random SEED K+1 K` replays alone.
+void test_random(int count, uint64_t seed, int only = -1) {
+  std::mt19937_64 rng(seed);
+  const auto pick = [&](int n) { return static_cast<int>(rng() % static_cast<uint64_t>(n)); };
+  const auto uniform = [&](double lo, double hi) { return lo + (hi - lo) * static_cast<double>(rng() >> 11) * 0x1.0p-53; };
+  const double inf = std::numeric_limits<double>::infinity(), nan = std::numeric_limits<double>::quiet_NaN();
+  const at::ScalarType dtypes[] = {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble};
+  for (int k = 0; k < count; ++k) {
+    at::manual_seed(seed * 7919 + static_cast<uint64_t>(k));
+    DeviceLimits dev = kDevices[pick(3)].second;
+    const int lanes[] = {0, 0, 0, 1, 2, 4, 8, 16, 32};
+    dev.knobs.row_lanes = lanes[pick(9)];
+    const StageMode stages[] = {StageMode::kAuto, StageMode::kAuto, StageMode::kNever, StageMode::kWhereFits};
+    dev.knobs.stage = stages[pick(4)];
+    const int64_t budgets[] = {kSliceBudget, kSliceBudget, 8 * 1024, 32 * 1024, 128 * 1024};
+    dev.knobs.slice_budget = budgets[pick(5)];
+    dev.knobs.lean = pick(3);
+    dev.knobs.share = pick(4) != 0;
+    dev.knobs.merge = pick(2) == 0;
+    dev.knobs.distill_stream = pick(4) != 0;
+    dev.knobs.reuse = pick(3);
+    dev.knobs.prefetch = pick(3) == 0;
+    g_device = dev;
+    g_resident = 1 + pick(3);
+
+    const auto dt = dtypes[pick(4)];
+    const int size_class = pick(10);
+    const int64_t cols = size_class < 5 ? 1 + pick(80) : size_class < 9 ? 80 + pick(6000) : 6000 + pick(50000);
+    const int64_t max_rows = std::max<int64_t>(1, std::min<int64_t>(24, 160000 / cols));
+    const int64_t rows = 1 + pick(static_cast<int>(max_rows));
+    Call c;
+    const int beta_kind = pick(4);
+    c.beta = beta_kind == 0 ? 0.0 : beta_kind == 1 ? 1.0 : beta_kind == 2 ? 0.5 : uniform(0.0, 1.0);
+    const int t_kind = pick(4);
+    c.temperature = t_kind == 0 ? 1.0 : t_kind == 1 ? 2.0 : t_kind == 2 ? 0.5 : uniform(0.3, 4.0);
+    const char* reductions[] = {"none", "batchmean", "sum", "mean"};
+    c.reduction = reductions[pick(4)];
+    c.probs = pick(6) == 0;
+    if (c.probs) c.temperature = 1.0;  // probabilities take no temperature
+    const int grads = pick(4);  // both, the student's alone, the teacher's alone, none
+    c.grad_input = grads <= 1;
+    c.grad_target = grads == 0 || grads == 2;
+    if (pick(3) == 0) {
+      auto mask = at::rand({rows}, at::kDouble) < 0.6;
+      if (pick(4) == 0) mask.fill_(pick(2) == 0);
+      c.mask = mask;
+    }
+    if (pick(4) == 0) c.num_items = at::tensor(static_cast<double>(1 + pick(40)), at::kDouble).to(pick(2) ? at::kFloat : at::kLong);
+
+    const double scale = std::array<double, 3>{1.0, 3.0, 8.0}[pick(3)];
+    at::Tensor x, t;
+    if (c.probs) {
+      x = at::rand({rows, cols}, at::kDouble);
+      t = at::rand({rows, cols}, at::kDouble);
+    } else {
+      x = at::randn({rows, cols}, at::kDouble) * scale;
+      t = at::randn({rows, cols}, at::kDouble) * scale;
+    }
+    // Special values: zeros (probs), -inf on either side or both, NaN, +inf.
+    bool special = false;
+    const auto sprinkle = [&](at::Tensor& v, double frac, double value) {
+      v.masked_fill_(at::rand(v.sizes(), at::kDouble) < frac, value);
+      special = true;
+    };
+    const int sp = pick(8);
+    if (c.probs) {
+      if (sp < 3) sprinkle(pick(2) ? x : t, 0.2, 0.0);
+    } else if (sp == 0) {
+      sprinkle(x, 0.2, -inf);
+    } else if (sp == 1) {
+      sprinkle(t, 0.2, -inf);
+    } else if (sp == 2) {
+      const auto vocab = at::rand({cols}, at::kDouble) < 0.3;
+      x.masked_fill_(vocab, -inf);
+      t.masked_fill_(vocab, -inf);
+      special = true;
+    } else if (sp == 3) {
+      x[pick(static_cast<int>(rows))][pick(static_cast<int>(cols))] = pick(2) ? nan : inf;
+      special = true;
+    }
+    const std::string kinds[] = {"contiguous", "contiguous", "misaligned", "strided", "lead"};
+    const std::string kind = kinds[pick(5)];
+    // 'batchmean' divides by the first dim: 2 for "lead", which is compared
+    // with the same rows in two dims.
+    if (kind == "lead" && c.reduction == "batchmean") c.reduction = "sum";
+    const auto xd = layout(x.to(dt), kind), td = layout(t.to(dt), kind);
+    if (only >= 0 && k != only) continue;
+    const std::string what = str("random seed ", seed, " #", k, ": ", dt, " ", rows, "x", cols, " ", kind, " beta=",
+                                 c.beta, " T=", c.temperature, " ", c.reduction, c.probs ? " probs" : "",
+                                 c.mask ? " mask" : "", c.num_items ? " num_items" : "", " grads=", c.grad_input,
+                                 c.grad_target, special ? " special" : "", " lanes=", dev.knobs.row_lanes,
+                                 " stage=", static_cast<int>(dev.knobs.stage), " budget=", dev.knobs.slice_budget,
+                                 " lean=", dev.knobs.lean, " share=", dev.knobs.share, " merge=", dev.knobs.merge,
+                                 " distill_stream=", dev.knobs.distill_stream, " reuse=", dev.knobs.reuse,
+                                 " prefetch=", dev.knobs.prefetch, " resident=", g_resident);
+    if (kind == "lead" && rows % 2 == 0) {
+      // (2, rows / 2, V): the same rows, outputs of that shape.
+      Call cl = c;
+      if (c.mask) cl.mask = c.mask->reshape({2, rows / 2});
+      Result e, r;
+      try {
+        e = emulated(xd, td, cl);
+      } catch (const std::exception& ex) {
+        check(false, str(what, ": emulated kernel threw ", ex.what()));
+        continue;
+      }
+      r = emulated(x.to(dt), t.to(dt), c);
+      const auto as_rows = [&](const at::Tensor& g) { return g.numel() ? g.reshape({rows, cols}) : g; };
+      check_results_close({std::get<0>(e).reshape(std::get<0>(r).sizes()), as_rows(std::get<1>(e)),
+                           as_rows(std::get<2>(e))},
+                          r, dt, c.grad_target, what + " (lead vs contiguous)");
+      continue;
+    }
+    // A gradient's natural size: 1 / T over the divisor, the terms' size
+    // times the derivative of the logits' scaling.
+    double divisor = 1.0;
+    if (c.num_items) {
+      divisor = c.num_items->to(at::kDouble).item<double>();
+    } else if (c.reduction == "batchmean" || c.reduction == "mean") {
+      const double kept = c.mask ? static_cast<double>(c.mask->sum().item<int64_t>()) : static_cast<double>(rows);
+      divisor = std::max(kept, 1.0) * (c.reduction == "mean" ? static_cast<double>(cols) : 1.0);
+    }
+    const double floor = (dt == at::kDouble ? 1e-13 : 1e-6) / (c.temperature * divisor);
+    // A kept row whose divergence is +inf (a probability of 0 on the side
+    // the divergence divides by) has no defined gradient: -inf where the
+    // other probability is positive, 0 * -inf where it underflows, which it
+    // does at a different place on the GPU (flushing subnormals) than on
+    // the CPU. Its value is compared; its gradient rows are not.
+    Call per_row = c;
+    per_row.reduction = "none";
+    per_row.mask = std::nullopt;
+    per_row.num_items = std::nullopt;
+    per_row.grad_input = per_row.grad_target = false;
+    const auto row_loss = std::get<0>(cpu_kernel(x.to(dt).to(special ? dt : at::kDouble),
+                                                 t.to(dt).to(special ? dt : at::kDouble), per_row));
+    auto infinite = row_loss.isinf();
+    if (c.mask) infinite = infinite & *c.mask;
+    // Special values are compared in the inputs' dtype, where the CPU
+    // kernel's rounding adds to the emulated one's: twice the tolerances.
+    compare_with_cpu(xd, td, c, what, !special, special ? 2.0 : 1.0, floor, infinite);
+  }
+  g_device = kDevices[1].second;
+  g_resident = 2;
+}
+
 }  // namespace
 
 // `part`: "checks" (the plan, layouts, probabilities), "knobs" (the other
 // launch knobs' own tests), "default" (every launch shape as planned by default)
 // or "other" (the same with a row's maxes and sums merged in one exchange,
 // every sweep forward and staged rows' slices copied ahead on a grid of two
-// clusters), or "prefetch" (BATCHKL_LOGITS_PREFETCH's own test); ctest
-// runs them side by side. No argument: all.
+// clusters), "prefetch" (BATCHKL_LOGITS_PREFETCH's own test), or "random
+// SEED COUNT [ONLY]" (test_random; not part of "all"); ctest runs them side
+// by side. No argument: all.
 int main(int argc, char** argv) {
   const std::string part = argc > 1 ? argv[1] : "all";
   if (part != "all" && part != "checks" && part != "knobs" && part != "default" && part != "other" &&
-      part != "prefetch") {
+      part != "prefetch" && part != "random") {
     std::fprintf(stderr,
-                 "test_logits_emulated: expected no argument or one of checks, knobs, default, other, prefetch; "
-                 "got '%s'\n",
+                 "test_logits_emulated: expected no argument or one of checks, knobs, default, other, prefetch, "
+                 "random [SEED [COUNT [ONLY]]]; got '%s'\n",
                  part.c_str());
     return 2;
   }
   at::manual_seed(0);
+  if (part == "random") {
+    const uint64_t seed = argc > 2 ? std::stoull(argv[2]) : 1;
+    const int count = argc > 3 ? std::stoi(argv[3]) : 300;
+    test_random(count, seed, argc > 4 ? std::stoi(argv[4]) : -1);
+    std::printf("%s: %d checks, %d failed\n", part.c_str(), g_checks, g_failures);
+    return g_failures == 0 ? 0 : 1;
+  }
   if (part == "all" || part == "checks") {
     test_plan();
     test_layouts_reductions_masks();
