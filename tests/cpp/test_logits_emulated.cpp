@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "check.h"
+#include "check_close.h"
 #include "cuda/kl_logits_kernel.cuh"
 #include "kl_logits.h"
 
@@ -36,6 +37,7 @@ using batchkl::LogitsLaunch;
 using namespace batchkl::logits_cuda;
 
 using batchkl_test::check;
+using batchkl_test::check_close;
 using batchkl_test::g_checks;
 using batchkl_test::g_failures;
 using c10::str;
@@ -113,40 +115,6 @@ Result cpu_kernel(const at::Tensor& x, const at::Tensor& t, const Call& c) {
                                      bool, std::optional<at::ScalarType>)>();
   return op.call(x, t, c.beta, c.temperature, c.reduction, c.mask, c.num_items, c.probs, c.grad_input,
                  c.grad_target, std::nullopt);
-}
-
-// |a - b| <= atol + rtol |b| elementwise, NaN where the other has NaN, the
-// same infinities; atol is relative to the largest finite |b|. `rounded_to`:
-// the dtype `a` was computed in, where b rounded to it is exact whatever the
-// tolerances say, and so is one subnormal step off it (a float16 subnormal's
-// spacing, 6e-8, can be more than them where every element of b is small).
-void check_close(const at::Tensor& a, const at::Tensor& b, double rtol, double atol_rel, const std::string& what,
-                 double atol_abs = 0.0, std::optional<at::ScalarType> rounded_to = std::nullopt) {
-  if (a.sizes() != b.sizes() || a.scalar_type() != b.scalar_type()) {
-    check(false, str(what, ": shape/dtype ", a.sizes(), " ", a.scalar_type(), " vs ", b.sizes(), " ", b.scalar_type()));
-    return;
-  }
-  if (a.numel() == 0) return check(true, what);
-  const auto x = a.to(at::kDouble), y = b.to(at::kDouble);
-  const auto fin = y.isfinite();
-  const double scale = fin.any().item<bool>() ? y.masked_select(fin).abs().max().item<double>() : 0.0;
-  auto ok = ((x - y).abs() <= atol_abs + atol_rel * scale + rtol * y.abs()) | (x.isnan() & y.isnan()) | ((x == y) & y.isinf());
-  if (rounded_to) {
-    // b rounded to that dtype, give or take its subnormals' spacing (a float16
-    // gradient's last bit there: 6e-8 absolute).
-    const double spacing = *rounded_to == at::kHalf ? 0x1p-24 : *rounded_to == at::kBFloat16 ? 0x1p-133 : 0.0;
-    ok = ok | ((x - y.to(*rounded_to).to(at::kDouble)).abs() <= spacing);
-  }
-  if (!ok.all().item<bool>()) {
-    const auto off = (~ok).flatten();
-    const int64_t first = off.nonzero()[0][0].item<int64_t>();
-    check(false, str(what, ": ", off.sum().item<int64_t>(), " of ", ok.numel(), " elements off, first at flat index ",
-                     first, ": got ", x.flatten()[first].item<double>(), ", expected ",
-                     y.flatten()[first].item<double>(), " (within ",
-                     atol_abs + atol_rel * scale + rtol * std::abs(y.flatten()[first].item<double>()), ")"));
-    return;
-  }
-  check(true, what);
 }
 
 void check_bitwise(const Result& a, const Result& b, const std::string& what) {
