@@ -3,7 +3,9 @@
 // loads where every operand allows it, writes the elementwise result or the
 // gradients, and warp-reduces the tile's loss in a fixed butterfly order. For
 // reductions the tile sums go to a small workspace and the last block to
-// finish (an integer ticket, no float atomics) adds them up in a fixed order.
+// finish (an integer ticket, no float atomics) adds them up in a fixed order,
+// so the loss, the per-row results and the gradients come out of the same
+// launch, bitwise reproducible and independent of the batch around a row.
 // A header of its own so that tests/cpp/test_kl_emulated.cpp can run this
 // very code on the CPU (tests/cpp/cuda_emulator.h).
 #pragma once
