@@ -95,10 +95,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& g, const at::Tenso
 }
 
 void check_bitwise(const at::Tensor& a, const at::Tensor& b, const std::string& what) {
-  const bool same = a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() &&
-                    (a.numel() == 0 || (at::isnan(a).equal(at::isnan(b)) &&
-                                        at::where(at::isnan(a), 0, a).equal(at::where(at::isnan(b), 0, b))));
-  check(same, what + ": not bitwise equal");
+  check(batchkl_test::same_values(a, b), what + ": not bitwise equal");
 }
 
 // Both compute in the same formulas and types; only the loss sums' order

@@ -121,9 +121,7 @@ void check_bitwise(const Result& a, const Result& b, const std::string& what) {
   for (int k = 0; k < 3; ++k) {
     const auto& u = k == 0 ? std::get<0>(a) : k == 1 ? std::get<1>(a) : std::get<2>(a);
     const auto& v = k == 0 ? std::get<0>(b) : k == 1 ? std::get<1>(b) : std::get<2>(b);
-    const bool same = u.sizes() == v.sizes() && (u.numel() == 0 || (u.isnan() == v.isnan()).all().item<bool>() &&
-                                                                        at::where(u.isnan(), 0, u).eq(at::where(v.isnan(), 0, v)).all().item<bool>());
-    check(same, str(what, ": output ", k, " not bitwise equal"));
+    check(batchkl_test::same_values(u, v), str(what, ": output ", k, " not bitwise equal"));
   }
 }
 
@@ -149,6 +147,17 @@ void check_results_close(const Result& a, const Result& b, at::ScalarType dt, bo
   if (grad_target) check_close(std::get<2>(a), std::get<2>(b), rtol, atol, what + " grad target");
 }
 
+// The emulated call's result, or none where it threw (a failed check).
+std::optional<Result> emulated_or_fail(const at::Tensor& x, const at::Tensor& t, const Call& c,
+                                       const std::string& what) {
+  try {
+    return emulated(x, t, c);
+  } catch (const std::exception& ex) {
+    check(false, str(what, ": emulated kernel threw ", ex.what()));
+    return std::nullopt;
+  }
+}
+
 // Against the CPU kernel in float64 on the very same values (the exact
 // result to a few ulp of float64): the tolerance is then the emulated
 // kernel's own rounding. (Against the CPU kernel in float, two roundings of
@@ -166,16 +175,12 @@ void check_results_close(const Result& a, const Result& b, at::ScalarType dt, bo
 void compare_with_cpu(const at::Tensor& x, const at::Tensor& t, const Call& c, const std::string& what,
                       bool in_float64 = true, double loosen = 1.0, double grad_floor = 0.0,
                       const std::optional<at::Tensor>& skip_grad_rows = std::nullopt) {
-  Result e, r;
-  try {
-    e = emulated(x, t, c);
-  } catch (const std::exception& ex) {
-    check(false, str(what, ": emulated kernel threw ", ex.what()));
-    return;
-  }
+  const auto run = emulated_or_fail(x, t, c, what);
+  if (!run) return;
+  const Result& e = *run;
   const auto dt = x.scalar_type();
   const auto ref_dtype = in_float64 ? at::kDouble : dt;
-  r = cpu_kernel(x.contiguous().to(ref_dtype), t.contiguous().to(ref_dtype), c);
+  const Result r = cpu_kernel(x.contiguous().to(ref_dtype), t.contiguous().to(ref_dtype), c);
   check(std::get<0>(e).scalar_type() == dt && std::get<1>(e).scalar_type() == dt &&
             std::get<2>(e).scalar_type() == dt,
         what + ": outputs in the inputs' dtype");
@@ -956,14 +961,10 @@ void test_random(int count, uint64_t seed, int only = -1) {
       // (2, rows / 2, V): the same rows, outputs of that shape.
       Call cl = c;
       if (c.mask) cl.mask = c.mask->reshape({2, rows / 2});
-      Result e, r;
-      try {
-        e = emulated(xd, td, cl);
-      } catch (const std::exception& ex) {
-        check(false, str(what, ": emulated kernel threw ", ex.what()));
-        continue;
-      }
-      r = emulated(x.to(dt), t.to(dt), c);
+      const auto run = emulated_or_fail(xd, td, cl, what);
+      if (!run) continue;
+      const Result& e = *run;
+      const Result r = emulated(x.to(dt), t.to(dt), c);
       const auto as_rows = [&](const at::Tensor& g) { return g.numel() ? g.reshape({rows, cols}) : g; };
       check_results_close({std::get<0>(e).reshape(std::get<0>(r).sizes()), as_rows(std::get<1>(e)),
                            as_rows(std::get<2>(e))},
@@ -985,15 +986,18 @@ void test_random(int count, uint64_t seed, int only = -1) {
     // other probability is positive, 0 * -inf where it underflows, which it
     // does at a different place on the GPU (flushing subnormals) than on
     // the CPU. Its value is compared; its gradient rows are not.
-    Call per_row = c;
-    per_row.reduction = "none";
-    per_row.mask = std::nullopt;
-    per_row.num_items = std::nullopt;
-    per_row.grad_input = per_row.grad_target = false;
-    const auto row_loss = std::get<0>(cpu_kernel(x.to(dt).to(special ? dt : at::kDouble),
-                                                 t.to(dt).to(special ? dt : at::kDouble), per_row));
-    auto infinite = row_loss.isinf();
-    if (c.mask) infinite = infinite & *c.mask;
+    // Without special values every probability is positive in float64 (the
+    // reference there): no row is infinite.
+    std::optional<at::Tensor> infinite;
+    if (special) {
+      Call per_row = c;
+      per_row.reduction = "none";
+      per_row.mask = std::nullopt;
+      per_row.num_items = std::nullopt;
+      per_row.grad_input = per_row.grad_target = false;
+      infinite = std::get<0>(cpu_kernel(x.to(dt), t.to(dt), per_row)).isinf();
+      if (c.mask) infinite = *infinite & *c.mask;
+    }
     // Special values are compared in the inputs' dtype, where the CPU
     // kernel's rounding adds to the emulated one's: twice the tolerances.
     compare_with_cpu(xd, td, c, what, !special, special ? 2.0 : 1.0, floor, infinite);
