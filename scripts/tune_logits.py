@@ -43,6 +43,8 @@ SETTINGS = {
     "slice96": {"BATCHKL_LOGITS_SLICE_KIB": "96"},
     "slice104": {"BATCHKL_LOGITS_SLICE_KIB": "104"},
     "stream128": {"BATCHKL_LOGITS_STAGE": "0", "BATCHKL_LOGITS_SLICE_KIB": "128"},
+    # Every row streamed in slices of up to 256 KiB: the plan the
+    # distillation kernel's streaming rule gives the rows it streams.
     "stream256": {"BATCHKL_LOGITS_STAGE": "0", "BATCHKL_LOGITS_SLICE_KIB": "256"},
     # The forward KL's general sweep instead of its lean one; a cluster's row
     # loss all-reduced instead of added up in rank 0; both (as before 2026-11-27).
@@ -52,7 +54,8 @@ SETTINGS = {
     "lean_general": {"BATCHKL_LOGITS_LEAN": "1"},
     "noshare": {"BATCHKL_LOGITS_SHARE": "0"},
     "neither": {"BATCHKL_LOGITS_LEAN": "0", "BATCHKL_LOGITS_SHARE": "0"},
-    # A row's maxes and sums in one exchange instead of two (not yet measured).
+    # A row's maxes and sums in one exchange instead of two: off by default
+    # (see LaunchKnobs::merge for the H200's timings).
     "merge": {"BATCHKL_LOGITS_MERGE": "1"},
     # The distillation kernel's long rows planned as the general kernel's
     # (staged 64 KiB slices), as before 2026-11-27's streaming rule.
@@ -66,10 +69,14 @@ SETTINGS = {
     # KiB: fewer packs in flight between a pack's two reads (more of them
     # found in L2), more CTAs per row.
     "stream192": {"BATCHKL_LOGITS_STAGE": "0", "BATCHKL_LOGITS_SLICE_KIB": "192"},
-    # The distillation kernel's staged rows (8192x32000) on as many clusters
-    # as fit at once, each copying its next row's slice in during its last
-    # read of this one (the kAhead kernel, two CTAs per SM; not yet measured).
+    # The distillation kernel's staged rows on as many clusters as fit at
+    # once, each copying its next row's slice in during its last read of
+    # this one (the kAhead kernel, two CTAs per SM). H200, 2026-11-27:
+    # bfloat16 8192x32000 0.672 -> 0.846 ms, float32 1.17 -> 1.37 (slower).
+    # Staged rows only: "prefetch" with the streaming rule on (16-bit rows
+    # over 64 KiB streamed), "prefetch_staged" with it off.
     "prefetch": {"BATCHKL_LOGITS_PREFETCH": "1"},
+    "prefetch_staged": {"BATCHKL_LOGITS_PREFETCH": "1", "BATCHKL_LOGITS_DISTILL_STREAM": "0"},
     "lanes32": {"BATCHKL_LOGITS_ROW_LANES": "32"},  # a whole warp per short row (before 2026-11-26)
     "lanes4": {"BATCHKL_LOGITS_ROW_LANES": "4"},  # fewer lanes per short row than the default at 512
 }

@@ -138,11 +138,15 @@ struct LaunchKnobs {
   // Grid::merge: a row's maxes and sums of exponentials exchanged at once,
   // each merge rescaling the smaller max's sum: one exchange of a row's
   // three fewer (a CTA per row: one CTA barrier fewer; a cluster: two CTA
-  // barriers and one cluster barrier fewer), at a few exp2 per merge. Off
-  // until a GPU has measured it.
+  // barriers and one cluster barrier fewer), at a few exp2 per merge. Off:
+  // H200, 2026-11-27, slower on CTA rows (forward KL bfloat16 16384x4096
+  // 0.303 -> 0.382 ms, 8192x32000 0.661 -> 0.720), about even on long
+  // streamed rows, JSD slower at every shape measured (16384x4096 0.495 ->
+  // 0.614); short rows (65536x512 bfloat16) faster in one call, slower in
+  // the next.
   bool merge = false;
   // The distillation kernel's streamed long rows on Hopper (plan_grid,
-  // kDistillStreamRowBytes); false: planned as the general kernel's.
+  // distill_stream_row_bytes); false: planned as the general kernel's.
   bool distill_stream = true;
   // How the sweeps after the first treat L2, where a streamed row's second
   // read may find it (rows that plan_grid streams over CTAs only: a staged
@@ -164,9 +168,12 @@ struct LaunchKnobs {
   // the end of its slice is read again after about 2k (times the CTAs in
   // flight), so the slices' tails can hit; evict-first lines (dead once
   // read again, and the gradient) leave the rest of L2 to the packs still
-  // to be read again. Not yet measured on a GPU: Nsight Compute's
-  // lts__t_sector_hit_rate and dram__bytes_read under 0, 1 and 2 say
-  // whether it works.
+  // to be read again. H200, 2026-11-27, bfloat16 8192x128256 (two streamed
+  // CTAs per row), Nsight Compute: L2 hit rate 22% under 0, 27% under 2,
+  // DRAM throughput 86% and 84% of peak, 2.54 and 2.45 ms; forward +
+  // backward queued 2.57 -> 2.47 ms (float32 5.03 -> 4.87, 4096x256000
+  // bfloat16 2.62 -> 2.53). Most of the second read still comes from HBM:
+  // the kernel moves about 1.57 times the minimal bytes.
   int reuse = 2;
   // The distillation kernel's staged rows (CTA slices in shared memory): a
   // kernel of its own (kAhead) on a grid of as many clusters as fit on the
@@ -184,7 +191,9 @@ struct LaunchKnobs {
   // rather than side by side. Only where both rows are staged by cp.async
   // (contiguous, 16-byte aligned), so that a thread overwrites only packs
   // that it alone reads. The same sweeps and sums per row: results are
-  // bitwise those without it. Off until a GPU has measured it.
+  // bitwise those without it. Off: H200, 2026-11-27, slower (staged
+  // bfloat16 8192x32000 0.672 -> 0.846 ms, float32 1.17 -> 1.37; the twin
+  // runs two CTAs per SM, the distillation kernel three; not profiled).
   bool prefetch = false;
 };
 
@@ -202,19 +211,30 @@ struct DeviceLimits {
 constexpr int64_t stage_bytes(int64_t slice, int64_t elem) { return (slice * elem + 16 + 15) / 16 * 16; }
 
 // The distillation kernel (`distill`: three CTAs per SM) on Hopper streams a
-// row whose two operands take more than kDistillStreamRowBytes, in slices of
-// up to kDistillStreamBytes (fewer CTAs per row, more of each thread's work
-// per row exchange); its second read was meant to be served by L2, but the
-// timings say it came from HBM (see LaunchKnobs::reuse). H200,
-// 2026-11-27, forward + backward queued, staged 64 KiB slices -> streamed
-// 256 KiB ones: bfloat16 8192x128256 (rows of 501 KiB) 2.95 -> 2.56 ms,
-// 4096x256000 3.09 -> 2.62; float32 8192x128256 6.16 -> 4.95 (streamed in 8
-// slices before); float32 4096x256000 4.99 either way (8 slices either way);
-// 8192x32000 (rows of 125 and 250 KiB) stays staged (streamed in one slice
-// it took bfloat16 0.648 -> 0.70, float32 1.14 -> 1.25). Rows between 250
-// and 501 KiB were not measured: those up to 384 KiB keep the staged plan.
+// row whose two operands take more than distill_stream_row_bytes(elem), in
+// slices of up to kDistillStreamBytes (fewer CTAs per row, more of each
+// thread's work per row exchange; the sweeps after the first alternate
+// direction so that the slices' tails are re-read from L2, see
+// LaunchKnobs::reuse). H200, 2026-11-27, forward + backward queued, ms,
+// the staged plan (64 KiB slices, clusters) -> streamed in 256 KiB slices
+// (BATCHKL_LOGITS_STAGE=0 BATCHKL_LOGITS_SLICE_KIB=256, the same plans):
+//   bfloat16 8192 x 16000 (rows of 62.5 KiB, one staged CTA) 0.319 -> 0.357,
+//   24000 0.578 -> 0.502, 32000 0.671 -> 0.624, 36000 0.919 -> 0.701,
+//   40000 0.993 -> 0.798, 44000 1.07 -> 0.853, 50000 1.27 -> 0.919, 64000
+//   1.40 -> 1.21, 80000 1.88 -> 1.65, 96000 2.13 -> 1.87, 128256 2.99 ->
+//   2.47 (the rule as default; 4096 x 256000 2.75 -> 2.53);
+//   float32 8192 x 16000 0.549 -> 0.596, 20000 0.841 -> 0.764, 24000 0.884
+//   -> 0.892, 32000 1.17 -> 1.19, 40000 1.53 -> 1.61, 44000 1.77 -> 1.68,
+//   48000 1.77 -> 1.84, 50000 (rows of 390 KiB) 2.11 -> 1.86, 128256 5.59 ->
+//   4.87; 4096 x 256000 4.93 -> 4.96.
+// So 16-bit rows stream as soon as they outgrow one CTA's slice
+// (kSliceBudget): every 16-bit row measured over it was faster streamed, by
+// 7-28%. 4-byte rows gain or lose up to 9% either way up to 375 KiB and keep
+// the staged plan up to 384 KiB (the threshold of the first measurements).
+// float16 (the same bytes and math as bfloat16) and float64 were not
+// measured.
 constexpr int64_t kDistillStreamBytes = 256 * 1024;
-constexpr int64_t kDistillStreamRowBytes = 384 * 1024;
+constexpr int64_t distill_stream_row_bytes(int64_t elem) { return elem == 2 ? kSliceBudget : 384 * 1024; }
 
 inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimits& dev, bool distill = false) {
   Grid g;
@@ -246,7 +266,7 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
   // streaming rule off.
   const bool distill_stream = distill && dev.clusters && dev.knobs.distill_stream &&
                               dev.knobs.stage == StageMode::kAuto && dev.knobs.slice_budget == kSliceBudget &&
-                              2 * cols * elem > kDistillStreamRowBytes;
+                              2 * cols * elem > distill_stream_row_bytes(elem);
   const int64_t budget = distill_stream ? kDistillStreamBytes : dev.knobs.slice_budget;
   int c = 1;
   // Any cluster size up to 8 (not only powers of two): the fewest CTAs whose

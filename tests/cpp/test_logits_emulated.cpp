@@ -619,6 +619,9 @@ void test_prefetch() {
       c.mask = mask.reshape(x.sizes().slice(0, x.dim() - 1));  // "lead": (2, 4)
     }
     g_device = kDevices[device].second;
+    // Rows copied ahead are staged rows; the streaming rule off keeps the
+    // bfloat16 rows of 20002 and 40003 columns staged clusters.
+    g_device.knobs.distill_stream = false;
     if (!plan_grid(8, cols, at::elementSize(dt), g_device, true).stage) return;
     ++staged;
     const auto what = str(kDevices[device].first, ": prefetch V=", cols, " ", dt, " ", kind, " gi=", grad_input,
@@ -742,11 +745,17 @@ void test_plan() {
   check(!plan_grid(4096, 256000, 2, sm).stage && !plan_grid(8192, 128256, 4, sm).stage,
         "H100: 128 KB slices (one CTA per SM) streamed");
   check(plan_grid(4096, 256000, 2, sm).cluster == 8, "H100 256000 bf16: still 8 CTAs per row");
-  // The distillation kernel streams rows of both operands over 384 KiB in
-  // slices of up to 256 KiB; smaller rows are planned as for the general one;
-  // a knob set wins.
+  // The distillation kernel streams 16-bit rows of both operands over one
+  // CTA's 64 KiB slice, wider ones over 384 KiB, in slices of up to 256 KiB;
+  // smaller rows are planned as for the general one; a knob set wins.
   const Grid d32 = plan_grid(8192, 32000, 2, sm, true), d32f = plan_grid(8192, 32000, 4, sm, true);
-  check(d32.stage && d32.cluster == 2 && d32f.stage && d32f.cluster == 4, "distillation 8192x32000: as before");
+  check(!d32.stage && d32.cluster == 1 && d32.smem == kFixedSmem, "distillation 8192x32000 bf16: one streamed CTA");
+  check(d32f.stage && d32f.cluster == 4, "distillation 8192x32000 f32: staged, as the general kernel");
+  // 16000 bf16 columns (62.5 KiB) fit one CTA's staged slice; 16392 (64.03 KiB) do not.
+  const Grid d16 = plan_grid(8192, 16000, 2, sm, true), d16s = plan_grid(8192, 16392, 2, sm, true);
+  check(d16.stage && d16.cluster == 1 && !d16s.stage && d16s.cluster == 1,
+        str("distillation bf16 around 64 KiB rows: ", d16.stage, " ", d16s.stage));
+  check(plan_grid(8192, 16392, 2, sm).stage, "general kernel 16392 bf16: staged (the rule is the distillation kernel's)");
   const Grid d128 = plan_grid(8192, 128256, 2, sm, true), d128f = plan_grid(8192, 128256, 4, sm, true);
   const Grid d256 = plan_grid(4096, 256000, 2, sm, true), d256f = plan_grid(4096, 256000, 4, sm, true);
   check(!d128.stage && d128.cluster == 2 && !d128f.stage && d128f.cluster == 4 && !d256.stage &&
@@ -754,14 +763,17 @@ void test_plan() {
         str("distillation, long rows streamed in 256 KiB slices: ", d128.cluster, " ", d128f.cluster, " ",
             d256.cluster, " ", d256f.cluster));
   check(d128.smem == kFixedSmem && d256f.smem == kFixedSmem, "distillation, streamed: no slice in shared memory");
-  check(d128.backward && d128.evict_first && d256f.backward && !d32.backward && !d32.evict_first,
+  check(d128.backward && d128.evict_first && d256f.backward && d32.backward && !d32f.backward && !d32f.evict_first,
         "distillation: streamed rows alternate, evict-first; staged ones do not");
   check(plan_grid(4096, 256000, 2, sm).backward, "H100 256000 bf16, streamed (slices too large to stage): alternate");
   check(plan_grid(8192, 128256, 2, a100, true).cluster == 1, "distillation without clusters: one CTA per row");
-  // Rows of 300 KiB (not measured streamed): the general kernel's plan.
-  const Grid d76 = plan_grid(8192, 76800, 2, sm, true), g76 = plan_grid(8192, 76800, 2, sm);
-  check(d76.stage == g76.stage && d76.cluster == g76.cluster && d76.slice == g76.slice,
-        str("distillation, 300 KiB rows: planned as the general kernel's, ", d76.cluster, " ", g76.cluster));
+  // 16-bit rows of 300 KiB: streamed in two slices; float32 rows of 300 KiB
+  // (not measured streamed): the general kernel's plan.
+  const Grid d76 = plan_grid(8192, 76800, 2, sm, true);
+  check(!d76.stage && d76.cluster == 2, str("distillation, bf16 rows of 300 KiB: ", d76.cluster, " streamed CTAs"));
+  const Grid f38 = plan_grid(8192, 38400, 4, sm, true), g38 = plan_grid(8192, 38400, 4, sm);
+  check(f38.stage == g38.stage && f38.cluster == g38.cluster && f38.slice == g38.slice && f38.stage,
+        str("distillation, float32 rows of 300 KiB: planned as the general kernel's, ", f38.cluster, " ", g38.cluster));
   DeviceLimits sliced = sm;
   sliced.knobs.slice_budget = 32 * 1024;
   check(plan_grid(8192, 128256, 2, sliced, true).cluster == 8 && plan_grid(8192, 128256, 2, sliced, true).stage,
