@@ -82,6 +82,13 @@ def _jsd_elem(lq, lp, beta, floor=NEG_INF):
     return beta * _kl_terms(lp, lm, floor) + (1 - beta) * _kl_terms(lq, lm, floor), lm
 
 
+def _row_shift(v):
+    """The largest finite value of each row (0 for a row with none), detached."""
+    v = v.detach()
+    m = torch.where(torch.isfinite(v), v, torch.full_like(v, NEG_INF)).amax(-1, keepdim=True)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
 def _fin_abs(v):
     return torch.where(torch.isfinite(v), v.abs(), torch.zeros_like(v))
 
@@ -110,6 +117,11 @@ def ref_logits(x, t, *, beta=0.0, temperature=1.0, reduction="batchmean", mask=N
         # gives no value and no gradient.
         xs = torch.where(k, x64, torch.zeros_like(x64))
         ts = torch.where(k, t64, torch.zeros_like(t64))
+    # Each row shifted by its largest finite logit before the scaling by 1 / T
+    # (softmax does not see a shift): the float64 reference then keeps the
+    # digits of the logits' differences whatever their size (x / T of logits
+    # around 1e30 is rounded to 1e14), as the kernels must (test_huge_logits).
+    xs, ts = xs - _row_shift(xs), ts - _row_shift(ts)
     lq = F.log_softmax(xs / T, dim=-1)
     lp = F.log_softmax(ts / T, dim=-1)
     elem, lm = _jsd_elem(lq, lp, beta, prob_floor)
@@ -443,6 +455,71 @@ def test_large_magnitude_logits(dtype, scale, beta):
         theirs = torch_composite(x.float(), t.float(), reduction="none").double()
         fin = torch.isfinite(theirs)
         torch.testing.assert_close(ours[fin], theirs[fin], rtol=2e-2, atol=scale * 1e-3)
+
+
+def huge_logits(base, V, dtype, rows=6):
+    """Rows of logits around `base` (from 1e9 to float32's largest value):
+    base plus small multiples of float32's spacing there, so that several
+    entries of a row carry probability at a temperature of that spacing; an
+    entry of the other sign (rows 1, 3); the teacher's rows 4-5 around
+    -base / 2, so that a log-ratio near 0 is a difference of two values of
+    about 1.5 base. Returned as (student, teacher, spacing)."""
+    spacing = 2.0 ** (math.floor(math.log2(abs(base))) - 23)
+    x = base + spacing * torch.randint(-12, 1, (rows, V), dtype=torch.float64)
+    t = base + spacing * torch.randint(-12, 1, (rows, V), dtype=torch.float64)
+    t[4:] = -base / 2 + spacing / 2 * torch.randint(-24, 1, (rows - 4, V), dtype=torch.float64)
+    for v in (x, t):
+        v[1, V // 2] = -base
+        v[3, -1] = -math.copysign(3.38e38, base)
+    return x.clamp(-3.38e38, 3.38e38).to(dtype), t.clamp(-3.38e38, 3.38e38).to(dtype), spacing
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
+@pytest.mark.parametrize("base", [1e9, -2e10, 1e30, -3e38, 3.38e38])
+@pytest.mark.parametrize("T", ["0.7", "1", "3 spacings"])
+def test_huge_logits(T, base, dtype, beta):
+    """Finite logits of any size: the kernels take a logit's distance from its
+    row's max before they scale it by 1 / T, so the result keeps the digits of
+    the logits' differences (tolerances relative to those, ref_logits), where
+    x / T carried the rounding of the logit itself (float32, 1e9 at T = 0.7:
+    a JSD of -56) and overflowed near float32's largest value (NaN rows)."""
+    x, t, spacing = huge_logits(base, 40, dtype)
+    temperature = {"0.7": 0.7, "1": 1.0, "3 spacings": 3 * spacing}[T]
+    if abs(base) > 1e38 and temperature > 1:
+        # Logits of a row more than float32's largest value apart: the lower
+        # one's log-probability is -inf in float32 (README, Reliability).
+        pytest.skip("log-probabilities beyond float32's range")
+    for red in ("none", "sum"):
+        loss, gx, gt = check_logits(x, t, beta=beta, temperature=temperature, reduction=red, compare_torch=False)
+        assert torch.isfinite(gx).all() and torch.isfinite(gt).all()
+
+
+def lowest_value_rows(V, dtype):
+    """Rows filled with the dtype's lowest value, a common padding or masking
+    value (torch.finfo(dtype).min): the teacher's row 1, the student's row 2,
+    both in row 3, beside logits of ordinary size. Such a row is a uniform
+    distribution, at any temperature."""
+    x, t = make_logits((4, V), dtype), make_logits((4, V), dtype)
+    low = torch.finfo(dtype).min
+    t[1] = low
+    x[2] = low
+    x[3] = low
+    t[3] = low
+    return x, t
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DT_ID.get)
+@pytest.mark.parametrize("T", [0.5, 1.0, 2.0])
+def test_rows_of_the_lowest_value_are_uniform(T, dtype, beta):
+    """Until 2026-11-28 the CPU kernel scaled logits by 1 / T before taking
+    their distance from the max: at T = 0.5 a float32 row of finfo.min
+    overflowed to -inf, and its divergence came out NaN (forward KL, JSD) or
+    -inf (reverse KL)."""
+    x, t = lowest_value_rows(33, dtype)
+    loss, gx, gt = check_logits(x, t, beta=beta, temperature=T, reduction="none", compare_torch=False)
+    assert torch.isfinite(loss).all() and torch.isfinite(gx).all() and torch.isfinite(gt).all()
 
 
 @pytest.mark.parametrize("V", [512, 32000])

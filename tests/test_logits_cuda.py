@@ -14,8 +14,8 @@ import torch
 import batchkl_ext
 from conftest import (assert_bitwise_equal, assert_close_scaled, assert_same_under_deterministic_algorithms,
                       assert_cuda_memory_flat, busy_side_stream, run_in_fresh_process, run_python)
-from test_logits import (DT_ID, LOGIT_REDUCTIONS, TOL, _layout, check_batch_invariance, check_logits, make_logits,
-                         make_mask, op, ref_logits, run_op)
+from test_logits import (DT_ID, LOGIT_REDUCTIONS, TOL, _layout, check_batch_invariance, check_logits, huge_logits,
+                         lowest_value_rows, make_logits, make_mask, op, ref_logits, run_op)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -47,12 +47,12 @@ def on_cuda(fn=op, mask=None, num_items=None, **kw):
 
 
 def check_cuda(x, t, *, beta=0.0, temperature=1.0, reduction="batchmean", mask=None, num_items=None,
-               grad_target=True):
+               grad_target=True, compare_torch=None):
     """The CUDA result against the float64 reference (check_logits) and
     against the CPU kernel."""
     kw = dict(beta=beta, temperature=temperature, reduction=reduction)
     got = check_logits(x, t, **kw, mask=mask, num_items=num_items, grad_target=grad_target,
-                       fn=on_cuda(mask=mask, num_items=num_items, **kw))
+                       fn=on_cuda(mask=mask, num_items=num_items, **kw), compare_torch=compare_torch)
     nt = None if num_items is None else torch.tensor(float(num_items))
     w = torch.ones(x.shape[:-1], dtype=torch.result_type(x, t)) if reduction == "none" and nt is None else None
     cpu = run_op(lambda a, b: op(a, b, **kw, mask=mask, num_items_in_batch=nt), x, t, grad_target=grad_target, w=w)
@@ -87,6 +87,39 @@ def test_cuda_matches_reference(dtype, beta, reduction, V):
 def test_cuda_large_vocab(dtype, shape, beta):
     x, t = make_logits(shape, dtype), make_logits(shape, dtype)
     check_cuda(x, t, beta=beta, reduction="none")
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_ID.get)
+@pytest.mark.parametrize("base", [1e9, -2e10, 1e30, -3e38, 3.38e38])
+@pytest.mark.parametrize("V", [40, 5000, 40000])
+def test_cuda_huge_logits(V, base, dtype, beta):
+    """Logits from 1e9 to float32's largest value (test_logits.test_huge_logits)
+    on each launch shape, at T = 0.7 and, below 1e38, at three times float32's
+    spacing there: the distances from the row's max taken before the scaling."""
+    x, t, spacing = huge_logits(base, V, dtype)
+    for temperature in (0.7,) if abs(base) > 1e38 else (0.7, 3 * spacing):
+        for grad_target in (True, False):  # the distillation kernel where beta = 0 and the teacher needs none
+            # (PyTorch's composite scales the logits first: not a reference here.)
+            _, gx, gt = check_cuda(x, t, beta=beta, temperature=temperature, reduction="none",
+                                   grad_target=grad_target, compare_torch=False)
+            assert torch.isfinite(gx).all() and (gt is None or torch.isfinite(gt).all())
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DT_ID.get)
+@pytest.mark.parametrize("V", [40, 5000, 40000])
+def test_cuda_rows_of_the_lowest_value_are_uniform(V, dtype, beta):
+    """A row of finfo.min (padding) beside ordinary logits: a uniform
+    distribution at any temperature. (The kernel's forward and reverse KL took
+    their log-ratio from y - x and the two rows' maxes: here a difference of
+    about 3.4e38 whose rounding, 2e31, was the result.)"""
+    x, t = lowest_value_rows(V, dtype)
+    for temperature in (0.5, 1.0, 2.0):
+        for grad_target in (True, False):
+            _, gx, gt = check_cuda(x, t, beta=beta, temperature=temperature, reduction="none",
+                                   grad_target=grad_target, compare_torch=False)
+            assert torch.isfinite(gx).all() and (gt is None or torch.isfinite(gt).all())
 
 
 def _on_device(view):

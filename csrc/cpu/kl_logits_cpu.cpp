@@ -64,12 +64,18 @@ typename Acc::value_type hmax(const Acc& v) {
 }
 
 // What sweep 1 leaves for the later ones, per distribution:
-//   logits: log q_j = (a_j - shift) - log_sum,  a_j = x_j / T
+//   logits: log q_j = (x_j - shift) / T - log_sum,  shift = the row's max logit
 //   probs:  log q_j = log x_j - log_sum
 // and, in the thread's row scratch, e_j with q_j = e_j * f[block of j]:
-//   logits: e_j = exp(a_j - running max at that block), f = exp(that max - shift) / sum
-//   probs:  e_j = x_j,                                   f = 1 / sum
+//   logits: e_j = exp((x_j - running max at that block) / T), f = exp((that max - shift) / T) / sum
+//   probs:  e_j = x_j,                                         f = 1 / sum
 // so that the later sweeps get q_j with a multiply instead of an exp.
+// The logit's distance from the max is taken before it is scaled by 1 / T:
+// exact near the max, and rounded relative to the distance, not to the
+// logit. (Scaled first, x_j / T carried the rounding of the logit's own size:
+// logits around 1e9 at T = 0.7 lost every digit of their differences, a
+// JSD came out -56; and x_j / T overflowed for logits near float's largest
+// value at T < 1: NaN rows.)
 template <typename acc_t>
 struct Normaliser {
   acc_t shift = 0, log_sum = 0, inv_sum = 0;
@@ -158,14 +164,13 @@ struct RowKernel {
         Acc v[IO::kVecs];
         load(r + j, b0 + len - j, v);
         for (int i = 0; i < IO::kVecs; ++i) {
-          v[i] = v[i] * Acc(inv_t);
           vmax = at::vec::maximum(vmax, v[i]);
           v[i].store(e + j + i * kS);
         }
       }
       const acc_t bm = hmax(vmax);
       if (std::isnan(bm) || bm > m) {
-        sum *= std::exp(static_cast<double>(m) - static_cast<double>(bm));  // 0 while m was -inf
+        sum *= std::exp((static_cast<double>(m) - static_cast<double>(bm)) * inv_t);  // 0 while m was -inf
         m = bm;
       }
       f[b] = m;
@@ -175,9 +180,9 @@ struct RowKernel {
         continue;
       }
       Acc s(0);
-      const Acc vm(m);
+      const Acc vm(m), vt(inv_t);
       for (int64_t j = b0; j < end; j += kS) {
-        const Acc ev = Ops::exp(Acc::loadu(e + j) - vm);
+        const Acc ev = Ops::exp((Acc::loadu(e + j) - vm) * vt);
         ev.store(e + j);
         s = s + ev;
       }
@@ -190,7 +195,7 @@ struct RowKernel {
     out.inv_sum = static_cast<acc_t>(1.0 / sum);
     for (int64_t b = 0; b < blocks(n); ++b) {
       f[b] = kProbs ? out.inv_sum
-                    : static_cast<acc_t>(std::exp(static_cast<double>(f[b]) - static_cast<double>(m)) / sum);
+                    : static_cast<acc_t>(std::exp((static_cast<double>(f[b]) - static_cast<double>(m)) * inv_t) / sum);
     }
     return out;
   }
@@ -206,9 +211,8 @@ struct RowKernel {
       return LogitsTerm<kDiv, Acc, Ops, kProbs>(log_prob(x, nq), q, log_prob(y, np), p, w);
     } else {
       // log p - log q with each side shifted by its own max first: exact
-      // where x / T is its row's max (a V = 1 row gives exactly 0).
-      return LogitsTerm<kDiv, Acc, Ops, kProbs>((y * Acc(inv_t) - Acc(np.shift)) - (x * Acc(inv_t) - Acc(nq.shift)) - c,
-                                                q, p);
+      // where x is its row's max (a V = 1 row gives exactly 0).
+      return LogitsTerm<kDiv, Acc, Ops, kProbs>(((y - Acc(np.shift)) - (x - Acc(nq.shift))) * Acc(inv_t) - c, q, p);
     }
   }
 
@@ -216,7 +220,7 @@ struct RowKernel {
     if constexpr (kProbs) {
       return Ops::log(v) - Acc(nz.log_sum);
     } else {
-      return (v * Acc(inv_t) - Acc(nz.shift)) - Acc(nz.log_sum);
+      return (v - Acc(nz.shift)) * Acc(inv_t) - Acc(nz.log_sum);
     }
   }
 
@@ -237,7 +241,7 @@ struct RowKernel {
                   const Normaliser<acc_t>& nq, const Normaliser<acc_t>& np, acc_t* gq_out, acc_t* gp_out,
                   const scalar_t* next_x, const scalar_t* next_y) const {
     Sums sums;
-    // For the two KLs from logits: log p - log q = (y / T - shift_p) - (x / T - shift_q) - c.
+    // For the two KLs from logits: log p - log q = ((y - shift_p) - (x - shift_q)) / T - c.
     const Acc c(static_cast<acc_t>(static_cast<double>(np.log_sum) - static_cast<double>(nq.log_sum)));
     for (int64_t b = 0, b0 = 0; b0 < n; ++b, b0 += kBlock) {
       const int64_t len = std::min(kBlock, n - b0);

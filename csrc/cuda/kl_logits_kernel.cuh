@@ -732,9 +732,17 @@ __device__ __forceinline__ void store_hinted(Pack<scalar_t>* p, const Pack<scala
 // Everything a group knows about its row after sweep 1. Logits x, y with
 // row maxes m_q, m_p and sums S_q, S_p of 2^((a - m) k2) (k2 = log2(e) / T):
 // q = 2^((x - m_q) k2) / S_q and log q = (x - m_q) / T - ln S_q, and the same
-// for p; d = log p - log q - (y - x) / T, a row constant. Every argument
-// starts from x - m_q: exact at the max, and rounded relative to the
-// distance from it, not to the size of the logit or of log S. Probs: q = x *
+// for p; d = ln(S_q / S_p), so that log p - log q = ((y - m_p) - (x - m_q)) /
+// T + d. Every argument starts from x - m_q: exact at the max, and rounded
+// relative to the distance from it, not to the size of the logit or of log
+// S. (From y - x and the maxes' difference instead, the log-ratio was a
+// difference of two values as large as the rows' offset: a teacher's row of
+// padding at float's lowest value beside an ordinary student row gave the
+// rounding of 3.4e38 at T = 1 and +inf at T = 0.5; rows of logits around 1e9
+// apart lost every digit. That form took one subtraction less per element
+// where a sweep needs only one of q and p, as sm_90's SASS shows: float32,
+// 80-160 more FADD in the kernels of the two KLs, the same count in JSD's.)
+// Probs: q = x *
 // inv_sum_q, log q = log x - log_sum_q, and the same for p. The forward
 // KL's lean sweep (RowWork::lean_step) takes q = 2^((x - m_q) k2 + off_q)
 // with off_q = -log2 S_q instead (one fused multiply-add and the SFU, where
@@ -814,7 +822,7 @@ struct RowWork {
       if constexpr (kDiv == Divergence::kJSD) {
         return Term(fma_(dx, inv_t, -k.log_sum_q), q, fma_(dy, inv_t, -k.log_sum_p), pr, w);
       } else {
-        return Term(fma_(y - x, inv_t, k.d), q, pr);
+        return Term(fma_(dy - dx, inv_t, k.d), q, pr);
       }
     }
   }
@@ -829,9 +837,12 @@ struct RowWork {
   // probability rule is a clamp: where p = 0 because y = -inf, log p - log q
   // is -inf or NaN (both -inf), which the clamp turns into a finite value
   // that p = 0 then zeroes. The one case left, p = 0 from underflow where x
-  // = -inf (0 * +inf), makes the thread's sum NaN; the caller then sums its
-  // packs again through `term` (exact_loss). The gradient (q - p) * scale is
-  // the same expression as raw_grad's with its row constant -1.
+  // = -inf or x - m_q overflows (0 * +inf), makes the thread's sum NaN; the
+  // caller then sums its packs again through `term` (exact_loss). The
+  // gradient (q - p) * scale is the same expression as raw_grad's with its
+  // row constant -1. (The log-ratio from x - m_q and y - m_p, as RowConsts
+  // says, costs no instruction where the gradient takes x - m_q anyway, one
+  // subtraction per element where the loss is all there is.)
   template <bool kGX>
   __device__ __forceinline__ void lean_step(const P& xp, const P& yp, const RowConsts<acc_t>& k, acc_t& loss,
                                             P& ox) const {
@@ -840,11 +851,12 @@ struct RowWork {
     unpack(yp, ys);
 #pragma unroll
     for (int e = 0; e < N; ++e) {
-      const acc_t pr = exp2_fast(fma_(ys[e] - k.m_p, k2, k.off_p));
-      const acc_t lr = max_skip_nan(fma_(ys[e] - xs[e], inv_t, k.d), -std::numeric_limits<acc_t>::max());
+      const acc_t dx = xs[e] - k.m_q, dy = ys[e] - k.m_p;
+      const acc_t pr = exp2_fast(fma_(dy, k2, k.off_p));
+      const acc_t lr = max_skip_nan(fma_(dy - dx, inv_t, k.d), -std::numeric_limits<acc_t>::max());
       loss = fma_(pr, lr, loss);
       if constexpr (kGX) {
-        const acc_t q = exp2_fast(fma_(xs[e] - k.m_q, k2, k.off_q));
+        const acc_t q = exp2_fast(fma_(dx, k2, k.off_q));
         ox.v[e] = static_cast<scalar_t>((q - pr) * scale);
       }
     }
@@ -1132,8 +1144,7 @@ struct RowWork {
     if constexpr (!kProbs) {
       k.m_q = static_cast<acc_t>(mx[0]);
       k.m_p = static_cast<acc_t>(mx[1]);
-      // log p - log q = (y - x) / T + d
-      k.d = fma_(k.m_q - k.m_p, inv_t, log_(static_cast<acc_t>(tot[0] / tot[1])));
+      k.d = log_(static_cast<acc_t>(tot[0] / tot[1]));
       k.off_q = -log2_(static_cast<acc_t>(tot[0]));
       k.off_p = -log2_(static_cast<acc_t>(tot[1]));
     }

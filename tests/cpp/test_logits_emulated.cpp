@@ -694,6 +694,113 @@ void test_batch_invariance() {
   }
 }
 
+// Finite logits of enormous magnitude, in float32 and bfloat16 (which hold
+// them; float16 ends at 65504): a row is a base value b (+-1e9 to float32's
+// largest) plus small multiples of b's float32 spacing, so that several
+// entries carry real probability at a temperature of that spacing, beside
+// entries of the opposite sign and whole rows of random logits of that size.
+// The kernel's exponents and log-ratios must take differences of nearby
+// logits before scaling, or the rounding of b itself (up to 64 at 1e9,
+// 2e31 at 3e38) swamps them; near the largest value, a difference of two
+// logits of opposite sign overflows to infinity, which must only mean a
+// probability of 0, never inf - inf = NaN.
+void test_huge_logits() {
+  const double big[] = {1e9, -2e10, 1e30, -3.0e38, 3.38e38};
+  for (const auto& [dev_name, dev] : kDevices) {
+    g_device = dev;
+    for (const int64_t cols : {37, 5000}) {
+      for (const double b : big) {
+        const double spacing = std::ldexp(1.0, std::ilogb(std::abs(b)) - 23);  // float32's at b
+        auto x = at::empty({8, cols}, at::kDouble), t = at::empty({8, cols}, at::kDouble);
+        for (auto* v : {&x, &t}) {
+          // Rows 0-3: b + spacing * k, k in [-12, 0]; an entry of the other
+          // sign in rows 1 and 3; rows 4-5: random logits of b's size; rows
+          // 6-7: the teacher's around -b / 2 (whose spacing is half b's), so
+          // that a log-ratio near 0 is the difference of two of about 1.5 b.
+          v->copy_(b + spacing * at::randint(-12, 1, {8, cols}, at::kDouble));
+          (*v)[1][cols / 2] = -b;
+          (*v)[3][cols - 1] = -std::copysign(3.38e38, b);
+          v->narrow(0, 4, 2).copy_(at::randn({2, cols}, at::kDouble) * std::abs(b) / 4);
+          v->clamp_(-3.38e38, 3.38e38);
+        }
+        t.narrow(0, 6, 2).copy_(-b / 2 + spacing / 2 * at::randint(-24, 1, {2, cols}, at::kDouble));
+        x.narrow(0, 6, 2).copy_(b + spacing * (t.narrow(0, 6, 2) + b / 2) / (spacing / 2) / 2);
+        for (const double temperature : {0.5, 0.7, 1.0, spacing, 3 * spacing}) {
+          // Near float's largest value, two logits of a row can be more than
+          // that value apart: the lower one's log-probability is then -inf in
+          // float arithmetic, whatever T (README, Reliability), where float64
+          // gives -(distance) / T, finite at the spacing's T.
+          if (std::abs(b) > 1e38 && temperature > 1) continue;
+          for (const double beta : {0.0, 0.5, 1.0}) {
+            for (const auto dt : {at::kFloat, at::kBFloat16}) {
+              Call c;
+              c.beta = beta;
+              c.temperature = temperature;
+              c.reduction = "none";
+              // A row whose divergence is beyond the dtype's range is +inf
+              // there, and has the gradients of an infinite row (README,
+              // Reliability): its value is compared, its gradients are not.
+              Call per_row = c;
+              per_row.grad_input = per_row.grad_target = false;
+              const auto exact = std::get<0>(cpu_kernel(x.to(dt).to(at::kDouble), t.to(dt).to(at::kDouble), per_row));
+              const auto infinite = exact.to(dt).isinf();
+              // Most rows put their mass on one entry each: their gradients
+              // are the rounding of a cancellation, of order 1e-7 / T.
+              const double floor = 1e-6 / temperature;
+              for (const bool student_alone : {false, true}) {
+                c.grad_target = !student_alone;
+                compare_with_cpu(x.to(dt), t.to(dt), c,
+                                 str(dev_name, " logits around b=", b, " V=", cols, " ", dt, " T=", temperature,
+                                     " beta=", beta, student_alone ? " student's gradient alone" : ""),
+                                 true, 1.0, floor, infinite);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Rows filled with the dtype's lowest value (torch.finfo(dtype).min, a
+// common padding or masking value) beside ordinary logits: the teacher's row
+// 1, the student's row 2, both in row 3. Such a row is a uniform
+// distribution at any temperature. (From y - x and the rows' maxes, the
+// KLs' log-ratio of row 1 was the difference of two values of about 3.4e38:
+// their rounding, 2e31, at T = 1, and +inf at T = 0.5.)
+void test_lowest_value_rows() {
+  for (const auto& [dev_name, dev] : kDevices) {
+    g_device = dev;
+    for (const int64_t cols : {37, 5000, 40000}) {
+      for (const auto dt : {at::kFloat, at::kBFloat16, at::kHalf}) {
+        // Ordinary rows of scale 1.5: at T = 0.5 those of the other tests'.
+        auto x = logits(4, cols, dt, 1.5), t = logits(4, cols, dt, 1.5);
+        const double low = dt == at::kFloat      ? -static_cast<double>(std::numeric_limits<float>::max())
+                           : dt == at::kBFloat16 ? -0x1.fep127
+                                                 : -65504.0;
+        t[1].fill_(low);
+        x[2].fill_(low);
+        x[3].fill_(low);
+        t[3].fill_(low);
+        for (const double temperature : {0.5, 1.0, 2.0}) {
+          for (const double beta : {0.0, 0.5, 1.0}) {
+            for (const bool student_alone : {false, true}) {
+              Call c;
+              c.beta = beta;
+              c.temperature = temperature;
+              c.reduction = "none";
+              c.grad_target = !student_alone;
+              compare_with_cpu(x, t, c,
+                               str(dev_name, " rows of the lowest value V=", cols, " ", dt, " T=", temperature,
+                                   " beta=", beta, student_alone ? " student's gradient alone" : ""));
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 void test_plan() {
   const DeviceLimits h100{132, 227 * 1024, true}, a100{108, 163 * 1024, false};
   // The issue's shapes: a cluster split for long rows on Hopper, every row staged where it fits.
@@ -1024,15 +1131,17 @@ void test_random(int count, uint64_t seed, int only = -1) {
 // launch knobs' own tests), "default" (every launch shape as planned by default)
 // or "other" (the same with a row's maxes and sums merged in one exchange,
 // every sweep forward and staged rows' slices copied ahead on a grid of two
-// clusters), "prefetch" (BATCHKL_LOGITS_PREFETCH's own test), or "random
-// SEED COUNT [ONLY]" (test_random; not part of "all"); ctest runs them side
+// clusters), "prefetch" (BATCHKL_LOGITS_PREFETCH's own test), "magnitudes"
+// (logits from 1e9 to float's largest value, rows of the lowest value), or
+// "random SEED COUNT [ONLY]"
+// (test_random; not part of "all"); ctest runs them side
 // by side. No argument: all.
 int main(int argc, char** argv) {
   const std::string part = argc > 1 ? argv[1] : "all";
   if (part != "all" && part != "checks" && part != "knobs" && part != "default" && part != "other" &&
-      part != "prefetch" && part != "random") {
+      part != "prefetch" && part != "magnitudes" && part != "random") {
     std::fprintf(stderr,
-                 "test_logits_emulated: expected no argument or one of checks, knobs, default, other, prefetch, "
+                 "test_logits_emulated: expected no argument or one of checks, knobs, default, other, prefetch, magnitudes, "
                  "random [SEED [COUNT [ONLY]]]; got '%s'\n",
                  part.c_str());
     return 2;
@@ -1057,6 +1166,10 @@ int main(int argc, char** argv) {
     test_sweep_directions();
   }
   if (part == "all" || part == "prefetch") test_prefetch();
+  if (part == "all" || part == "magnitudes") {
+    test_huge_logits();
+    test_lowest_value_rows();
+  }
   // Every launch shape against the CPU kernel, special values, determinism
   // and batch invariance: as planned by default, then with a row's maxes and
   // sums merged in one exchange, every sweep forward and staged slices
