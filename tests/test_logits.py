@@ -85,6 +85,8 @@ def _jsd_elem(lq, lp, beta, floor=NEG_INF):
 def _row_shift(v):
     """The largest finite value of each row (0 for a row with none), detached."""
     v = v.detach()
+    if v.shape[-1] == 0:  # rows of no columns
+        return torch.zeros(v.shape[:-1] + (1,), dtype=v.dtype)
     m = torch.where(torch.isfinite(v), v, torch.full_like(v, NEG_INF)).amax(-1, keepdim=True)
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
