@@ -714,17 +714,21 @@ void test_huge_logits() {
         auto x = at::empty({8, cols}, at::kDouble), t = at::empty({8, cols}, at::kDouble);
         for (auto* v : {&x, &t}) {
           // Rows 0-3: b + spacing * k, k in [-12, 0]; an entry of the other
-          // sign in rows 1 and 3; rows 4-5: random logits of b's size; rows
-          // 6-7: the teacher's around -b / 2 (whose spacing is half b's), so
-          // that a log-ratio near 0 is the difference of two of about 1.5 b.
+          // sign in rows 1 and 3; rows 4-5: random logits of b's size.
           v->copy_(b + spacing * at::randint(-12, 1, {8, cols}, at::kDouble));
           (*v)[1][cols / 2] = -b;
           (*v)[3][cols - 1] = -std::copysign(3.38e38, b);
           v->narrow(0, 4, 2).copy_(at::randn({2, cols}, at::kDouble) * std::abs(b) / 4);
-          v->clamp_(-3.38e38, 3.38e38);
         }
-        t.narrow(0, 6, 2).copy_(-b / 2 + spacing / 2 * at::randint(-24, 1, {2, cols}, at::kDouble));
-        x.narrow(0, 6, 2).copy_(b + spacing * (t.narrow(0, 6, 2) + b / 2) / (spacing / 2) / 2);
+        // Rows 6-7: the same offsets k / 2 spacings from b for the student
+        // and from -b / 2 (whose spacing is half b's) for the teacher: a
+        // log-ratio of a few spacings over T, from logits about 1.5 b apart
+        // (y - x would keep none of its digits).
+        const auto k = at::randint(-24, 1, {2, cols}, at::kDouble);
+        x.narrow(0, 6, 2).copy_(b + spacing / 2 * k);
+        t.narrow(0, 6, 2).copy_(-b / 2 + spacing / 2 * k);
+        x.clamp_(-3.38e38, 3.38e38);
+        t.clamp_(-3.38e38, 3.38e38);
         for (const double temperature : {0.5, 0.7, 1.0, spacing, 3 * spacing}) {
           // Near float's largest value, two logits of a row can be more than
           // that value apart: the lower one's log-probability is then -inf in
@@ -775,9 +779,9 @@ void test_lowest_value_rows() {
       for (const auto dt : {at::kFloat, at::kBFloat16, at::kHalf}) {
         // Ordinary rows of scale 1.5: at T = 0.5 those of the other tests'.
         auto x = logits(4, cols, dt, 1.5), t = logits(4, cols, dt, 1.5);
-        const double low = dt == at::kFloat      ? -static_cast<double>(std::numeric_limits<float>::max())
-                           : dt == at::kBFloat16 ? -0x1.fep127
-                                                 : -65504.0;
+        const double low = dt == at::kFloat      ? std::numeric_limits<float>::lowest()
+                           : dt == at::kBFloat16 ? static_cast<float>(std::numeric_limits<c10::BFloat16>::lowest())
+                                                 : static_cast<float>(std::numeric_limits<c10::Half>::lowest());
         t[1].fill_(low);
         x[2].fill_(low);
         x[3].fill_(low);
@@ -1127,15 +1131,17 @@ void test_random(int count, uint64_t seed, int only = -1) {
 
 }  // namespace
 
-// `part`: "checks" (the plan, layouts, probabilities), "knobs" (the other
-// launch knobs' own tests), "default" (every launch shape as planned by default)
-// or "other" (the same with a row's maxes and sums merged in one exchange,
-// every sweep forward and staged rows' slices copied ahead on a grid of two
-// clusters), "prefetch" (BATCHKL_LOGITS_PREFETCH's own test), "magnitudes"
-// (logits from 1e9 to float's largest value, rows of the lowest value), or
-// "random SEED COUNT [ONLY]"
-// (test_random; not part of "all"); ctest runs them side
-// by side. No argument: all.
+// `part`, one of:
+//   checks      the plan, layouts, probabilities
+//   knobs       the other launch knobs' own tests
+//   prefetch    BATCHKL_LOGITS_PREFETCH's own test
+//   magnitudes  logits from 1e9 to float's largest value, rows of the lowest value
+//   default     every launch shape as planned by default
+//   other       the same with a row's maxes and sums merged in one exchange, every
+//               sweep forward and staged rows' slices copied ahead on a grid of two
+//               clusters
+//   random SEED COUNT [ONLY]   test_random; not part of "all"
+// No argument: all but random. ctest runs the parts side by side.
 int main(int argc, char** argv) {
   const std::string part = argc > 1 ? argv[1] : "all";
   if (part != "all" && part != "checks" && part != "knobs" && part != "default" && part != "other" &&
