@@ -2,8 +2,9 @@
 references: values and gradients of every argument, for random shapes (0-size
 dims, V = 1, broadcasting), dtypes (mixed), memory layouts, reductions,
 temperatures, betas, masks, num_items_in_batch, and values from 1e-30 to 1e4
-in magnitude with -inf, exact zeros, NaN and +inf mixed in; plus batch
-invariance at random positions.
+in magnitude with -inf, exact zeros, NaN and +inf mixed in (logits also with
+whole rows offset by up to 1e35 or filled with the dtype's lowest value); plus
+batch invariance at random positions.
 
 Hypothesis draws the case (shapes, dtypes, flags, a seed); the values are
 made from the seed with torch's generator, so an example is cheap and shrinks
@@ -23,7 +24,7 @@ from hypothesis import assume, given, note, strategies as st  # noqa: E402
 
 from conftest import (FLOAT_DTYPES, LAYOUTS, REDUCTIONS, apply_layout, assert_bitwise_equal,  # noqa: E402
                       assert_close_scaled, check_against_reference, kl_op, run_and_grad)
-from test_logits import LOGIT_REDUCTIONS, TOL as LOGITS_TOL, _coarser, op, ref_logits, run_op  # noqa: E402
+from test_logits import LOGIT_REDUCTIONS, TOL as LOGITS_TOL, _coarser, _row_shift, op, ref_logits, run_op  # noqa: E402
 
 NEG_INF, POS_INF, NAN = float("-inf"), float("inf"), float("nan")
 
@@ -178,7 +179,26 @@ def logits_cases(draw):
         family=draw(st.sampled_from(["randn", "wide"])), scale=draw(st.sampled_from([1.0, 3.0, 30.0])),
         lo=draw(st.sampled_from([-30, -8, -2])), hi=draw(st.sampled_from([0, 2, 4])),
         specials=draw(st.sets(st.sampled_from(LOGIT_SPECIALS), max_size=3)),
+        row_bases=draw(st.sampled_from([False, False, True])),
         seed=draw(st.integers(0, 2**31 - 1)))
+
+
+# Offsets added to whole rows with `row_bases` (each row of each operand its
+# own): softmax does not see them, so the kernels must take a logit's distance
+# from its row's max before scaling by 1 / T, or x / T keeps only the rounding
+# of the offset. "lowest" fills the row with the dtype's lowest value (a
+# common padding value; the row is then uniform). Up to 1e35, so that a
+# distance over T (T >= 0.05) stays within float32's range; test_logits'
+# test_huge_logits goes to float32's largest value.
+ROW_BASES = (0.0, 1e5, -1e5, 1e9, -1e9, 1e20, -3e20, 1e30, -1e30, 1e35, -1e35, "lowest")
+
+
+def _with_row_bases(v, dtype, g):
+    codes = (_uniform(v.shape[:-1], g) * len(ROW_BASES)).long().unsqueeze(-1)
+    bases = torch.tensor([NAN if b == "lowest" else b for b in ROW_BASES], dtype=torch.float64)[codes]
+    v = torch.where(torch.isnan(bases), torch.finfo(dtype).min, v + bases)
+    # float16 ends at 65504 (a base of 1e5 would make the row inf).
+    return v.clamp(-65504, 65504) if dtype == torch.float16 else v
 
 
 def make_logits_inputs(c):
@@ -203,6 +223,10 @@ def make_logits_inputs(c):
     if "zeros" in sp:
         x = _sprinkle(x, g, 0.2, 0.0)
         t = _sprinkle(t, g, 0.2, 0.0)
+    if c.get("row_bases"):
+        # After "zeros": a 0 in a row of the lowest value would be 3.4e38 above
+        # the rest, whose log-probabilities are then beyond float32's range.
+        x, t = _with_row_bases(x, c["x_dtype"], g), _with_row_bases(t, c["t_dtype"], g)
     if "nan" in sp:
         x = _sprinkle(x, g, 0.02, NAN)
     if "pos_inf" in sp:
@@ -241,8 +265,9 @@ def _ambiguous_rows(x, t, beta, T, mask, floor):
     taken as positive, 0 if it underflows; which one depends on the last bit."""
     if beta not in (0.0, 1.0):
         return torch.zeros(x.shape[:-1], dtype=torch.bool)
-    lq = torch.log_softmax(x.double() / T, -1)
-    lp = torch.log_softmax(t.double() / T, -1)
+    x, t = x.double(), t.double()
+    lq = torch.log_softmax((x - _row_shift(x)) / T, -1)
+    lp = torch.log_softmax((t - _row_shift(t)) / T, -1)
     weight, other = (lp, lq) if beta == 0.0 else (lq, lp)
     amb = ((other == NEG_INF) & ((weight - floor).abs() < 0.5)).any(-1)
     return amb if mask is None else amb & mask
