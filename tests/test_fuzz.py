@@ -28,6 +28,13 @@ from test_logits import LOGIT_REDUCTIONS, TOL as LOGITS_TOL, _coarser, _row_shif
 
 NEG_INF, POS_INF, NAN = float("-inf"), float("inf"), float("nan")
 
+
+def on_cuda(test):
+    """The same property on the CUDA kernels, where a GPU is present."""
+    test = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test)
+    return pytest.mark.cuda(test)
+
+
 # Row lengths: the SIMD widths and their tails, V = 0 and 1, a few blocks of
 # the logits kernel (1024), and rarely more than one tile of the kl kernel (~8k).
 SMALL_V = st.sampled_from([0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65]) | st.integers(1, 130)
@@ -103,9 +110,9 @@ def kl_cases(draw):
         seed=draw(st.integers(0, 2**31 - 1)))
 
 
-def make_kl_inputs(c):
+def make_kl_inputs(c, device="cpu"):
     """Input log-probabilities and target (probabilities, or their logs with
-    log_target) of the case; probability magnitudes 10**lo .. 10**hi."""
+    log_target) of the case on `device`; probability magnitudes 10**lo .. 10**hi."""
     g = torch.Generator().manual_seed(c["seed"])
     xs, ts, sp = c["x_shape"], c["t_shape"], c["specials"]
     hi = c["hi"]
@@ -140,17 +147,29 @@ def make_kl_inputs(c):
     # Keep them representable there, so that the float64 reference applies.
     rdtype = torch.result_type(x, t)
     x, t = (v.to(rdtype).to(v.dtype) if v.dim() == 0 else v for v in (x, t))
-    return apply_layout(x, c["x_layout"]), apply_layout(t, c["t_layout"])
+    return apply_layout(x.to(device), c["x_layout"]), apply_layout(t.to(device), c["t_layout"])
+
+
+def check_kl_case(case, device):
+    x, t = make_kl_inputs(case, device)
+    note(f"x {x.dtype} {tuple(x.shape)} strides {x.stride()}; t {t.dtype} {tuple(t.shape)} strides {t.stride()}")
+    torch.manual_seed(case["seed"])    # the upstream gradient of 'none' / 'row'
+    check_against_reference(x, t, case["reduction"], case["log_target"], compare_torch=False,
+                            compare_cpu=device != "cpu")
 
 
 @given(kl_cases())
 def test_kl_matches_float64_reference(case):
     """Value, dtype, shape and both gradients of torch.ops.batchkl.kl against
     the float64 reference of the spec (zero-probability rule, NaN in NaN out)."""
-    x, t = make_kl_inputs(case)
-    note(f"x {x.dtype} {tuple(x.shape)} strides {x.stride()}; t {t.dtype} {tuple(t.shape)} strides {t.stride()}")
-    torch.manual_seed(case["seed"])    # the upstream gradient of 'none' / 'row'
-    check_against_reference(x, t, case["reduction"], case["log_target"], compare_torch=False)
+    check_kl_case(case, "cpu")
+
+
+@on_cuda
+@given(kl_cases())
+def test_cuda_kl_matches_float64_reference(case):
+    """The same cases on the CUDA kernel, also against the CPU kernel."""
+    check_kl_case(case, "cuda")
 
 
 # --------------------------------------------------------------------------
@@ -201,8 +220,8 @@ def _with_row_bases(v, dtype, g):
     return v.clamp(-65504, 65504) if dtype == torch.float16 else v
 
 
-def make_logits_inputs(c):
-    """Student and teacher logits, the mask and num_items_in_batch of the case."""
+def make_logits_inputs(c, device="cpu"):
+    """Student and teacher logits, the mask and num_items_in_batch of the case, on `device`."""
     g = torch.Generator().manual_seed(c["seed"])
     shape, sp = c["shape"], c["specials"]
 
@@ -234,22 +253,22 @@ def make_logits_inputs(c):
     if "row_all_neg_inf" in sp and x.numel():
         x.view(-1, shape[-1])[0] = NEG_INF
         t.view(-1, shape[-1])[0] = NEG_INF
-    x = apply_layout(x.to(c["x_dtype"]), c["x_layout"])
-    t = apply_layout(t.to(c["t_dtype"]), c["t_layout"])
+    x = apply_layout(x.to(device=device, dtype=c["x_dtype"]), c["x_layout"])
+    t = apply_layout(t.to(device=device, dtype=c["t_dtype"]), c["t_layout"])
 
     rows = tuple(shape[:-1])
     mask = None
     if c["mask"] in ("random", "random_strided"):
-        mask = _uniform(rows, g) < 0.6
+        mask = (_uniform(rows, g) < 0.6).to(device)
         if c["mask"] == "random_strided" and len(rows):
             mask = apply_layout(mask, "sliced")
     elif c["mask"] == "all_false":
-        mask = torch.zeros(rows, dtype=torch.bool)
+        mask = torch.zeros(rows, dtype=torch.bool, device=device)
     elif c["mask"] == "all_true":
-        mask = torch.ones(rows, dtype=torch.bool)
+        mask = torch.ones(rows, dtype=torch.bool, device=device)
     n = 1 + int(_uniform((), g) * 50)
-    num_items = {None: None, "int": n, "float_tensor": torch.tensor(float(n)),
-                 "int64_tensor": torch.tensor(n)}[c["num_items"]]
+    num_items = {None: None, "int": n, "float_tensor": torch.tensor(float(n), device=device),
+                 "int64_tensor": torch.tensor(n, device=device)}[c["num_items"]]
     return x, t, mask, num_items
 
 
@@ -295,8 +314,7 @@ def _float16_fused_overflow(x, t, case, mask, ref, floor):
     return False
 
 
-@given(logits_cases())
-def test_kl_with_logits_matches_float64_reference(case):
+def check_logits_case(case, device):
     """Value, dtype, shape and gradients of torch.ops.batchkl.kl_with_logits
     against the float64 reference (TRL's formula with the zero-probability
     rule, mask and num_items_in_batch). A probability that underflows in the
@@ -304,20 +322,24 @@ def test_kl_with_logits_matches_float64_reference(case):
     of 0). Where a kept row's divergence is infinite (a probability 0 on the
     side the divergence divides by) its value is checked, its gradient row is
     not (the gradient is undefined there)."""
-    x, t, mask, num_items = make_logits_inputs(case)
+    xd, td, mask_d, num_items = make_logits_inputs(case, device)
     beta, T, red = case["beta"], case["temperature"], case["reduction"]
-    note(f"x {x.dtype} {tuple(x.shape)} strides {x.stride()}; t {t.dtype} strides {t.stride()}; mask {mask}")
+    note(f"x {xd.dtype} {tuple(xd.shape)} strides {xd.stride()}; t {td.dtype} strides {td.stride()}; mask {mask_d}")
+    # The references, on the CPU.
+    x, t, mask = xd.cpu(), td.cpu(), None if mask_d is None else mask_d.cpu()
     rdtype = torch.result_type(x, t)
     floor = PROB_FLOOR.get(rdtype, PROB_FLOOR_F32)
     assume(not _ambiguous_rows(x, t, beta, T, mask, floor).any())
     per_row = num_items is None and red == "none"
     torch.manual_seed(case["seed"])
     w = torch.randn(x.shape[:-1], dtype=torch.float64).to(rdtype) if per_row else None
-    n_arg = torch.tensor(float(num_items)) if isinstance(num_items, int) else num_items
+    n_arg = torch.tensor(float(num_items), device=device) if isinstance(num_items, int) else num_items
 
-    loss, gx, gt = run_op(lambda a, b: op(a, b, beta=beta, temperature=T, reduction=red, mask=mask,
+    loss, gx, gt = run_op(lambda a, b: op(a, b, beta=beta, temperature=T, reduction=red, mask=mask_d,
                                           num_items_in_batch=n_arg),
-                          x, t, grad_target=case["grad_target"], w=w, gscale=3.0)
+                          xd, td, grad_target=case["grad_target"], w=None if w is None else w.to(device), gscale=3.0)
+    assert loss.device == gx.device == xd.device and (gt is None or gt.device == xd.device)
+    loss, gx, gt = loss.cpu(), gx.cpu(), None if gt is None else gt.cpu()
     ref = ref_logits(x, t, beta=beta, temperature=T, reduction=red, mask=mask,
                      num_items=None if num_items is None else float(num_items), w=w, gscale=3.0, prob_floor=floor)
     assume(not _float16_fused_overflow(x, t, case, mask, ref, floor))
@@ -338,6 +360,20 @@ def test_kl_with_logits_matches_float64_reference(case):
                             tol=LOGITS_TOL[_coarser(rdtype, dt)], what=name)
         if mask is not None:
             assert (got[~mask] == 0).all(), f"{name}: excluded rows must get exactly 0"
+
+
+@given(logits_cases())
+def test_kl_with_logits_matches_float64_reference(case):
+    check_logits_case(case, "cpu")
+
+
+@on_cuda
+@given(logits_cases())
+def test_cuda_kl_with_logits_matches_float64_reference(case):
+    """The same cases on the CUDA kernels: rows of up to 3100 columns, so the
+    launches of part of a warp or a warp per row and of a CTA per row (not the
+    clusters of long rows; test_logits_cuda covers those)."""
+    check_logits_case(case, "cuda")
 
 
 # --------------------------------------------------------------------------
