@@ -1,5 +1,5 @@
 // Runs CUDA kernel code on the CPU, for machines without a GPU: every CUDA
-// thread of a cluster (or of a CTA) is a fiber (ucontext) on the calling
+// thread of a cluster (or of a CTA) is a fiber (a stack of its own) on the calling
 // thread, and __syncthreads, the cluster barrier and the warp shuffles are
 // barriers at which a fiber hands over to the next; an asynchronous copy
 // (cp.async) lands at the wait that covers it, or in every other pair of
@@ -87,8 +87,79 @@ struct AsyncCopy {
   size_t n;
 };
 
+// A fiber's saved registers, and the switch between two fibers. glibc's
+// swapcontext saves and restores the signal mask with a system call at every
+// switch: over half of the emulated tests' time went there (perf, 2026-11-28).
+// On x86-64 a switch here saves only what the SysV ABI has a callee keep (rbx,
+// rbp, r12-r15, the SSE control/status and x87 control words) and the stack
+// pointer; elsewhere it is ucontext's.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(BATCHKL_EMU_UCONTEXT)
+extern "C" void batchkl_emu_switch(void** save_sp, void* load_sp);
+// Weak: every translation unit that includes this header defines it.
+asm(R"(
+  .text
+  .weak batchkl_emu_switch
+  .type batchkl_emu_switch, @function
+  .p2align 4
+batchkl_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size batchkl_emu_switch, .-batchkl_emu_switch
+)");
+struct Context {
+  void* sp = nullptr;
+};
+inline void switch_context(Context& save, Context& load) { batchkl_emu_switch(&save.sp, load.sp); }
+// The first switch to a fresh stack pops zeros into the callee-saved
+// registers, the caller's control words, and "returns" into entry with the
+// stack as a call leaves it (16-byte aligned plus a return address: a 0, where
+// a backtrace or an unwinder stops). entry must never return.
+inline void make_context(Context& c, char* stack, size_t size, void (*entry)()) {
+  auto* sp = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(stack + size) & ~uintptr_t{15});
+  uint32_t mxcsr;
+  uint16_t fpcw;
+  asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(mxcsr), "=m"(fpcw));
+  *--sp = 0;
+  *--sp = reinterpret_cast<uint64_t>(entry);
+  for (int r = 0; r < 6; ++r) *--sp = 0;
+  *--sp = uint64_t{mxcsr} | uint64_t{fpcw} << 32;
+  c.sp = sp;
+}
+#else
+struct Context {
+  ucontext_t uc{};
+};
+inline void switch_context(Context& save, Context& load) { swapcontext(&save.uc, &load.uc); }
+inline void make_context(Context& c, char* stack, size_t size, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = size;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+#endif
+
 struct Fiber {
-  ucontext_t ctx{};
+  Context ctx;
   std::vector<AsyncCopy> open_copies;                 // issued since the last commit
   std::deque<std::vector<AsyncCopy>> copy_groups;  // committed, oldest first
   std::unique_ptr<char[]> stack;
@@ -101,7 +172,7 @@ struct Fiber {
 
 inline thread_local ThreadState tls;
 inline thread_local Fiber* current = nullptr;
-inline thread_local ucontext_t scheduler;
+inline thread_local Context scheduler;
 inline thread_local std::exception_ptr failure;
 
 inline void arrive_and_wait(Barrier& b) {
@@ -112,10 +183,10 @@ inline void arrive_and_wait(Barrier& b) {
   }
   current->waiting = &b;
   current->wait_generation = b.generation;
-  swapcontext(&current->ctx, &scheduler);
+  switch_context(current->ctx, scheduler);
 }
 
-inline void fiber_main() {
+[[noreturn]] inline void fiber_main() {
   try {
     current->body();
     // The kernel waits for every copy it issues before reading it; one
@@ -127,7 +198,9 @@ inline void fiber_main() {
     if (!failure) failure = std::current_exception();
   }
   current->done = true;
-  // uc_link returns to the scheduler.
+  // Back to the scheduler for good: a fiber's entry never returns.
+  switch_context(current->ctx, scheduler);
+  __builtin_unreachable();
 }
 
 // Launches alternate between running the fibers in thread order and in
@@ -156,7 +229,7 @@ inline void run(std::vector<Fiber>& fibers) {
       f.waiting = nullptr;
       tls = f.state;
       current = &f;
-      swapcontext(&scheduler, &f.ctx);
+      switch_context(scheduler, f.ctx);
       progress = true;
       if (f.done && --f.state.cta->live == 0) {
         std::fill(f.state.cta->smem.begin(), f.state.cta->smem.end(), static_cast<unsigned char>(0xff));
@@ -261,11 +334,7 @@ void launch(unsigned grid, unsigned block, size_t smem, unsigned cluster, Kernel
         f.state = ThreadState{dim3(t), dim3(first + c), dim3(block), dim3(grid), cl.ctas[c].get(), &cl, c};
         f.body = [&] { kernel(args...); };
         f.stack.reset(new char[kStack]);
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = f.stack.get();
-        f.ctx.uc_stack.ss_size = kStack;
-        f.ctx.uc_link = &scheduler;
-        makecontext(&f.ctx, fiber_main, 0);
+        make_context(f.ctx, f.stack.get(), kStack, fiber_main);
       }
     }
     run(fibers);

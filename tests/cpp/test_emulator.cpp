@@ -1,0 +1,154 @@
+// The CUDA emulator itself (tests/cpp/cuda_emulator.h): the kernel tests
+// trust it to run every thread to the end, to hand values between lanes and
+// CTAs, and to report a barrier not every thread reaches or an exception in
+// a thread. Each of these is checked here on small kernels, so that a slip
+// in its fibers (their context switch, stacks, scheduling) fails here by
+// name rather than as wrong results in the kernel tests, or not at all.
+#include "cuda_emulator.h"
+
+#include <cfenv>
+#include <cmath>
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "check.h"
+
+namespace {
+
+using batchkl_test::check;
+using batchkl_test::g_checks;
+using batchkl_test::g_failures;
+
+// A warp's and a CTA's sums of 1..n by shuffles and shared memory, and deep
+// recursion on each fiber's own stack: every thread's result is checked.
+void sums(float* warp_sums, double* cta_sums, int* depths) {
+  const unsigned t = threadIdx.x, lane = t % 32, warp = t / 32;
+  float v = static_cast<float>(t + 1);
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  auto* partial = reinterpret_cast<double*>(batchkl_emu::dynamic_smem());
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  double total = 0;
+  for (unsigned w = 0; w < blockDim.x / 32; ++w) total += partial[w];
+  const unsigned g = blockIdx.x * blockDim.x + t;
+  warp_sums[g] = v;
+  cta_sums[g] = total;
+  // Recursion the optimiser keeps (the volatile buffer): a few KiB of stack.
+  auto deep = [](auto& self, int n) -> int {
+    volatile char pad[64];
+    pad[0] = static_cast<char>(n);
+    return n == 0 ? pad[0] : 1 + self(self, n - 1);
+  };
+  depths[g] = deep(deep, 100 + static_cast<int>(t % 7));
+}
+
+void test_values() {
+  constexpr unsigned kGrid = 3, kBlock = 128;
+  std::vector<float> warp_sums(kGrid * kBlock, -1);
+  std::vector<double> cta_sums(kGrid * kBlock, -1);
+  std::vector<int> depths(kGrid * kBlock, -1);
+  for (int launch = 0; launch < 4; ++launch) {  // in thread order and reversed, copies late and early
+    batchkl_emu::launch(kGrid, kBlock, 4 * sizeof(double), 1, sums, warp_sums.data(), cta_sums.data(),
+                        depths.data());
+    bool warps = true, ctas = true, deep = true;
+    for (unsigned g = 0; g < kGrid * kBlock; ++g) {
+      const unsigned t = g % kBlock, first = t / 32 * 32 + 1, last = first + 31;
+      warps &= warp_sums[g] == static_cast<float>((first + last) * 32 / 2);
+      ctas &= cta_sums[g] == static_cast<double>(kBlock * (kBlock + 1) / 2);
+      deep &= depths[g] == 100 + static_cast<int>(t % 7);
+    }
+    check(warps, "warp shuffle sums, launch " + std::to_string(launch));
+    check(ctas, "CTA sums through shared memory, launch " + std::to_string(launch));
+    check(deep, "recursion on the fibers' stacks, launch " + std::to_string(launch));
+  }
+}
+
+// A cluster's CTAs read each other's shared memory after the cluster barrier.
+void peers(int* out) {
+  int* mine = reinterpret_cast<int*>(batchkl_emu::dynamic_smem());
+  if (threadIdx.x == 0) *mine = static_cast<int>(blockIdx.x) * 10;
+  batchkl_emu::cluster_sync();
+  const unsigned n = gridDim.x, r = batchkl_emu::cluster_rank();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = *batchkl_emu::cluster_peer(mine, (r + 1) % n);
+  batchkl_emu::cluster_sync();
+}
+
+void test_cluster() {
+  std::vector<int> out(4 * 64, -1);
+  batchkl_emu::launch(4, 64, 16, 4, peers, out.data());
+  bool ok = true;
+  for (unsigned g = 0; g < out.size(); ++g) ok &= out[g] == static_cast<int>((g / 64 + 1) % 4 * 10);
+  check(ok, "cluster peers' shared memory");
+}
+
+// Half of a CTA at a __syncthreads the other half never reaches.
+void half_at_barrier(int*) {
+  if (threadIdx.x < 32) __syncthreads();
+}
+
+// One thread throws in the middle of a kernel whose others wait for it.
+void throws(int*) {
+  if (threadIdx.x == 5) throw std::runtime_error("thread 5");
+  __syncthreads();
+}
+
+void test_errors() {
+  int dummy = 0;
+  std::string what;
+  try {
+    batchkl_emu::launch(1, 64, 0, 1, half_at_barrier, &dummy);
+  } catch (const std::logic_error& e) {
+    what = e.what();
+  }
+  check(what.find("deadlocked") != std::string::npos, "a barrier half the CTA reaches: deadlock reported (got '" +
+                                                          what + "')");
+  what.clear();
+  try {
+    batchkl_emu::launch(2, 64, 0, 1, throws, &dummy);
+  } catch (const std::runtime_error& e) {
+    what = e.what();
+  }
+  check(what == "thread 5", "an exception in one thread reaches the launch (got '" + what + "')");
+  // The emulator is usable after both.
+  test_values();
+}
+
+// Each fiber keeps its own floating-point control: the odd threads round
+// upward, the even ones downward, and the caller's mode is its own again
+// after the launch.
+void rounding(float* out) {
+  std::fesetround(threadIdx.x % 2 == 1 ? FE_UPWARD : FE_DOWNWARD);
+  __syncthreads();
+  volatile float one = 1.0f, three = 3.0f;
+  out[threadIdx.x] = one / three;
+  __syncthreads();
+}
+
+void test_rounding() {
+  volatile float one = 1.0f, three = 3.0f;
+  std::fesetround(FE_UPWARD);
+  const float up = one / three;
+  std::fesetround(FE_DOWNWARD);
+  const float down = one / three;
+  std::fesetround(FE_TONEAREST);
+  check(up != down, "1/3 rounds differently upward and downward");
+  std::vector<float> out(64);
+  batchkl_emu::launch(1, 64, 0, 1, rounding, out.data());
+  bool ok = true;
+  for (unsigned t = 0; t < 64; ++t) ok &= out[t] == (t % 2 == 1 ? up : down);
+  check(ok, "each thread's own rounding mode");
+  check(std::fegetround() == FE_TONEAREST, "the caller's rounding mode after a launch");
+}
+
+}  // namespace
+
+int main() {
+  test_values();
+  test_cluster();
+  test_errors();
+  test_rounding();
+  std::printf("test_emulator: %d checks, %d failed\n", g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}
