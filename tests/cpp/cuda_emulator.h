@@ -97,7 +97,7 @@ struct AsyncCopy {
 extern "C" void batchkl_emu_switch(void** save_sp, void* load_sp);
 // Weak: every translation unit that includes this header defines it.
 asm(R"(
-  .text
+  .pushsection .text
   .weak batchkl_emu_switch
   .type batchkl_emu_switch, @function
   .p2align 4
@@ -124,6 +124,7 @@ batchkl_emu_switch:
   popq %rbp
   ret
   .size batchkl_emu_switch, .-batchkl_emu_switch
+  .popsection
 )");
 struct Context {
   void* sp = nullptr;
