@@ -1,13 +1,14 @@
 // The CUDA emulator itself (tests/cpp/cuda_emulator.h): the kernel tests
 // trust it to run every thread to the end, to hand values between lanes and
-// CTAs, and to report a barrier not every thread reaches or an exception in
-// a thread. Each of these is checked here on small kernels, so that a slip
+// CTAs, to land cp.async copies as late and as early as a GPU may, and to
+// report a barrier not every thread reaches or an exception in a thread. Each of these is checked here on small kernels, so that a slip
 // in its fibers (their context switch, stacks, scheduling) fails here by
 // name rather than as wrong results in the kernel tests, or not at all.
 #include "cuda_emulator.h"
 
 #include <cfenv>
 #include <cmath>
+#include <cstring>
 #include <cstdio>
 #include <stdexcept>
 #include <string>
@@ -83,6 +84,43 @@ void test_cluster() {
   check(ok, "cluster peers' shared memory");
 }
 
+// cp.async: what a thread reads of its copy's destination before the wait
+// that covers it, and after.
+void copy_then_read(const int* src, int* before, int* after) {
+  unsigned char* dst = batchkl_emu::dynamic_smem() + 16 * threadIdx.x;
+  batchkl_emu::cp_async(dst, src + 4 * threadIdx.x, 16);
+  batchkl_emu::cp_async_commit();
+  std::memcpy(&before[threadIdx.x], dst, sizeof(int));
+  batchkl_emu::cp_async_wait(0);
+  std::memcpy(&after[threadIdx.x], dst, sizeof(int));
+}
+
+// A read before the wait sees the shared memory's NaN filling (the copy
+// lands as late as a GPU may deliver it) in every other pair of launches,
+// and the copied bytes (as early as may be) in the others: a kernel that
+// reads too early fails in one of them.
+void test_copies() {
+  alignas(16) static int src[4 * 64];
+  for (int k = 0; k < 4 * 64; ++k) src[k] = 1000 + k;
+  int early = 0, late = 0;
+  for (int launch = 0; launch < 4; ++launch) {
+    std::vector<int> before(64, 0), after(64, 0);
+    batchkl_emu::launch(1, 64, 16 * 64, 1, copy_then_read, static_cast<const int*>(src), before.data(),
+                        after.data());
+    bool all_early = true, all_late = true, landed = true;
+    for (int t = 0; t < 64; ++t) {
+      all_early &= before[t] == src[4 * t];
+      all_late &= before[t] == -1;  // 0xff bytes
+      landed &= after[t] == src[4 * t];
+    }
+    early += all_early;
+    late += all_late;
+    check(landed, "cp.async bytes in shared memory after the wait, launch " + std::to_string(launch));
+  }
+  check(early == 2 && late == 2, "cp.async landing early in two launches of four and late in two (got " +
+                                     std::to_string(early) + " and " + std::to_string(late) + ")");
+}
+
 // Half of a CTA at a __syncthreads the other half never reaches.
 void half_at_barrier(int*) {
   if (threadIdx.x < 32) __syncthreads();
@@ -147,6 +185,7 @@ void test_rounding() {
 int main() {
   test_values();
   test_cluster();
+  test_copies();
   test_errors();
   test_rounding();
   std::printf("test_emulator: %d checks, %d failed\n", g_checks, g_failures);
