@@ -459,7 +459,8 @@ def test_cuda_compile(dynamic):
                                    {"BATCHKL_LOGITS_SLICE_KIB": "16"},
                                    {"BATCHKL_LOGITS_SLICE_KIB": "256"}, {"BATCHKL_LOGITS_ROW_LANES": "1"},
                                    {"BATCHKL_LOGITS_ROW_LANES": "32"}, {"BATCHKL_LOGITS_LEAN": "0"},
-                                   {"BATCHKL_LOGITS_LEAN": "1"}, {"BATCHKL_LOGITS_SHARE": "0"},
+                                   {"BATCHKL_LOGITS_LEAN": "1"}, {"BATCHKL_LOGITS_LEAN": "3"},
+                                   {"BATCHKL_LOGITS_SHARE": "0"},
                                    {"BATCHKL_LOGITS_MERGE": "1"},
                                    {"BATCHKL_LOGITS_MERGE": "1", "BATCHKL_LOGITS_LEAN": "1"},
                                    {"BATCHKL_LOGITS_DISTILL_STREAM": "0"}, {"BATCHKL_LOGITS_REUSE": "0"},
@@ -471,7 +472,8 @@ def test_tuning_knobs_change_the_launch_not_the_results(knobs):
     one): streamed rows, slices that take more or fewer CTAs per row, and
     short rows on one lane or a whole warp each, the forward KL's general
     sweep or its lean one in the general kernel instead of the distillation
-    kernel, a cluster's loss all-reduced, a row's maxes and sums merged in
+    kernel, JSD in a distillation kernel of its own (BATCHKL_LOGITS_LEAN=3:
+    bitwise the default's, see check_under_knobs), a cluster's loss all-reduced, a row's maxes and sums merged in
     one exchange, the distillation kernel's long rows staged, every sweep
     forward or alternating without cache hints, the distillation kernel's
     twin for BATCHKL_LOGITS_PREFETCH=1 (one row per cluster here: see
@@ -479,6 +481,41 @@ def test_tuning_knobs_change_the_launch_not_the_results(knobs):
     the float64 reference's values and gradients at every launch shape, and
     each setting is deterministic."""
     run_python("import test_logits_cuda\ntest_logits_cuda.check_under_knobs()\n", str(knobs), env=knobs)
+
+
+def jsd_runs(path=None):
+    """JSD from logits with the student's gradient alone at every launch
+    shape (short rows, a CTA, a cluster staged, streamed rows), fixed inputs:
+    the loss and gradient of each, saved to `path` when given."""
+    out = {}
+    for v in (512, 5000, 40003, 128256):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            g = torch.Generator(device=DEV).manual_seed(v)
+            x = (torch.randn(5, v, device=DEV, generator=g) * 3).to(dtype).requires_grad_()
+            t = (torch.randn(5, v, device=DEV, generator=g) * 3).to(dtype)
+            for beta, red in ((0.5, "batchmean"), (0.2, "none")):
+                loss = op(x, t, beta=beta, temperature=1.5, reduction=red)
+                (gx,) = torch.autograd.grad(loss.sum(), x)
+                out[f"{v} {dtype} {beta} {red}"] = (loss.detach().cpu(), gx.cpu())
+    if path is not None:
+        torch.save(out, path)
+    return out
+
+
+def test_jsd_distillation_kernel_gives_the_default_bits(tmp_path):
+    """BATCHKL_LOGITS_LEAN=3: JSD from logits where the teacher needs no
+    gradient runs on a kernel of its own (the general sweeps without the
+    target's gradient, three CTAs per SM). The same sweeps and sums in the
+    same plan: bitwise the default kernel's results, at every launch shape."""
+    path = tmp_path / "lean3.pt"
+    run_python(f"import test_logits_cuda\ntest_logits_cuda.jsd_runs({str(path)!r})\n", "BATCHKL_LOGITS_LEAN=3",
+               env={"BATCHKL_LOGITS_LEAN": "3"})
+    lean3 = torch.load(path)
+    default = jsd_runs()
+    assert lean3.keys() == default.keys()
+    for key, (loss, gx) in default.items():
+        assert_bitwise_equal(lean3[key][0], loss, f"loss {key}")
+        assert_bitwise_equal(lean3[key][1], gx, f"grad_input {key}")
 
 
 def test_prefetch_rows_copied_ahead_give_the_same_bits():
@@ -504,6 +541,7 @@ def check_under_knobs():
             check_cuda(x, t, beta=0.0)
             check_cuda(x, t, beta=0.0, grad_target=False)  # distillation's case: the lean sweep
             check_cuda(x, t, beta=0.5, reduction="none")
+            check_cuda(x, t, beta=0.5, grad_target=False)  # JSD's distillation kernel under BATCHKL_LOGITS_LEAN=3
             a = op(x.to(DEV), t.to(DEV), beta=0.5, reduction="none")
             assert_bitwise_equal(a, op(x.to(DEV), t.to(DEV), beta=0.5, reduction="none"))
 
@@ -560,7 +598,7 @@ def check_prefetch():
                                            ({"BATCHKL_LOGITS_SLICE_KIB": "64k"}, "BATCHKL_LOGITS_SLICE_KIB: expected"),
                                            ({"BATCHKL_LOGITS_ROW_LANES": "3"},
                                             "BATCHKL_LOGITS_ROW_LANES: expected 1, 2, 4, 8, 16 or 32, got '3'"),
-                                           ({"BATCHKL_LOGITS_LEAN": "yes"}, "BATCHKL_LOGITS_LEAN: expected 0, 1 or 2"),
+                                           ({"BATCHKL_LOGITS_LEAN": "yes"}, "BATCHKL_LOGITS_LEAN: expected 0, 1, 2 or 3"),
                                            ({"BATCHKL_LOGITS_SHARE": "2"}, "BATCHKL_LOGITS_SHARE: expected 0 or 1"),
                                            ({"BATCHKL_LOGITS_MERGE": "on"},
                                             "BATCHKL_LOGITS_MERGE: expected 0 or 1, got 'on'"),

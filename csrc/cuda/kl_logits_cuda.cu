@@ -34,7 +34,9 @@ namespace {
 //                             its length, kPacksPerLane)
 //   BATCHKL_LOGITS_LEAN       the forward KL where the target needs no gradient: 0 the
 //                             general sweep, 1 the lean one, 2 (the default) the lean one
-//                             in a kernel of its own that runs three CTAs per SM
+//                             in a kernel of its own that runs three CTAs per SM; 3 also
+//                             JSD from logits where the target needs no gradient, in a
+//                             kernel of its own with three CTAs per SM (LaunchKnobs::lean)
 //   BATCHKL_LOGITS_SHARE      0: a cluster's row loss is all-reduced, not added up in rank 0
 //   BATCHKL_LOGITS_MERGE      1: a row's maxes and sums in one exchange (LaunchKnobs::merge)
 //   BATCHKL_LOGITS_DISTILL_STREAM  0: the distillation kernel's long rows planned as the
@@ -80,7 +82,8 @@ const LaunchKnobs& tuning() {
     }
     if (const char* lean = std::getenv("BATCHKL_LOGITS_LEAN")) {
       const std::string s(lean);
-      TORCH_CHECK(s == "0" || s == "1" || s == "2", "BATCHKL_LOGITS_LEAN: expected 0, 1 or 2, got '", s, "'");
+      TORCH_CHECK(s == "0" || s == "1" || s == "2" || s == "3", "BATCHKL_LOGITS_LEAN: expected 0, 1, 2 or 3, got '",
+                  s, "'");
       v.lean = std::stoi(s);
     }
     if (const char* reuse = std::getenv("BATCHKL_LOGITS_REUSE")) {
@@ -139,10 +142,10 @@ void launch_typed(const LogitsLaunch& p) {
   const bool distill = use_distill_kernel(tuning(), p);
   const LogitsKernel planned = logits_kernel_for(DtypeTag<scalar_t>{}, p, distill, false);
   TORCH_INTERNAL_ASSERT(planned != nullptr, "batchkl.kl_with_logits: no CUDA kernel for this divergence");
-  // Per kernel (the general one, the kDistill one and its kAhead twin) and
-  // device (prepare).
+  // Per kernel (the general one, the kDistill one and its kAhead twin: one
+  // divergence's, as this function is) and device (prepare).
   static std::array<std::array<std::atomic<int>, 64>, 3> seen{};
-  Grid grid = plan_grid(geo.rows, geo.cols, elem, prepare(planned, seen[distill ? 1 : 0]), distill);
+  Grid grid = plan_grid(geo.rows, geo.cols, elem, prepare(planned, seen[distill ? 1 : 0]), distill_plan(tuning(), p));
   // The twin has the same limits (shared memory, clusters): its own prepare
   // only raises its shared-memory limit.
   LogitsKernel kernel = planned;

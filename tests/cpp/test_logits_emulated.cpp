@@ -66,7 +66,7 @@ void launch_typed(const LogitsLaunch& p) {
   if (g_forward) dev.knobs.reuse = 0;
   dev.knobs.prefetch = dev.knobs.prefetch || g_prefetch;
   const bool distill = use_distill_kernel(dev.knobs, p);
-  Grid grid = plan_grid(p.geo.rows, p.geo.cols, sizeof(scalar_t), dev, distill);
+  Grid grid = plan_grid(p.geo.rows, p.geo.cols, sizeof(scalar_t), dev, distill_plan(dev.knobs, p));
   if (grid.prefetch) cut_to_resident(grid, p.geo.rows, g_resident);
   unsigned ticket = 0;
   unsigned long long kept = 0;
@@ -495,6 +495,76 @@ void test_lean_and_share_knobs() {
       }
     }
   }
+}
+
+// JSD from logits in the distillation kernel (BATCHKL_LOGITS_LEAN=3): the
+// student's gradient alone (or none) takes the kDistill kernel, compiled with
+// those sweeps only, and gives the general kernel's bits (the same sweeps and
+// sums, in the same plan) at every launch shape: short rows, a CTA or a
+// cluster per row, staged and streamed; with a mask, and against the CPU
+// kernel. The other cases keep their kernels.
+void test_jsd_distill_kernel() {
+  LogitsLaunch jsd;
+  jsd.div = batchkl::Divergence::kJSD;
+  LaunchKnobs three;
+  three.lean = 3;
+  const LaunchKnobs two;  // the default
+  check(use_distill_kernel(three, jsd) && !use_distill_kernel(two, jsd) && !distill_plan(three, jsd),
+        "JSD from logits: the kDistill kernel under lean=3 alone, with the general kernel's plan");
+  check(logits_kernel_of<float>(jsd, true) != logits_kernel_of<float>(jsd, false) &&
+            logits_kernel_of<float>(jsd, true) == (logits_kernel<float, batchkl::Divergence::kJSD, false, true>),
+        "JSD from logits: lean=3 launches a kernel of its own");
+  LogitsLaunch with_target = jsd;
+  with_target.want_grad_target = true;
+  LogitsLaunch on_probs = jsd;
+  on_probs.probs = true;
+  LogitsLaunch reverse = jsd;
+  reverse.div = batchkl::Divergence::kReverse;
+  check(!use_distill_kernel(three, with_target) && !use_distill_kernel(three, on_probs) &&
+            !use_distill_kernel(three, reverse),
+        "lean=3: the target's gradient, probabilities and reverse KL keep the general kernel");
+  LogitsLaunch forward = jsd;
+  forward.div = batchkl::Divergence::kForward;
+  check(use_distill_kernel(three, forward) && distill_plan(three, forward),
+        "lean=3: the forward KL keeps its distillation kernel and plan");
+
+  for (const int64_t cols : {int64_t{700}, int64_t{5000}, int64_t{40003}}) {
+    for (const auto dt : {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble}) {
+      const auto x = logits(3, cols, dt), t = logits(3, cols, dt);
+      for (const auto& [dev_name, dev] : kDevices) {
+        for (const double beta : {0.5, 0.2}) {
+          for (const bool grad_input : {true, false}) {
+            for (const char* red : {"none", "batchmean"}) {
+              Call c;
+              c.beta = beta;
+              c.temperature = 1.5;
+              c.reduction = red;
+              c.grad_input = grad_input;
+              c.grad_target = false;
+              if (std::string(red) == "batchmean") c.mask = at::tensor({1, 0, 1}, at::kLong).to(at::kBool);
+              const auto what = str("JSD in the distillation kernel, ", dev_name, " V=", cols, " ", dt,
+                                    " beta=", beta, " gx=", grad_input, " ", red);
+              g_device = dev;
+              const Result general = emulated(x, t, c);
+              g_device.knobs.lean = 3;
+              const auto distilled = emulated_or_fail(x, t, c, what);
+              if (distilled) check_bitwise(general, *distilled, what);
+              if (dt == at::kFloat && grad_input) compare_with_cpu(x, t, c, what);
+            }
+          }
+        }
+      }
+      // With the target's gradient, lean=3 changes nothing.
+      Call c;
+      c.beta = 0.5;
+      c.reduction = "none";
+      g_device = kDevices[1].second;
+      const Result general = emulated(x, t, c);
+      g_device.knobs.lean = 3;
+      check_bitwise(general, emulated(x, t, c), str("JSD with the target's gradient, lean=3, V=", cols, " ", dt));
+    }
+  }
+  g_device = kDevices[1].second;
 }
 
 // The maxes and sums merged in one exchange (BATCHKL_LOGITS_MERGE=1) give
@@ -1001,7 +1071,7 @@ void test_random(int count, uint64_t seed, int only = -1) {
     dev.knobs.stage = stages[pick(4)];
     const int64_t budgets[] = {kSliceBudget, kSliceBudget, 8 * 1024, 32 * 1024, 128 * 1024};
     dev.knobs.slice_budget = budgets[pick(5)];
-    dev.knobs.lean = pick(3);
+    dev.knobs.lean = pick(4);
     dev.knobs.share = pick(4) != 0;
     dev.knobs.merge = pick(2) == 0;
     dev.knobs.distill_stream = pick(4) != 0;
@@ -1168,6 +1238,7 @@ int main(int argc, char** argv) {
   }
   if (part == "all" || part == "knobs") {
     test_lean_and_share_knobs();
+    test_jsd_distill_kernel();
     test_merged_exchange();
     test_sweep_directions();
   }
