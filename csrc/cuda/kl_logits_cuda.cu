@@ -36,8 +36,7 @@ namespace {
 //                             general sweep, 1 the lean one, 2 (the default) the lean one
 //                             in a kernel of its own that runs three CTAs per SM; 3 also
 //                             JSD from logits where the target needs no gradient, in a
-//                             kernel of its own with three CTAs per SM (LaunchKnobs::lean;
-//                             float32 and 16-bit, see kKnobKernels)
+//                             kernel of its own with three CTAs per SM (LaunchKnobs::lean)
 //   BATCHKL_LOGITS_SHARE      0: a cluster's row loss is all-reduced, not added up in rank 0
 //   BATCHKL_LOGITS_MERGE      1: a row's maxes and sums in one exchange (LaunchKnobs::merge)
 //   BATCHKL_LOGITS_DISTILL_STREAM  0: the distillation kernel's long rows planned as the
@@ -49,7 +48,7 @@ namespace {
 //   BATCHKL_LOGITS_PREFETCH   1: the distillation kernel's staged rows run on as many
 //                             clusters as fit at once, each copying its next row's slice
 //                             in during its last read of this one (LaunchKnobs::prefetch;
-//                             off by default; float32 and 16-bit, see kKnobKernels)
+//                             off by default)
 
 // `name`'s value, 0 or 1, into `out` where it is set.
 void read_flag(const char* name, bool& out) {

@@ -133,14 +133,13 @@ struct LaunchKnobs {
   // 1 -> 2 took bfloat16 8192x32000 from 0.825 to 0.649 ms, 8192x128256 3.78
   // -> 2.94, 4096x256000 3.41 -> 3.10; float32 8192x32000 1.46 -> 1.14,
   // 4096x256000 6.29 -> 5.03. 3: also JSD from logits, the student's
-  // gradient alone (or none), in float32 and 16-bit (kKnobKernels), in a
-  // kDistill kernel of its own: its general sweeps compiled without the
-  // target's gradient, so that they fit in 80 registers (sm_90, nvcc 13.0:
-  // bfloat16 from 128 registers and 28 bytes of spill stores to 80 and 204,
-  // none in the later sweeps' step loops; float32 from 127 and none to 80
-  // and 84), for three CTAs per SM, where the forward KL's gained 8-25%. Not
-  // yet timed on a GPU, so not the default; the same sweeps and sums in the
-  // same plan, so the same bits as 2.
+  // gradient alone (or none), in a kDistill kernel of its own: its general
+  // sweeps compiled without the target's gradient, so that they fit in 80
+  // registers (sm_90, nvcc 13.0: bfloat16 from 128 registers and 28 bytes
+  // of spill stores to 80 and 204, none in the later sweeps' step loops;
+  // float32 from 127 and none to 80 and 84), for three CTAs per SM, where the
+  // forward KL's gained 8-25%. Not yet timed on a GPU, so not the default;
+  // the same sweeps and sums in the same plan, so the same bits as 2.
   int lean = 2;
   bool share = true;                    // Grid::share
   // Grid::merge: a row's maxes and sums of exponentials exchanged at once,
@@ -300,8 +299,7 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
   g.smem = g.stage ? staged : kFixedSmem;
   g.backward = !g.stage && dev.knobs.reuse >= 1;
   g.evict_first = !g.stage && dev.knobs.reuse >= 2;
-  // Not in float64, which has no kAhead kernel (see kKnobKernels).
-  g.prefetch = g.stage && distill && dev.knobs.prefetch && elem != 8;
+  g.prefetch = g.stage && distill && dev.knobs.prefetch;
   // With prefetch (the kAhead kernel), the launcher cuts this down to the
   // clusters that fit at once; the kernel's row loop takes the rest.
   g.blocks = rows * c;
@@ -1590,22 +1588,10 @@ inline bool distill_case(const LogitsLaunch& p) {
   return p.div == Divergence::kForward && !p.probs && !p.want_grad_target;
 }
 
-// The kernels that only an off-by-default knob reaches (the kAhead twin of
-// BATCHKL_LOGITS_PREFETCH=1, JSD's kDistill kernel of BATCHKL_LOGITS_LEAN=3)
-// exist for the dtypes whose bandwidth is measured, float32 and 16-bit, not
-// for float64: each kernel adds about a tenth to every build's ptxas time
-// for each GPU target (sm_80 SASS of 16-25k instructions each; 2026-11-29,
-// JSD's kernel in all four dtypes took CI's setup + build from 275 to 324 s
-// and its CMake build from 245 to 274 s), and 80 registers spill 1-2 KB of
-// float64's (see README, "Registers"). float64 takes the other kernels,
-// with the same bits.
-template <typename scalar_t>
-constexpr bool kKnobKernels = !std::is_same_v<scalar_t, double>;
-
 // The same for JSD from logits (0 < beta < 1), which the kDistill kernel
-// serves under BATCHKL_LOGITS_LEAN=3 (float32 and 16-bit: kKnobKernels).
+// serves under BATCHKL_LOGITS_LEAN=3.
 inline bool distill_jsd_case(const LogitsLaunch& p) {
-  return p.div == Divergence::kJSD && !p.probs && !p.want_grad_target && p.dtype != c10::ScalarType::Double;
+  return p.div == Divergence::kJSD && !p.probs && !p.want_grad_target;
 }
 
 // Whether p runs on a kDistill kernel under these knobs: the launcher's
@@ -1628,15 +1614,10 @@ inline bool distill_plan(const LaunchKnobs& knobs, const LogitsLaunch& p) {
 template <typename scalar_t>
 LogitsKernel logits_kernel_of(const LogitsLaunch& p, bool distill, bool ahead = false) {
   if (distill && distill_case(p)) {
-    if constexpr (kKnobKernels<scalar_t>) {
-      if (ahead) return logits_kernel<scalar_t, Divergence::kForward, false, true, true>;
-    }
-    TORCH_INTERNAL_ASSERT(!ahead, "batchkl.kl_with_logits: no kAhead kernel for float64 (plan_grid plans none)");
-    return logits_kernel<scalar_t, Divergence::kForward, false, true>;
+    return ahead ? logits_kernel<scalar_t, Divergence::kForward, false, true, true>
+                 : logits_kernel<scalar_t, Divergence::kForward, false, true>;
   }
-  if constexpr (kKnobKernels<scalar_t>) {
-    if (distill && distill_jsd_case(p)) return logits_kernel<scalar_t, Divergence::kJSD, false, true>;
-  }
+  if (distill && distill_jsd_case(p)) return logits_kernel<scalar_t, Divergence::kJSD, false, true>;
   LogitsKernel kernel = nullptr;
   dispatch_logits(p, [&](auto div, auto probs) {
     kernel = logits_kernel<scalar_t, decltype(div)::value, decltype(probs)::value>;

@@ -527,18 +527,6 @@ void test_jsd_distill_kernel() {
   forward.div = batchkl::Divergence::kForward;
   check(use_distill_kernel(three, forward) && distill_plan(three, forward),
         "lean=3: the forward KL keeps its distillation kernel and plan");
-  // float64 has neither knob's kernel (kKnobKernels): the general JSD kernel,
-  // and the distillation kernel without copies ahead.
-  LogitsLaunch jsd64 = jsd;
-  jsd64.dtype = at::kDouble;
-  check(!use_distill_kernel(three, jsd64) &&
-            logits_kernel_of<double>(jsd64, true) == (logits_kernel<double, batchkl::Divergence::kJSD, false>),
-        "lean=3, float64: the general JSD kernel");
-  DeviceLimits ahead = kDevices[1].second;
-  ahead.knobs.prefetch = true;
-  ahead.knobs.distill_stream = false;
-  check(plan_grid(8, 4000, 4, ahead, true).prefetch && !plan_grid(8, 4000, 8, ahead, true).prefetch,
-        "BATCHKL_LOGITS_PREFETCH=1: staged rows copied ahead in float32, not in float64");
 
   for (const int64_t cols : {int64_t{700}, int64_t{5000}, int64_t{40003}}) {
     for (const auto dt : {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble}) {
