@@ -77,9 +77,10 @@ SETTINGS = {
     # over 64 KiB streamed), "prefetch_staged" with it off.
     "prefetch": {"BATCHKL_LOGITS_PREFETCH": "1"},
     "prefetch_staged": {"BATCHKL_LOGITS_PREFETCH": "1", "BATCHKL_LOGITS_DISTILL_STREAM": "0"},
-    # JSD from logits (--beta 0.5) in a distillation kernel of its own: its
-    # general sweeps without the target's gradient, 80 registers, three CTAs
-    # per SM (LaunchKnobs::lean; not yet measured on a GPU, 2026-11-29).
+    # JSD (--beta 0.5) and reverse KL (--beta 1) from logits in distillation
+    # kernels of their own: their general sweeps without the target's
+    # gradient, 80 registers, three CTAs per SM (LaunchKnobs::lean; not yet
+    # measured on a GPU, 2026-11-29).
     "jsd_distill": {"BATCHKL_LOGITS_LEAN": "3"},
     "lanes32": {"BATCHKL_LOGITS_ROW_LANES": "32"},  # a whole warp per short row (before 2026-11-26)
     "lanes4": {"BATCHKL_LOGITS_ROW_LANES": "4"},  # fewer lanes per short row than the default at 512

@@ -472,9 +472,11 @@ def test_tuning_knobs_change_the_launch_not_the_results(knobs):
     one): streamed rows, slices that take more or fewer CTAs per row, and
     short rows on one lane or a whole warp each, the forward KL's general
     sweep or its lean one in the general kernel instead of the distillation
-    kernel, JSD in a distillation kernel of its own (BATCHKL_LOGITS_LEAN=3:
-    bitwise the default's, see check_under_knobs), a cluster's loss all-reduced, a row's maxes and sums merged in
-    one exchange, the distillation kernel's long rows staged, every sweep
+    kernel, JSD and reverse KL in distillation kernels of their own
+    (BATCHKL_LOGITS_LEAN=3; bitwise the default's: see
+    test_three_sweep_distillation_kernels_give_the_default_bits), a
+    cluster's loss all-reduced, a row's maxes and sums merged in one
+    exchange, the distillation kernel's long rows staged, every sweep
     forward or alternating without cache hints, the distillation kernel's
     twin for BATCHKL_LOGITS_PREFETCH=1 (one row per cluster here: see
     test_prefetch_rows_copied_ahead_give_the_same_bits), still give
@@ -483,17 +485,17 @@ def test_tuning_knobs_change_the_launch_not_the_results(knobs):
     run_python("import test_logits_cuda\ntest_logits_cuda.check_under_knobs()\n", str(knobs), env=knobs)
 
 
-def jsd_runs(path=None):
-    """JSD from logits with the student's gradient alone at every launch
-    shape (short rows, a CTA, a cluster staged, streamed rows), fixed inputs:
-    the loss and gradient of each, saved to `path` when given."""
+def three_sweep_runs(path=None):
+    """JSD and reverse KL from logits with the student's gradient alone at every
+    launch shape (short rows, a CTA, a cluster staged, streamed rows), fixed
+    inputs: the loss and gradient of each, saved to `path` when given."""
     out = {}
     for v in (512, 5000, 40003, 128256):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             g = torch.Generator(device=DEV).manual_seed(v)
             x = (torch.randn(5, v, device=DEV, generator=g) * 3).to(dtype).requires_grad_()
             t = (torch.randn(5, v, device=DEV, generator=g) * 3).to(dtype)
-            for beta, red in ((0.5, "batchmean"), (0.2, "none")):
+            for beta, red in ((0.5, "batchmean"), (0.2, "none"), (1.0, "batchmean")):
                 loss = op(x, t, beta=beta, temperature=1.5, reduction=red)
                 (gx,) = torch.autograd.grad(loss.sum(), x)
                 out[f"{v} {dtype} {beta} {red}"] = (loss.detach().cpu(), gx.cpu())
@@ -502,16 +504,16 @@ def jsd_runs(path=None):
     return out
 
 
-def test_jsd_distillation_kernel_gives_the_default_bits(tmp_path):
-    """BATCHKL_LOGITS_LEAN=3: JSD from logits where the teacher needs no
-    gradient runs on a kernel of its own (the general sweeps without the
-    target's gradient, three CTAs per SM). The same sweeps and sums in the
-    same plan: bitwise the default kernel's results, at every launch shape."""
+def test_three_sweep_distillation_kernels_give_the_default_bits(tmp_path):
+    """BATCHKL_LOGITS_LEAN=3: JSD and reverse KL from logits where the teacher
+    needs no gradient run on kernels of their own (the general sweeps without
+    the target's gradient, three CTAs per SM). The same sweeps and sums in the
+    same plan: bitwise the default kernels' results, at every launch shape."""
     path = tmp_path / "lean3.pt"
-    run_python(f"import test_logits_cuda\ntest_logits_cuda.jsd_runs({str(path)!r})\n", "BATCHKL_LOGITS_LEAN=3",
+    run_python(f"import test_logits_cuda\ntest_logits_cuda.three_sweep_runs({str(path)!r})\n", "BATCHKL_LOGITS_LEAN=3",
                env={"BATCHKL_LOGITS_LEAN": "3"})
     lean3 = torch.load(path)
-    default = jsd_runs()
+    default = three_sweep_runs()
     assert lean3.keys() == default.keys()
     for key, (loss, gx) in default.items():
         assert_bitwise_equal(lean3[key][0], loss, f"loss {key}")
@@ -542,6 +544,7 @@ def check_under_knobs():
             check_cuda(x, t, beta=0.0, grad_target=False)  # distillation's case: the lean sweep
             check_cuda(x, t, beta=0.5, reduction="none")
             check_cuda(x, t, beta=0.5, grad_target=False)  # JSD's distillation kernel under BATCHKL_LOGITS_LEAN=3
+            check_cuda(x, t, beta=1.0, grad_target=False)  # reverse KL's, likewise
             a = op(x.to(DEV), t.to(DEV), beta=0.5, reduction="none")
             assert_bitwise_equal(a, op(x.to(DEV), t.to(DEV), beta=0.5, reduction="none"))
 

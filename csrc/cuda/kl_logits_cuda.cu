@@ -35,8 +35,9 @@ namespace {
 //   BATCHKL_LOGITS_LEAN       the forward KL where the target needs no gradient: 0 the
 //                             general sweep, 1 the lean one, 2 (the default) the lean one
 //                             in a kernel of its own that runs three CTAs per SM; 3 also
-//                             JSD from logits where the target needs no gradient, in a
-//                             kernel of its own with three CTAs per SM (LaunchKnobs::lean)
+//                             JSD and reverse KL from logits where the target needs no
+//                             gradient, in kernels of their own with three CTAs per SM
+//                             (LaunchKnobs::lean)
 //   BATCHKL_LOGITS_SHARE      0: a cluster's row loss is all-reduced, not added up in rank 0
 //   BATCHKL_LOGITS_MERGE      1: a row's maxes and sums in one exchange (LaunchKnobs::merge)
 //   BATCHKL_LOGITS_DISTILL_STREAM  0: the distillation kernel's long rows planned as the

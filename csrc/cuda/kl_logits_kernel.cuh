@@ -132,14 +132,16 @@ struct LaunchKnobs {
   // kernel (three CTAs per SM). H200, 2026-11-27, forward + backward queued:
   // 1 -> 2 took bfloat16 8192x32000 from 0.825 to 0.649 ms, 8192x128256 3.78
   // -> 2.94, 4096x256000 3.41 -> 3.10; float32 8192x32000 1.46 -> 1.14,
-  // 4096x256000 6.29 -> 5.03. 3: also JSD from logits, the student's
-  // gradient alone (or none), in a kDistill kernel of its own: its general
-  // sweeps compiled without the target's gradient, so that they fit in 80
-  // registers (sm_90, nvcc 13.0: bfloat16 from 128 registers and 28 bytes
-  // of spill stores to 80 and 204, none in the later sweeps' step loops;
-  // float32 from 127 and none to 80 and 84), for three CTAs per SM, where the
-  // forward KL's gained 8-25%. Not yet timed on a GPU, so not the default;
-  // the same sweeps and sums in the same plan, so the same bits as 2.
+  // 4096x256000 6.29 -> 5.03. 3: also JSD and reverse KL from logits, the
+  // student's gradient alone (or none), in kDistill kernels of their own:
+  // their general sweeps compiled without the target's gradient, so that
+  // they fit in 80 registers (sm_90, nvcc 13.0, bytes of spill stores: JSD
+  // bfloat16 from 128 registers and 28 to 80 and 204, none in the later
+  // sweeps' step loops, float32 from 127 and none to 80 and 84; reverse KL
+  // bfloat16 104, float32 96, none in any inner loop), for three CTAs per
+  // SM, where the forward KL's gained 8-25%. Not yet timed on a GPU, so not
+  // the default; the same sweeps and sums in the same plan, so the same bits
+  // as 2.
   int lean = 2;
   bool share = true;                    // Grid::share
   // Grid::merge: a row's maxes and sums of exponentials exchanged at once,
@@ -764,18 +766,19 @@ struct RowConsts {
 // kDistill: the forward KL from logits with the student's gradient alone (or
 // none), distillation's case: only the lean sweeps are compiled, which take
 // few enough registers for three CTAs per SM (logits_kernel). The same for
-// JSD from logits (BATCHKL_LOGITS_LEAN=3, LaunchKnobs::lean): its three
-// general sweeps, the writing one for the student's gradient alone (or
-// none), with the forward KL's evict-first last read of streamed rows.
+// JSD and reverse KL from logits (BATCHKL_LOGITS_LEAN=3, LaunchKnobs::lean):
+// their three general sweeps, the writing one for the student's gradient
+// alone (or none), with the forward KL's evict-first last read of streamed
+// rows.
 // kAhead: the forward KL's distillation kernel that copies each CTA's next
 // row's slice in during its last read of this one (Grid::prefetch), a kernel
 // of its own so that the others keep their registers.
 template <typename scalar_t, Divergence kDiv, bool kProbs, bool kDistill = false, bool kAhead = false>
 struct RowWork {
-  static_assert(!kDistill || ((kDiv == Divergence::kForward || kDiv == Divergence::kJSD) && !kProbs),
-                "kDistill: the forward KL or JSD from logits");
+  static_assert(!kDistill || !kProbs, "kDistill: from logits");
   static_assert(!kAhead || (kDistill && kDiv == Divergence::kForward), "kAhead: the forward KL's distillation kernel");
-  // The distillation kernel's two lean sweeps (the forward KL); JSD's takes three.
+  // The distillation kernel's two lean sweeps (the forward KL); JSD's and
+  // reverse KL's take the three general ones.
   static constexpr bool kLeanOnly = kDistill && kDiv == Divergence::kForward;
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t>;
@@ -1588,36 +1591,39 @@ inline bool distill_case(const LogitsLaunch& p) {
   return p.div == Divergence::kForward && !p.probs && !p.want_grad_target;
 }
 
-// The same for JSD from logits (0 < beta < 1), which the kDistill kernel
-// serves under BATCHKL_LOGITS_LEAN=3.
-inline bool distill_jsd_case(const LogitsLaunch& p) {
-  return p.div == Divergence::kJSD && !p.probs && !p.want_grad_target;
+// The same for JSD (0 < beta < 1) and reverse KL (beta = 1) from logits,
+// which kDistill kernels serve under BATCHKL_LOGITS_LEAN=3.
+inline bool distill_three_sweep_case(const LogitsLaunch& p) {
+  return p.div != Divergence::kForward && !p.probs && !p.want_grad_target;
 }
 
 // Whether p runs on a kDistill kernel under these knobs: the launcher's
 // choice and the emulator's.
 inline bool use_distill_kernel(const LaunchKnobs& knobs, const LogitsLaunch& p) {
-  return (knobs.lean >= 2 && distill_case(p)) || (knobs.lean >= 3 && distill_jsd_case(p));
+  return (knobs.lean >= 2 && distill_case(p)) || (knobs.lean >= 3 && distill_three_sweep_case(p));
 }
 
 // plan_grid's `distill`: the forward KL's distillation kernel, whose
-// streaming rule and copies ahead were measured for it alone. JSD's
-// kDistill kernel keeps the general kernel's plan (the same slices, three
-// CTAs per SM where its shared memory allows).
+// streaming rule and copies ahead were measured for it alone. JSD's and
+// reverse KL's kDistill kernels keep the general kernel's plan (the same
+// slices, three CTAs per SM where its shared memory allows).
 inline bool distill_plan(const LaunchKnobs& knobs, const LogitsLaunch& p) {
   return knobs.lean >= 2 && distill_case(p);
 }
 
 // The kernel for p's divergence and inputs (dispatch_logits, as every
 // backend); `distill`: the kDistill kernel, where distill_case(p) or
-// distill_jsd_case(p).
+// distill_three_sweep_case(p).
 template <typename scalar_t>
 LogitsKernel logits_kernel_of(const LogitsLaunch& p, bool distill, bool ahead = false) {
   if (distill && distill_case(p)) {
     return ahead ? logits_kernel<scalar_t, Divergence::kForward, false, true, true>
                  : logits_kernel<scalar_t, Divergence::kForward, false, true>;
   }
-  if (distill && distill_jsd_case(p)) return logits_kernel<scalar_t, Divergence::kJSD, false, true>;
+  if (distill && distill_three_sweep_case(p)) {
+    return p.div == Divergence::kJSD ? logits_kernel<scalar_t, Divergence::kJSD, false, true>
+                                     : logits_kernel<scalar_t, Divergence::kReverse, false, true>;
+  }
   LogitsKernel kernel = nullptr;
   dispatch_logits(p, [&](auto div, auto probs) {
     kernel = logits_kernel<scalar_t, decltype(div)::value, decltype(probs)::value>;

@@ -497,13 +497,13 @@ void test_lean_and_share_knobs() {
   }
 }
 
-// JSD from logits in the distillation kernel (BATCHKL_LOGITS_LEAN=3): the
-// student's gradient alone (or none) takes the kDistill kernel, compiled with
-// those sweeps only, and gives the general kernel's bits (the same sweeps and
-// sums, in the same plan) at every launch shape: short rows, a CTA or a
-// cluster per row, staged and streamed; with a mask, and against the CPU
-// kernel. The other cases keep their kernels.
-void test_jsd_distill_kernel() {
+// JSD and reverse KL from logits in distillation kernels
+// (BATCHKL_LOGITS_LEAN=3): the student's gradient alone (or none) takes a
+// kDistill kernel, compiled with those sweeps only, and gives the general
+// kernel's bits (the same sweeps and sums, in the same plan) at every launch
+// shape: short rows, a CTA or a cluster per row, staged and streamed; with a
+// mask, and against the CPU kernel. The other cases keep their kernels.
+void test_three_sweep_distill_kernels() {
   LogitsLaunch jsd;
   jsd.div = batchkl::Divergence::kJSD;
   LaunchKnobs three;
@@ -520,9 +520,12 @@ void test_jsd_distill_kernel() {
   on_probs.probs = true;
   LogitsLaunch reverse = jsd;
   reverse.div = batchkl::Divergence::kReverse;
-  check(!use_distill_kernel(three, with_target) && !use_distill_kernel(three, on_probs) &&
-            !use_distill_kernel(three, reverse),
-        "lean=3: the target's gradient, probabilities and reverse KL keep the general kernel");
+  check(use_distill_kernel(three, reverse) && !use_distill_kernel(two, reverse) && !distill_plan(three, reverse) &&
+            logits_kernel_of<float>(reverse, true) ==
+                (logits_kernel<float, batchkl::Divergence::kReverse, false, true>),
+        "reverse KL from logits: a kDistill kernel of its own under lean=3 alone, with the general kernel's plan");
+  check(!use_distill_kernel(three, with_target) && !use_distill_kernel(three, on_probs),
+        "lean=3: the target's gradient and probabilities keep the general kernel");
   LogitsLaunch forward = jsd;
   forward.div = batchkl::Divergence::kForward;
   check(use_distill_kernel(three, forward) && distill_plan(three, forward),
@@ -532,7 +535,7 @@ void test_jsd_distill_kernel() {
     for (const auto dt : {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble}) {
       const auto x = logits(3, cols, dt), t = logits(3, cols, dt);
       for (const auto& [dev_name, dev] : kDevices) {
-        for (const double beta : {0.5, 0.2}) {
+        for (const double beta : {0.5, 0.2, 1.0}) {
           for (const bool grad_input : {true, false}) {
             for (const char* red : {"none", "batchmean"}) {
               Call c;
@@ -542,7 +545,7 @@ void test_jsd_distill_kernel() {
               c.grad_input = grad_input;
               c.grad_target = false;
               if (std::string(red) == "batchmean") c.mask = at::tensor({1, 0, 1}, at::kLong).to(at::kBool);
-              const auto what = str("JSD in the distillation kernel, ", dev_name, " V=", cols, " ", dt,
+              const auto what = str("JSD / reverse KL in a distillation kernel, ", dev_name, " V=", cols, " ", dt,
                                     " beta=", beta, " gx=", grad_input, " ", red);
               g_device = dev;
               const Result general = emulated(x, t, c);
@@ -555,13 +558,16 @@ void test_jsd_distill_kernel() {
         }
       }
       // With the target's gradient, lean=3 changes nothing.
-      Call c;
-      c.beta = 0.5;
-      c.reduction = "none";
-      g_device = kDevices[1].second;
-      const Result general = emulated(x, t, c);
-      g_device.knobs.lean = 3;
-      check_bitwise(general, emulated(x, t, c), str("JSD with the target's gradient, lean=3, V=", cols, " ", dt));
+      for (const double beta : {0.5, 1.0}) {
+        Call c;
+        c.beta = beta;
+        c.reduction = "none";
+        g_device = kDevices[1].second;
+        const Result general = emulated(x, t, c);
+        g_device.knobs.lean = 3;
+        check_bitwise(general, emulated(x, t, c),
+                      str("beta=", beta, " with the target's gradient, lean=3, V=", cols, " ", dt));
+      }
     }
   }
   g_device = kDevices[1].second;
@@ -1238,7 +1244,7 @@ int main(int argc, char** argv) {
   }
   if (part == "all" || part == "knobs") {
     test_lean_and_share_knobs();
-    test_jsd_distill_kernel();
+    test_three_sweep_distill_kernels();
     test_merged_exchange();
     test_sweep_directions();
   }
