@@ -1597,18 +1597,18 @@ inline bool distill_three_sweep_case(const LogitsLaunch& p) {
   return p.div != Divergence::kForward && !p.probs && !p.want_grad_target;
 }
 
-// Whether p runs on a kDistill kernel under these knobs: the launcher's
-// choice and the emulator's.
-inline bool use_distill_kernel(const LaunchKnobs& knobs, const LogitsLaunch& p) {
-  return (knobs.lean >= 2 && distill_case(p)) || (knobs.lean >= 3 && distill_three_sweep_case(p));
-}
-
 // plan_grid's `distill`: the forward KL's distillation kernel, whose
 // streaming rule and copies ahead were measured for it alone. JSD's and
 // reverse KL's kDistill kernels keep the general kernel's plan (the same
 // slices, three CTAs per SM where its shared memory allows).
 inline bool distill_plan(const LaunchKnobs& knobs, const LogitsLaunch& p) {
   return knobs.lean >= 2 && distill_case(p);
+}
+
+// Whether p runs on a kDistill kernel under these knobs: the launcher's
+// choice and the emulator's.
+inline bool use_distill_kernel(const LaunchKnobs& knobs, const LogitsLaunch& p) {
+  return distill_plan(knobs, p) || (knobs.lean >= 3 && distill_three_sweep_case(p));
 }
 
 // The kernel for p's divergence and inputs (dispatch_logits, as every
