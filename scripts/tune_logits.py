@@ -1,6 +1,6 @@
 """Times kl_with_logits forward + backward on a GPU under each setting of the
 CUDA launcher's tuning knobs (BATCHKL_LOGITS_SLICE_KIB, BATCHKL_LOGITS_STAGE,
-BATCHKL_LOGITS_ROW_LANES; see csrc/cuda/kl_logits_cuda.cu), one process per
+BATCHKL_LOGITS_ROW_LANES, ...; see csrc/cuda/kl_logits_cuda.cu), one process per
 setting, against the device-to-device copy bandwidth measured in the same
 run: which launch shape
 should be the default. A lent GPU's short session runs this in about a
@@ -82,6 +82,12 @@ SETTINGS = {
     # gradient, 80 registers, three CTAs per SM (LaunchKnobs::lean; not yet
     # measured on a GPU, 2026-11-29).
     "jsd_distill": {"BATCHKL_LOGITS_LEAN": "3"},
+    # The longest row on a warp: 2048 columns for every dtype (the plan
+    # before 2026-11-29), or longer (the default: 2048, 16-bit rows 4096,
+    # inferred from neighbouring shapes, not yet timed at 2049-4096).
+    "warp2048": {"BATCHKL_LOGITS_WARP_ROW_COLS": "2048"},
+    "warp4096": {"BATCHKL_LOGITS_WARP_ROW_COLS": "4096"},
+    "warp8192": {"BATCHKL_LOGITS_WARP_ROW_COLS": "8192"},
     "lanes32": {"BATCHKL_LOGITS_ROW_LANES": "32"},  # a whole warp per short row (before 2026-11-26)
     "lanes4": {"BATCHKL_LOGITS_ROW_LANES": "4"},  # fewer lanes per short row than the default at 512
 }

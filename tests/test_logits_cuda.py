@@ -1,6 +1,6 @@
 """CUDA backend of torch.ops.batchkl.kl_with_logits: values and gradients
 against the float64 reference and the CPU kernel for every launch shape the
-kernel has (a warp per row up to V = 2048; a CTA per row; on Hopper a
+kernel has (a warp per row up to V = 2048, 16-bit rows up to 4096; a CTA per row; on Hopper a
 cluster of CTAs per row; rows staged in shared memory or, where they do not
 fit, streamed twice), layouts, masks, num_items_in_batch, special values,
 determinism, batch invariance, streams, memory, autocast, opcheck and
@@ -22,9 +22,11 @@ pytestmark = [pytest.mark.cuda,
 
 DEV = "cuda"
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# 37, 2048: a warp per row; 2049, 5000: a CTA per row; 40000 (2 x 160 KB): a
-# cluster of CTAs per row on Hopper, one streamed CTA elsewhere.
-VOCABS = (37, 2048, 2049, 5000, 40000)
+# 37, 2048: a warp per row; 2049: a CTA per row (16-bit: a warp); 4096,
+# 4097: the last 16-bit row on a warp and the first on a CTA; 5000: a CTA per
+# row; 40000 (2 x 160 KB): a cluster of CTAs per row on Hopper, one streamed
+# CTA elsewhere.
+VOCABS = (37, 2048, 2049, 4096, 4097, 5000, 40000)
 
 
 @pytest.fixture(autouse=True)
@@ -466,7 +468,9 @@ def test_cuda_compile(dynamic):
                                    {"BATCHKL_LOGITS_DISTILL_STREAM": "0"}, {"BATCHKL_LOGITS_REUSE": "0"},
                                    {"BATCHKL_LOGITS_REUSE": "1"},
                                    {"BATCHKL_LOGITS_REUSE": "0", "BATCHKL_LOGITS_STAGE": "0"},
-                                   {"BATCHKL_LOGITS_PREFETCH": "1"}], ids=str)
+                                   {"BATCHKL_LOGITS_PREFETCH": "1"},
+                                   {"BATCHKL_LOGITS_WARP_ROW_COLS": "2048"},
+                                   {"BATCHKL_LOGITS_WARP_ROW_COLS": "8192"}], ids=str)
 def test_tuning_knobs_change_the_launch_not_the_results(knobs):
     """The launcher's developer knobs (read once per process, hence a fresh
     one): streamed rows, slices that take more or fewer CTAs per row, and
@@ -479,7 +483,8 @@ def test_tuning_knobs_change_the_launch_not_the_results(knobs):
     exchange, the distillation kernel's long rows staged, every sweep
     forward or alternating without cache hints, the distillation kernel's
     twin for BATCHKL_LOGITS_PREFETCH=1 (one row per cluster here: see
-    test_prefetch_rows_copied_ahead_give_the_same_bits), still give
+    test_prefetch_rows_copied_ahead_give_the_same_bits), 16-bit rows of
+    2049-4096 columns on CTAs again or rows of up to 8192 on warps, still give
     the float64 reference's values and gradients at every launch shape, and
     each setting is deterministic."""
     run_python("import test_logits_cuda\ntest_logits_cuda.check_under_knobs()\n", str(knobs), env=knobs)
@@ -538,7 +543,7 @@ def check_under_knobs():
     for v in (*VOCABS, 512, 256000):
         for dtype in (torch.float32, torch.bfloat16):
             # Short rows: enough of them for several rows per warp.
-            rows = 37 if v <= 2048 else 2 if v > 100000 else 3
+            rows = 37 if v <= 4096 else 2 if v > 100000 else 3
             x, t = make_logits((rows, v), dtype), make_logits((rows, v), dtype)
             check_cuda(x, t, beta=0.0)
             check_cuda(x, t, beta=0.0, grad_target=False)  # distillation's case: the lean sweep
@@ -550,10 +555,10 @@ def check_under_knobs():
 
 
 def check_prefetch():
-    # 4000: a CTA per row; 32000: clusters of 2 (bfloat16) or 4 (float32);
+    # 5000: a CTA per row; 32000: clusters of 2 (bfloat16) or 4 (float32);
     # 40003: rows off 16 bytes among aligned ones (not copied ahead). Rows:
     # more than the clusters that fit on an H100 or H200 at once.
-    for v, rows in ((4000, 1200), (32000, 700), (40003, 500)):
+    for v, rows in ((5000, 1200), (32000, 700), (40003, 500)):
         for dtype in (torch.float32, torch.bfloat16):
             x, t = make_logits((rows, v), dtype), make_logits((rows, v), dtype)
             xd, td = x.to(DEV), t.to(DEV)
@@ -610,9 +615,12 @@ def check_prefetch():
                                            ({"BATCHKL_LOGITS_REUSE": "3"},
                                             "BATCHKL_LOGITS_REUSE: expected 0, 1 or 2, got '3'"),
                                            ({"BATCHKL_LOGITS_PREFETCH": "yes"},
-                                            "BATCHKL_LOGITS_PREFETCH: expected 0 or 1, got 'yes'")],
+                                            "BATCHKL_LOGITS_PREFETCH: expected 0 or 1, got 'yes'"),
+                                           ({"BATCHKL_LOGITS_WARP_ROW_COLS": "0"},
+                                            "BATCHKL_LOGITS_WARP_ROW_COLS: expected a whole number of columns from 1 "
+                                            "to 1048576, got '0'")],
                          ids=["stage", "slice", "lanes", "lean", "share", "merge", "distill_stream", "reuse",
-                              "prefetch"])
+                              "prefetch", "warp_row_cols"])
 def test_a_bad_tuning_knob_is_an_error_naming_it(knobs, message):
     code = ("import torch, pytest, batchkl_ext\n"
             "x = torch.randn(2, 5000, device='cuda')\n"

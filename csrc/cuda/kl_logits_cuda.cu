@@ -32,6 +32,8 @@ namespace {
 //                             where two CTAs still fit on an SM; see plan_grid)
 //   BATCHKL_LOGITS_ROW_LANES  threads per short row (1, 2, 4, 8, 16 or 32; default: by
 //                             its length, kPacksPerLane)
+//   BATCHKL_LOGITS_WARP_ROW_COLS  the longest row on a warp, in columns (default: 2048,
+//                             16-bit rows 4096; see kWarpRowBytes)
 //   BATCHKL_LOGITS_LEAN       the forward KL where the target needs no gradient: 0 the
 //                             general sweep, 1 the lean one, 2 (the default) the lean one
 //                             in a kernel of its own that runs three CTAs per SM; 3 also
@@ -80,6 +82,14 @@ const LaunchKnobs& tuning() {
       TORCH_CHECK(s == "1" || s == "2" || s == "4" || s == "8" || s == "16" || s == "32",
                   "BATCHKL_LOGITS_ROW_LANES: expected 1, 2, 4, 8, 16 or 32, got '", s, "'");
       v.row_lanes = std::stoi(s);
+    }
+    if (const char* cols = std::getenv("BATCHKL_LOGITS_WARP_ROW_COLS")) {
+      char* end = nullptr;
+      const long long c = std::strtoll(cols, &end, 10);
+      TORCH_CHECK(end != cols && *end == '\0' && c > 0 && c <= (1 << 20),
+                  "BATCHKL_LOGITS_WARP_ROW_COLS: expected a whole number of columns from 1 to 1048576, got '", cols,
+                  "'");
+      v.warp_row_cols = c;
     }
     if (const char* lean = std::getenv("BATCHKL_LOGITS_LEAN")) {
       const std::string s(lean);

@@ -62,8 +62,22 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 // Rows up to this many columns get a warp each, or a part of one: a CTA per
 // row would leave most of its threads idle, and a short row is re-read from
-// L1.
+// L1 (or L2).
 constexpr int64_t kWarpRowCols = 2048;
+// 16-bit rows get a warp up to this many bytes per operand too (4096
+// columns): each lane then reads 16 packs per operand, as on a float32 row of
+// 2048 columns, the longest row measured on a warp. H200, 2026-11-27 (commit
+// 51383ea), forward + backward queued, the same 67M elements in rows of 2048
+// (a warp each) and of 4096 (a CTA each): forward KL bfloat16 0.193 against
+// 0.303 ms, JSD 0.271 against 0.495. A CTA per row of 4096 took as long in
+// bfloat16 as in float32 (0.303 and 0.317 ms; JSD 0.495 and 0.504): the same
+// 16 values per thread and three CTA-wide exchanges per row, so per-row
+// costs, not bytes, set its time; a warp per float32 row of 2048 ran at 55%
+// of copy bandwidth (0.343 ms for twice the bytes). Inferred from those
+// neighbours, not yet timed at 4096 itself (BATCHKL_LOGITS_WARP_ROW_COLS=2048
+// gives the plan from before 2026-11-29). float32 keeps 2048 until timed: its
+// CTA rows of 4096 ran at 60%.
+constexpr int64_t kWarpRowBytes = 8 * 1024;
 // A short row gets as many lanes (a power of two up to 32) as give each about
 // this many 16-byte packs per operand: two sweep-1 steps of kUnroll loads.
 // With a whole warp on a row of 512 bfloat16 logits (2 packs a lane), the
@@ -127,6 +141,7 @@ struct LaunchKnobs {
   int64_t slice_budget = kSliceBudget;  // the bytes a CTA's slice aims at
   StageMode stage = StageMode::kAuto;   // where slices live
   int row_lanes = 0;                    // lanes per short row; 0: kPacksPerLane decides
+  int64_t warp_row_cols = 0;            // rows up to this many columns on warps; 0: warp_row_cols() decides
   // The forward KL's sweeps where the target needs no gradient: 0 the
   // general one, 1 the lean one (Grid::lean), 2 the lean one in the kDistill
   // kernel (three CTAs per SM). H200, 2026-11-27, forward + backward queued:
@@ -206,6 +221,11 @@ struct LaunchKnobs {
   bool prefetch = false;
 };
 
+// The longest row, in columns, that plan_grid gives a warp (or part of one).
+inline int64_t warp_row_cols(int64_t elem, const LaunchKnobs& knobs) {
+  return knobs.warp_row_cols > 0 ? knobs.warp_row_cols : std::max(kWarpRowCols, kWarpRowBytes / elem);
+}
+
 struct DeviceLimits {
   int sms = 1;
   size_t max_smem = 48 * 1024;  // per CTA, opted in
@@ -252,7 +272,7 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
   g.merge = dev.knobs.merge;
   const int64_t pack = 16 / elem;
   const auto round_up = [&](int64_t v) { return (v + pack - 1) / pack * pack; };
-  if (cols <= kWarpRowCols) {
+  if (cols <= warp_row_cols(elem, dev.knobs)) {
     g.warp_rows = true;
     g.slice = cols;
     const int64_t packs = (cols + pack - 1) / pack;

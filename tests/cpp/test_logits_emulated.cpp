@@ -253,8 +253,10 @@ const std::vector<std::pair<std::string, DeviceLimits>> kDevices = {
 
 void test_shapes_dtypes_divergences() {
   // 40003: the last CTA of a cluster gets a shorter slice, ending in a partial pack.
-  const std::vector<std::pair<int64_t, int64_t>> shapes = {{5, 37}, {3, 1}, {9, 2048}, {2, 2049}, {3, 5000},
-                                                           {2, 40000}, {2, 40003}};
+  // 4096: 16-bit rows' last on a warp (kWarpRowBytes), a CTA's in float32 and float64.
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {{5, 37},    {3, 1},     {9, 2048},  {2, 2049},
+                                                           {3, 4096},  {2, 4097},  {3, 5000},  {2, 40000},
+                                                           {2, 40003}};
   for (const auto& [dev_name, dev] : kDevices) {
     g_device = dev;
     for (const auto dt : {at::kFloat, at::kBFloat16, at::kDouble, at::kHalf}) {
@@ -891,6 +893,26 @@ void test_plan() {
   check(plan_grid(9, 2048, 2, h100).lanes == 32 && plan_grid(3, 1, 4, h100).lanes == 1 &&
             plan_grid(5, 37, 4, h100).lanes == 2,
         "2048 bf16: a warp; 1 f32: a lane; 37 f32: two lanes");
+  // A warp per row up to 2048 columns, and 16-bit rows up to 8 KiB per
+  // operand; BATCHKL_LOGITS_WARP_ROW_COLS sets the limit for every dtype.
+  {
+    const Grid b4096 = plan_grid(16384, 4096, 2, h100), b4097 = plan_grid(16384, 4097, 2, h100);
+    check(b4096.warp_rows && b4096.lanes == 32 && b4096.smem == kFinalBytes && !b4097.warp_rows &&
+              b4097.cluster == 1 && b4097.stage,
+          "bf16: 4096 a warp, 4097 a staged CTA");
+    check(plan_grid(16384, 4096, 2, h100, true).warp_rows, "bf16 4096: a warp in the distillation kernel too");
+    check(plan_grid(9, 2048, 4, h100).warp_rows && !plan_grid(9, 2049, 4, h100).warp_rows &&
+              plan_grid(9, 2048, 8, h100).warp_rows && !plan_grid(9, 2049, 8, h100).warp_rows,
+          "f32, f64: a warp up to 2048");
+    DeviceLimits knob = h100;
+    knob.knobs.warp_row_cols = 2048;
+    check(!plan_grid(16384, 2049, 2, knob).warp_rows && plan_grid(16384, 2048, 2, knob).warp_rows,
+          "BATCHKL_LOGITS_WARP_ROW_COLS=2048: the plan before 2026-11-29");
+    knob.knobs.warp_row_cols = 8192;
+    const Grid f8192 = plan_grid(4096, 8192, 4, knob);
+    check(f8192.warp_rows && f8192.lanes == 32 && !plan_grid(4096, 8193, 2, knob).warp_rows,
+          "BATCHKL_LOGITS_WARP_ROW_COLS=8192: f32 8192 on a warp, bf16 8193 not");
+  }
   check(s16.blocks == std::min<int64_t>(65536 / (kThreads / 8), 132 * 8), str("65536x512 bf16: ", s16.blocks, " CTAs"));
   DeviceLimits forced = h100;
   forced.knobs.row_lanes = 32;
@@ -987,10 +1009,10 @@ void test_plan() {
   const Grid a = plan_grid(8192, 32000, 2, a100);
   check(a.cluster == 1 && a.stage, "A100 8192x32000 bf16: one CTA, staged");
   // The slices cover the row and none is empty.
-  for (const int64_t cols : {2049, 5000, 40000, 40003, 128256, 256000, 1000003}) {
+  for (const int64_t cols : {4097, 5000, 40000, 40003, 128256, 256000, 1000003}) {
     for (const int64_t elem : {2, 4, 8}) {
       const Grid g = plan_grid(1, cols, elem, h100);
-      check(g.slice * g.cluster >= cols && g.slice * (g.cluster - 1) < cols && g.slice % (16 / elem) == 0,
+      check(!g.warp_rows && g.slice * g.cluster >= cols && g.slice * (g.cluster - 1) < cols && g.slice % (16 / elem) == 0,
             str("slices of ", cols, " x ", elem, " bytes: ", g.cluster, " x ", g.slice));
     }
   }
