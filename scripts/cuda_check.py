@@ -107,8 +107,9 @@ def check_logits(small):
     the per-row values weighted by w."""
     # Short rows run 1 to 32 lanes per row by their length and dtype (37: one
     # to four, 100: two to eight, 512: eight to 32), several rows per warp;
-    # 16-bit rows up to 4096 on a warp too.
-    shapes = [(5, 37), (37, 512), (2, 5000), (2, 40000)] if small else [
+    # 16-bit rows up to 4096 on a warp too (--small: 4096, a whole warp's row
+    # of 16 packs a lane in 16-bit dtypes, a CTA's in the others).
+    shapes = [(5, 37), (37, 512), (3, 4096), (2, 5000), (2, 40000)] if small else [
         (64, 37), (40, 100), (67, 512), (9, 2048), (5, 2049), (9, 4096), (5, 4097), (7, 5000), (3, 40000),
         (3, 128256), (2, 256000)]
     checks = failures = 0
