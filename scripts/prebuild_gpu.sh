@@ -21,7 +21,12 @@ ARCHS=${ARCHS:-9.0}
 VENV=${VENV:-/tmp/batchkl-prebuild-venv}
 
 if [[ -z "${PYTHON312:-}" ]]; then
-  PYTHON312=$(command -v python3.12 || ls -d "${HOME:-/root}"/.pyenv/versions/3.12*/bin/python 2>/dev/null | sort -V | tail -1 || true)
+  # A pyenv shim named python3.12 may be on PATH without running (no 3.12
+  # selected): take it only if it runs, else pyenv's own 3.12.
+  PYTHON312=$(command -v python3.12 || true)
+  if [[ -z "$PYTHON312" ]] || ! "$PYTHON312" -c pass 2>/dev/null; then
+    PYTHON312=$(ls -d "${HOME:-/root}"/.pyenv/versions/3.12*/bin/python 2>/dev/null | sort -V | tail -1 || true)
+  fi
 fi
 [[ -n "$PYTHON312" && -x "$PYTHON312" ]] || { echo "prebuild_gpu: no Python 3.12 found (set PYTHON312)" >&2; exit 1; }
 [[ -x "$VENV/bin/python" ]] || "$PYTHON312" -m venv "$VENV"
