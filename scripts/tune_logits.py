@@ -84,7 +84,8 @@ SETTINGS = {
     "jsd_distill": {"BATCHKL_LOGITS_LEAN": "3"},
     # The longest row on a warp: 2048 columns for every dtype (the plan
     # before 2026-11-29), or longer (the default: 2048, 16-bit rows 4096,
-    # inferred from neighbouring shapes, not yet timed at 2049-4096).
+    # inferred from neighbouring shapes, not yet timed at 2049-4096). The
+    # default SHAPES have no such rows: --shapes 16384x4096 16384x3000 32768x2048.
     "warp2048": {"BATCHKL_LOGITS_WARP_ROW_COLS": "2048"},
     "warp4096": {"BATCHKL_LOGITS_WARP_ROW_COLS": "4096"},
     "warp8192": {"BATCHKL_LOGITS_WARP_ROW_COLS": "8192"},

@@ -32,8 +32,8 @@ namespace {
 //                             where two CTAs still fit on an SM; see plan_grid)
 //   BATCHKL_LOGITS_ROW_LANES  threads per short row (1, 2, 4, 8, 16 or 32; default: by
 //                             its length, kPacksPerLane)
-//   BATCHKL_LOGITS_WARP_ROW_COLS  the longest row on a warp, in columns (default: 2048,
-//                             16-bit rows 4096; see kWarpRowBytes)
+//   BATCHKL_LOGITS_WARP_ROW_COLS  the longest row on a warp, in columns, for every dtype
+//                             (default: 2048, 16-bit rows 4096; see kWarpRowBytes)
 //   BATCHKL_LOGITS_LEAN       the forward KL where the target needs no gradient: 0 the
 //                             general sweep, 1 the lean one, 2 (the default) the lean one
 //                             in a kernel of its own that runs three CTAs per SM; 3 also

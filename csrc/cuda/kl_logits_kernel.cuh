@@ -75,8 +75,9 @@ constexpr int64_t kWarpRowCols = 2048;
 // costs, not bytes, set its time; a warp per float32 row of 2048 ran at 55%
 // of copy bandwidth (0.343 ms for twice the bytes). Inferred from those
 // neighbours, not yet timed at 4096 itself (BATCHKL_LOGITS_WARP_ROW_COLS=2048
-// gives the plan from before 2026-11-29). float32 keeps 2048 until timed: its
-// CTA rows of 4096 ran at 60%.
+// gives the plan from before 2026-11-29). float16 (the same bytes and math as
+// bfloat16) was not measured. float32 keeps 2048 until timed: its CTA rows of
+// 4096 ran at 60%.
 constexpr int64_t kWarpRowBytes = 8 * 1024;
 // A short row gets as many lanes (a power of two up to 32) as give each about
 // this many 16-byte packs per operand: two sweep-1 steps of kUnroll loads.

@@ -319,15 +319,17 @@ void test_layouts_reductions_masks() {
 // whole 16-byte accesses (the fast loops; asynchronously staged, for
 // contiguous aligned rows) or element by element: bitwise the same results
 // for every layout. V = 1500 runs a warp per row, with whole sweep-1 steps
-// of the fast loop and a rest; 40000 whole steps on a CTA; 40003 adds a
-// partial last pack to them, and its odd rows start off a 16-byte boundary.
+// of the fast loop and a rest (3001 too in bfloat16); 3001 (float32) and
+// 5001 one CTA per row, staged through registers where the layout allows no
+// cp.async; 40000 whole steps on a CTA; 40003 adds a partial last pack to
+// them, and its odd rows start off a 16-byte boundary.
 // ('sum': 'batchmean' divides by size(0), which "lead" changes.)
 void test_layouts_bitwise() {
   // Staged slices; streamed ones, whose later sweeps run backward (the rest
   // of a thread's packs before its steps).
   for (const int device : {1, 2}) {
   g_device = kDevices[device].second;
-  for (const int64_t cols : {37, 1500, 3001, 40000, 40003}) {
+  for (const int64_t cols : {37, 1500, 3001, 5001, 40000, 40003}) {
     for (const auto dt : {at::kFloat, at::kBFloat16}) {
       const auto x = logits(6, cols, dt), t = logits(6, cols, dt);
       for (const std::string kind : {"misaligned", "strided", "lead"}) {
@@ -1008,9 +1010,10 @@ void test_plan() {
   check(plan_grid(8192, 32000, 2, a100sm).stage, "A100 (no clusters): staged wherever it fits (the streaming rule is measured on Hopper only)");
   const Grid a = plan_grid(8192, 32000, 2, a100);
   check(a.cluster == 1 && a.stage, "A100 8192x32000 bf16: one CTA, staged");
-  // The slices cover the row and none is empty.
-  for (const int64_t cols : {4097, 5000, 40000, 40003, 128256, 256000, 1000003}) {
+  // The slices cover the row and none is empty (rows past a warp's).
+  for (const int64_t cols : {2049, 4097, 5000, 40000, 40003, 128256, 256000, 1000003}) {
     for (const int64_t elem : {2, 4, 8}) {
+      if (cols <= warp_row_cols(elem, h100.knobs)) continue;
       const Grid g = plan_grid(1, cols, elem, h100);
       check(!g.warp_rows && g.slice * g.cluster >= cols && g.slice * (g.cluster - 1) < cols && g.slice % (16 / elem) == 0,
             str("slices of ", cols, " x ", elem, " bytes: ", g.cluster, " x ", g.slice));
@@ -1105,6 +1108,8 @@ void test_random(int count, uint64_t seed, int only = -1) {
     dev.knobs.distill_stream = pick(4) != 0;
     dev.knobs.reuse = pick(3);
     dev.knobs.prefetch = pick(3) == 0;
+    const int64_t warp_cols[] = {0, 0, 0, 2048, 8192};  // BATCHKL_LOGITS_WARP_ROW_COLS
+    dev.knobs.warp_row_cols = warp_cols[pick(5)];
     g_device = dev;
     g_resident = 1 + pick(3);
 
@@ -1177,7 +1182,8 @@ void test_random(int count, uint64_t seed, int only = -1) {
                                  " stage=", static_cast<int>(dev.knobs.stage), " budget=", dev.knobs.slice_budget,
                                  " lean=", dev.knobs.lean, " share=", dev.knobs.share, " merge=", dev.knobs.merge,
                                  " distill_stream=", dev.knobs.distill_stream, " reuse=", dev.knobs.reuse,
-                                 " prefetch=", dev.knobs.prefetch, " resident=", g_resident);
+                                 " prefetch=", dev.knobs.prefetch, " warp_row_cols=", dev.knobs.warp_row_cols,
+                                 " resident=", g_resident);
     if (kind == "lead" && rows % 2 == 0) {
       // (2, rows / 2, V): the same rows, outputs of that shape.
       Call cl = c;
