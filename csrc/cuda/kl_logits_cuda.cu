@@ -12,6 +12,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <optional>
 #include <string>
 
 #include "../register_backend.h"
@@ -62,16 +63,21 @@ void read_flag(const char* name, bool& out) {
   }
 }
 
+// `name`'s value, a whole number of `unit` from 1 to `max`, where it is set.
+std::optional<int64_t> read_count(const char* name, const char* unit, long long max) {
+  const char* value = std::getenv(name);
+  if (value == nullptr) return std::nullopt;
+  char* end = nullptr;
+  const long long n = std::strtoll(value, &end, 10);
+  TORCH_CHECK(end != value && *end == '\0' && n > 0 && n <= max, name, ": expected a whole number of ", unit,
+              " from 1 to ", max, ", got '", value, "'");
+  return n;
+}
+
 const LaunchKnobs& tuning() {
   static const LaunchKnobs t = [] {
     LaunchKnobs v;
-    if (const char* kib = std::getenv("BATCHKL_LOGITS_SLICE_KIB")) {
-      char* end = nullptr;
-      const long long k = std::strtoll(kib, &end, 10);
-      TORCH_CHECK(end != kib && *end == '\0' && k > 0 && k <= 1024,
-                  "BATCHKL_LOGITS_SLICE_KIB: expected a whole number of KiB from 1 to 1024, got '", kib, "'");
-      v.slice_budget = k * 1024;
-    }
+    if (const auto kib = read_count("BATCHKL_LOGITS_SLICE_KIB", "KiB", 1024)) v.slice_budget = *kib * 1024;
     if (const char* stage = std::getenv("BATCHKL_LOGITS_STAGE")) {
       const std::string s(stage);
       TORCH_CHECK(s == "0" || s == "1", "BATCHKL_LOGITS_STAGE: expected 0 or 1, got '", s, "'");
@@ -83,14 +89,7 @@ const LaunchKnobs& tuning() {
                   "BATCHKL_LOGITS_ROW_LANES: expected 1, 2, 4, 8, 16 or 32, got '", s, "'");
       v.row_lanes = std::stoi(s);
     }
-    if (const char* cols = std::getenv("BATCHKL_LOGITS_WARP_ROW_COLS")) {
-      char* end = nullptr;
-      const long long c = std::strtoll(cols, &end, 10);
-      TORCH_CHECK(end != cols && *end == '\0' && c > 0 && c <= (1 << 20),
-                  "BATCHKL_LOGITS_WARP_ROW_COLS: expected a whole number of columns from 1 to 1048576, got '", cols,
-                  "'");
-      v.warp_row_cols = c;
-    }
+    if (const auto cols = read_count("BATCHKL_LOGITS_WARP_ROW_COLS", "columns", 1 << 20)) v.warp_row_cols = *cols;
     if (const char* lean = std::getenv("BATCHKL_LOGITS_LEAN")) {
       const std::string s(lean);
       TORCH_CHECK(s == "0" || s == "1" || s == "2" || s == "3", "BATCHKL_LOGITS_LEAN: expected 0, 1, 2 or 3, got '",
