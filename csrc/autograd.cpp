@@ -101,24 +101,42 @@ at::Tensor scale_fused_grad(const at::Tensor& saved_grad, const at::Tensor& g, b
 // Nodes are held by std::shared_ptr in older torch, c10::intrusive_ptr in
 // newer; a template so that only the matching branch is compiled.
 template <typename NodePtr = decltype(std::declval<torch::autograd::Edge>().function)>
-NodePtr make_error_node(const char* msg) {
+NodePtr make_error_node(const char* msg, torch::autograd::edge_list edges) {
   using torch::autograd::Error;
   if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
-    return std::make_shared<Error>(msg, torch::autograd::edge_list{});
+    return std::make_shared<Error>(msg, std::move(edges));
   } else {
-    return c10::make_intrusive<Error>(msg, torch::autograd::edge_list{});
+    return c10::make_intrusive<Error>(msg, std::move(edges));
   }
 }
 
 // Second derivatives are not implemented (the first ones come out of the
-// fused kernel, not out of differentiable ops). With create_graph=True the
-// returned gradients get a node that raises when differentiated, as Python's
-// @once_differentiable does, instead of silently contributing zeros.
-at::Tensor once_differentiable(at::Tensor grad, const char* msg) {
-  if (!grad.defined() || !at::GradMode::is_enabled()) return grad;
-  grad = grad.detach();
-  torch::autograd::set_history(grad, make_error_node(msg));
-  return grad;
+// fused kernel, not out of differentiable ops). With create_graph=True each
+// returned gradient gets a node that raises when differentiated. The node
+// hangs from the op's own edges (to its arguments) and grad_output's, as
+// PyTorch's NotImplemented nodes do, so it lies on every path from the
+// gradient to what the gradient depends on, and torch.autograd.grad runs it
+// whatever it is asked for. A node without edges (the kind Python's
+// @once_differentiable makes) was skipped wherever other terms gave grad
+// something to differentiate: the derivative of a gradient penalty
+// |dL/dx|^2 + f(x) came back as f's alone.
+template <class F>
+std::pair<at::Tensor, at::Tensor> once_differentiable(AutogradContext* ctx, const at::Tensor& g, at::Tensor grad_input,
+                                                      at::Tensor grad_target, const char* msg) {
+  if (!at::GradMode::is_enabled()) return {grad_input, grad_target};
+  torch::autograd::edge_list edges;
+  // The engine's current node is this op's, unless backward runs outside the
+  // engine; then only grad_output's edge is known.
+  const auto node = torch::autograd::get_current_node();
+  const auto* self = dynamic_cast<const torch::autograd::CppNode<F>*>(node.get());
+  if (self != nullptr && &self->ctx_ == ctx) edges = self->next_edges();
+  for (auto& edge : torch::autograd::collect_next_edges(g)) edges.push_back(std::move(edge));
+  for (auto* grad : {&grad_input, &grad_target}) {
+    if (!grad->defined()) continue;
+    *grad = grad->detach();
+    torch::autograd::set_history(*grad, make_error_node(msg, edges));
+  }
+  return {grad_input, grad_target};
 }
 
 class KLFunction : public torch::autograd::Function<KLFunction> {
@@ -179,7 +197,8 @@ class KLFunction : public torch::autograd::Function<KLFunction> {
     constexpr const char* msg =
         "batchkl.kl: second derivatives (double backward) are not supported: its gradients come out of the fused "
         "forward kernel. Use torch.nn.functional.kl_div where higher-order gradients are needed.";
-    return {once_differentiable(grad_input, msg), once_differentiable(grad_target, msg), at::Tensor(), at::Tensor()};
+    std::tie(grad_input, grad_target) = once_differentiable<KLFunction>(ctx, g, grad_input, grad_target, msg);
+    return {grad_input, grad_target, at::Tensor(), at::Tensor()};
   }
 };
 
@@ -235,8 +254,10 @@ class KLWithLogitsFunction : public torch::autograd::Function<KLWithLogitsFuncti
     if (ctx->needs_input_grad(1)) {
       grad_target = reduce_to(scale_fused_grad(saved[1], g, per_row, hooked), ctx, "target");
     }
-    return {once_differentiable(grad_input, msg), once_differentiable(grad_target, msg), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    std::tie(grad_input, grad_target) =
+        once_differentiable<KLWithLogitsFunction>(ctx, g, grad_input, grad_target, msg);
+    return {grad_input, grad_target, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
   }
 };
 

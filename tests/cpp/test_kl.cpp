@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/cuda.h>
 
 #include <cmath>
@@ -192,6 +193,21 @@ void test_values() {
 }
 
 // (b) Gradients from C++ autograd.
+// `loss(x, t)`'s gradient w.r.t. x, taken with create_graph, then the
+// gradient of |dL/dx|^2 + <x, t> w.r.t. t: must throw batchkl's error.
+template <class Loss>
+void check_double_backward_raises(Loss loss, const Case& c, const std::string& what) {
+  auto x = c.input.clone().requires_grad_(), t = c.target.clone().requires_grad_();
+  try {
+    const auto gx = torch::autograd::grad({loss(x, t).sum()}, {x}, {}, std::nullopt, /*create_graph=*/true)[0];
+    torch::autograd::grad({gx.pow(2).sum() + (x * t).sum()}, {t});
+    check(false, what + ": no exception");
+  } catch (const std::exception& e) {
+    check(std::string(e.what()).find("second derivatives") != std::string::npos,
+          what + ": not batchkl's error: " + e.what());
+  }
+}
+
 void test_autograd() {
   const int64_t B = 8, C = 33;
   for (const bool log_target : {false, true}) {
@@ -258,6 +274,14 @@ void test_autograd() {
     auto t = c.target.clone().requires_grad_();
     kl(c.input, t, "mean", false).backward();
     check_close(t.grad(), (c.target.log() + 1 - c.input) / 28.0, 1e-10, 1e-13, "autograd: only target requires grad");
+  }
+  // Second derivatives: a clear error wherever a second differentiation goes
+  // through the fused gradient, even where other terms give it something to
+  // differentiate (a gradient penalty |dL/dx|^2 + <x, t>, w.r.t. t).
+  for (const auto& red : kReductions) {
+    check_double_backward_raises(
+        [&](const at::Tensor& x, const at::Tensor& t) { return kl(x, t, red, false); },
+        make_case({4, 7}, {4, 7}, false, at::kDouble), str("autograd: double backward, reduction '", red, "'"));
   }
 }
 
@@ -457,6 +481,9 @@ void test_logits() {
       check(false, what + ": threw " + e.what());
     }
   }
+  check_double_backward_raises(
+      [](const at::Tensor& x, const at::Tensor& t) { return kl_with_logits(x, t, 0.3, 2.0, "batchmean"); },
+      Case{at::randn({3, 9}, at::kDouble), at::randn({3, 9}, at::kDouble)}, "kl_with_logits: double backward");
   try {
     kl_with_logits(at::randn({2, 5}), at::randn({2, 5}), 0.0, 0.0, "batchmean");
     check(false, "kl_with_logits: temperature 0: no exception");
