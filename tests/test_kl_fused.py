@@ -6,6 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.checkpoint import checkpoint
+
+import batchkl_ext
 
 from conftest import REDUCTIONS, kl_op, make_logprobs, make_target
 
@@ -82,6 +85,49 @@ def test_saved_tensor_hooks_see_an_unchanged_gradient():
     for before, after in zip(snapshot, kept):
         assert torch.equal(before, after)
     torch.testing.assert_close(x.grad, -2 * t)
+
+
+# Activation checkpointing around the loss (the chunked-distillation idiom:
+# the lm_head matmul and the loss of a chunk of tokens recomputed in
+# backward). Re-entrant: the forward runs without grad (the loss alone) and
+# again inside backward; non-re-entrant: saved-tensor hooks see the fused
+# gradients, so backward scales out of place. Either way the gradients are
+# bitwise those without checkpointing.
+CHECKPOINTED = {
+    "kl_batchmean": lambda z, t: batchkl_ext.kl_div(z.log_softmax(-1), t.softmax(-1), reduction="batchmean"),
+    "kl_row": lambda z, t: kl_op(z.log_softmax(-1), t.softmax(-1), "row", False).sum(),
+    "jsd_with_logits": lambda z, t: batchkl_ext.jsd_with_logits(z, t, beta=0.3, temperature=0.8),
+    "kl_with_logits_none": lambda z, t: batchkl_ext.kl_div_with_logits(z, t, reduction="none").sum(),
+}
+COMPOSITE = {
+    "kl_batchmean": lambda z, t: F.kl_div(z.log_softmax(-1), t.softmax(-1), reduction="batchmean"),
+    "kl_row": lambda z, t: F.kl_div(z.log_softmax(-1), t.softmax(-1), reduction="sum"),
+    "jsd_with_logits": None,
+    "kl_with_logits_none": lambda z, t: F.kl_div(z.log_softmax(-1), t.log_softmax(-1), reduction="sum",
+                                                 log_target=True),
+}
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+@pytest.mark.parametrize("name", list(CHECKPOINTED))
+def test_activation_checkpointing_gives_the_same_gradients(name, use_reentrant):
+    h0 = torch.randn(6, 8, dtype=torch.float64)
+    w0 = torch.randn(8, 11, dtype=torch.float64)
+    teacher = torch.randn(6, 11, dtype=torch.float64)
+
+    def run(loss_fn, checkpointed):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        chunk = lambda a, b: loss_fn(a @ b, teacher)
+        loss = checkpoint(chunk, h, w, use_reentrant=use_reentrant) if checkpointed else chunk(h, w)
+        (loss * 0.7).backward()
+        return loss.detach(), h.grad, w.grad
+
+    plain = run(CHECKPOINTED[name], False)
+    for want, got, what in zip(plain, run(CHECKPOINTED[name], True), ("loss", "grad h", "grad w")):
+        assert torch.equal(want, got), f"{what}: checkpointed differs from plain by {(want - got).abs().max()}"
+    if COMPOSITE[name] is not None:
+        for want, got in zip(run(COMPOSITE[name], False), plain):
+            torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

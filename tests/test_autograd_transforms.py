@@ -1,12 +1,19 @@
-"""Second derivatives of both ops: not implemented (the first derivatives
-come out of the fused forward kernel, not out of differentiable ops), so
-differentiating a returned gradient must raise a clear error on every path
-that reaches it: a gradient penalty with other terms beside it, a parameter
-upstream of the logits, a grad_output that requires grad. (Until 2026-11-29
-the error node was a leaf, which torch.autograd.grad skipped whenever the
-other terms gave it something to differentiate: a gradient penalty's
-derivative came back without the penalty's part, silently.) First-order
-gradients taken with create_graph=True stay what they are without it."""
+"""Autograd around both ops beyond first derivatives.
+
+Second derivatives are not implemented (the first derivatives come out of
+the fused forward kernel, not out of differentiable ops), so differentiating
+a returned gradient must raise a clear error on every path that reaches it:
+a gradient penalty with other terms beside it, a parameter upstream of the
+logits, a grad_output that requires grad. (Until 2026-11-29 the error node
+was a leaf, which torch.autograd.grad skipped whenever the other terms gave
+it something to differentiate: a gradient penalty's derivative came back
+without the penalty's part, silently.) First-order gradients taken with
+create_graph=True stay what they are without it.
+
+torch.func: vmap works (PyTorch's fallback, one call per sample), gradients
+of its result included; grad, vjp and jacrev raise PyTorch's error for C++
+autograd Functions, which functorch cannot transform (the ops' autograd is
+one so that libtorch users get gradients too)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,3 +140,36 @@ def test_first_order_gradients_match_torch_under_create_graph():
     theirs = torch.autograd.grad(F.kl_div(x, t, reduction="batchmean"), (x, t), create_graph=True)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------
+# torch.func
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,fn,prep,reduction", CASES, ids=IDS)
+def test_vmap_equals_a_loop_values_and_gradients(name, fn, prep, reduction):
+    """vmap over a batch of (3, 6) problems: bitwise the results of calling
+    the op on each, and so are the gradients of a weighted sum of them."""
+    x = prep(torch.randn(4, 3, 6, dtype=torch.float64)).detach()
+    t = _target(name, (4, 3, 6))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    batched = torch.func.vmap(lambda a, b: fn(a, b, reduction))(xa, t)
+    looped = torch.stack([fn(a, b, reduction) for a, b in zip(xb, t)])
+    assert_bitwise_equal(batched, looped, "vmap result")
+    w = torch.rand(looped.shape, dtype=torch.float64)
+    (batched * w).sum().backward()
+    (looped * w).sum().backward()
+    assert_bitwise_equal(xa.grad, xb.grad, "gradient through vmap")
+
+
+@pytest.mark.parametrize("transform", ["grad", "vjp", "jacrev"])
+@pytest.mark.parametrize("name,fn,prep", [c[:3] for c in OPS], ids=[c[0] for c in OPS])
+def test_func_gradient_transforms_raise(name, fn, prep, transform):
+    x = prep(torch.randn(3, 6, dtype=torch.float64)).detach()
+    t = _target(name, (3, 6))
+    loss = lambda a: fn(a, t, "batchmean" if name != "kl" else "sum")
+    with pytest.raises(RuntimeError, match=r"cannot use C\+\+ torch::autograd::Function with functorch"):
+        if transform == "vjp":
+            torch.func.vjp(loss, x)
+        else:
+            getattr(torch.func, transform)(loss)(x)
