@@ -15,6 +15,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 from torch.nn.modules.loss import _Loss
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 _REDUCTIONS = ("none", "sum", "mean", "batchmean", "row")
 
@@ -162,6 +163,10 @@ def _kl_with_logits_fused_fake(input, target, beta, temperature, reduction, mask
 
 
 # --- front doors -----------------------------------------------------------
+# Each first hands its call to __torch_function__ where an argument or a mode
+# has one, as torch.nn.functional does: torch.fx's Proxy (not a Tensor) then
+# records the front door as one node, and Tensor subclasses and
+# TorchFunctionModes see it where they would see F.kl_div.
 
 def _legacy_reduction(size_average: Optional[bool], reduce: Optional[bool]) -> str:
     # torch.nn._reduction.legacy_get_string warns exactly as F.kl_div does.
@@ -179,6 +184,9 @@ def kl_div(input: Tensor, target: Tensor, size_average: Optional[bool] = None, r
     there), and ``reduction='row'`` returns the KL of each distribution
     (summed over the last dim, shape ``broadcast_shape[:-1]``).
     """
+    if has_torch_function_variadic(input, target):
+        return handle_torch_function(kl_div, (input, target), input, target, size_average=size_average,
+                                     reduce=reduce, reduction=reduction, log_target=log_target)
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         raise TypeError(f"batchkl_ext.kl_div: 'input' and 'target' must be tensors, got "
                         f"{type(input).__name__} and {type(target).__name__}")
@@ -257,6 +265,10 @@ def kl_div_with_logits(input: Tensor, target: Tensor, *, temperature: float = 1.
     contributes 0. The log-softmax of both inputs is computed inside the
     kernel: the only N x V memory is the gradient it returns.
     """
+    if has_torch_function_variadic(input, target, mask, num_items_in_batch):
+        return handle_torch_function(kl_div_with_logits, (input, target, mask, num_items_in_batch), input, target,
+                                     temperature=temperature, reduction=reduction, mask=mask,
+                                     num_items_in_batch=num_items_in_batch)
     _check_tensors("kl_div_with_logits", input=input, target=target)
     return torch.ops.batchkl.kl_with_logits(input, target, 0.0, float(temperature), reduction, mask,
                                             _num_items_tensor(num_items_in_batch))
@@ -279,6 +291,10 @@ def jsd_with_logits(input: Tensor, target: Tensor, *, beta: float = 0.5, tempera
     returns elementwise ones. ``mask`` and ``num_items_in_batch`` as in
     :func:`kl_div_with_logits`.
     """
+    if has_torch_function_variadic(input, target, mask, num_items_in_batch):
+        return handle_torch_function(jsd_with_logits, (input, target, mask, num_items_in_batch), input, target,
+                                     beta=beta, temperature=temperature, reduction=reduction, mask=mask,
+                                     num_items_in_batch=num_items_in_batch)
     _check_tensors("jsd_with_logits", input=input, target=target)
     num_items = _num_items_tensor(num_items_in_batch)
     if reduction == "batchmean" and mask is None and num_items is None and input.dim() > 2:
@@ -305,6 +321,8 @@ def kl_divergence(p: Tensor, q: Tensor, *, kind: str = "probs", dim: int = -1) -
 
     The result has ``p``'s shape without ``dim``; gradients flow to both.
     """
+    if has_torch_function_variadic(p, q):
+        return handle_torch_function(kl_divergence, (p, q), p, q, kind=kind, dim=dim)
     _check_tensors("kl_divergence", p=p, q=q)
     if kind not in _KINDS:
         raise ValueError(f"batchkl_ext.kl_divergence: argument 'kind' must be one of 'probs', 'log_probs', "
