@@ -139,6 +139,19 @@ std::pair<at::Tensor, at::Tensor> once_differentiable(AutogradContext* ctx, cons
   return {grad_input, grad_target};
 }
 
+// Forward-mode AD has no formula here (as PyTorch's Python custom ops have
+// none by default): a tangent on an argument is an error. Without this check
+// the result came back with no tangent, as if it did not depend on the
+// argument.
+void check_no_tangent(const char* op, const at::Tensor& input, const at::Tensor& target) {
+  for (const auto& [name, arg] : {std::pair<const char*, const at::Tensor*>{"input", &input}, {"target", &target}}) {
+    TORCH_CHECK(!arg->_fw_grad(/*level=*/0).defined(), op,
+                ": forward-mode AD (torch.autograd.forward_ad) is not supported: argument '", name,
+                "' has a tangent. Use reverse mode (backward), or a composite of PyTorch ops where forward-mode "
+                "derivatives are needed.");
+  }
+}
+
 class KLFunction : public torch::autograd::Function<KLFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
@@ -204,6 +217,7 @@ class KLFunction : public torch::autograd::Function<KLFunction> {
 
 at::Tensor kl_autograd(const at::Tensor& input, const at::Tensor& target, c10::string_view reduction,
                        bool log_target) {
+  check_no_tangent("batchkl.kl", input, target);
   if (!at::GradMode::is_enabled() || !(input.requires_grad() || target.requires_grad())) {
     // Nothing will be differentiated: the loss alone, no gradients written.
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -265,6 +279,7 @@ at::Tensor kl_with_logits_autograd(const at::Tensor& input, const at::Tensor& ta
                                    c10::string_view reduction, const std::optional<at::Tensor>& mask,
                                    const std::optional<at::Tensor>& num_items, bool probs,
                                    std::optional<at::ScalarType> dtype) {
+  check_no_tangent("batchkl.kl_with_logits", input, target);
   if (!at::GradMode::is_enabled() || !(input.requires_grad() || target.requires_grad())) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()

@@ -13,9 +13,12 @@ create_graph=True stay what they are without it.
 torch.func: vmap works (PyTorch's fallback, one call per sample), gradients
 of its result included; grad, vjp and jacrev raise PyTorch's error for C++
 autograd Functions, which functorch cannot transform (the ops' autograd is
-one so that libtorch users get gradients too)."""
+one so that libtorch users get gradients too).
+
+Forward-mode AD has no formula: a tangent on an argument is an error."""
 import pytest
 import torch
+import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 
 import batchkl_ext
@@ -173,3 +176,26 @@ def test_func_gradient_transforms_raise(name, fn, prep, transform):
             torch.func.vjp(loss, x)
         else:
             getattr(torch.func, transform)(loss)(x)
+
+
+# --------------------------------------------------------------------------
+# forward-mode AD
+# --------------------------------------------------------------------------
+
+# (forward_ad's first use scripts a helper: PyTorch's own deprecation warning.)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.parametrize("name,fn,prep,reduction", CASES, ids=IDS)
+@pytest.mark.parametrize("which", ["input", "target"])
+def test_forward_mode_ad_raises(name, fn, prep, reduction, which):
+    """No forward-mode formula: a tangent on either argument is an error.
+    (Until 2026-11-29 the result came back with no tangent at all, as if the
+    loss did not depend on the argument.)"""
+    x = prep(torch.randn(3, 6, dtype=torch.float64))
+    t = _target(name, (3, 6))
+    with fwad.dual_level():
+        if which == "input":
+            x = fwad.make_dual(x, torch.randn_like(x))
+        else:
+            t = fwad.make_dual(t, torch.randn_like(t))
+        with pytest.raises(RuntimeError, match=r"batchkl\.(kl|kl_with_logits): forward-mode AD .* not supported"):
+            fn(x, t, reduction)
