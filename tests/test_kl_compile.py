@@ -280,3 +280,32 @@ def test_export_run_decompositions_keeps_the_op():
     targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
     assert torch.ops.batchkl.kl.default in targets
     torch.testing.assert_close(ep.module()(x, t), Loss()(x, t))
+
+
+def test_aot_inductor_package_runs_both_ops(tmp_path):
+    """Deployment through torch.export and AOTInductor: the compiled package
+    calls both ops (their C++ kernels, through the dispatcher) with a dynamic
+    batch and gives the eager results."""
+    class Distill(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 16)
+
+        def forward(self, h, teacher):
+            s = self.proj(h)
+            return (batchkl_ext.jsd_with_logits(s, teacher, beta=0.3, reduction="none")
+                    + torch.ops.batchkl.kl(s.log_softmax(-1), teacher.softmax(-1), "row", False))
+
+    m = Distill().eval()
+    batch = torch.export.Dim("batch", min=2, max=64)
+    h, teacher = torch.randn(5, 8), torch.randn(5, 16)
+    ep = torch.export.export(m, (h, teacher), dynamic_shapes=({0: batch}, {0: batch}))
+    assert {torch.ops.batchkl.kl.default, torch.ops.batchkl.kl_with_logits.default} <= set(_batchkl_targets(ep))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "distill.pt2"))
+    runner = torch._inductor.aoti_load_package(path)
+    for n in (5, 11):
+        hh, tt = torch.randn(n, 8), torch.randn(n, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(runner(hh, tt), m(hh, tt), rtol=1e-5, atol=1e-6)
