@@ -139,10 +139,10 @@ std::pair<at::Tensor, at::Tensor> once_differentiable(AutogradContext* ctx, cons
   return {grad_input, grad_target};
 }
 
-// Forward-mode AD has no formula here (as PyTorch's Python custom ops have
-// none by default): a tangent on an argument is an error. Without this check
-// the result came back with no tangent, as if it did not depend on the
-// argument.
+// Forward-mode AD has no formula here: a tangent on an argument is an error.
+// Without this check the result came back with no tangent, as if it did not
+// depend on the argument (which is what torch.library's Python custom ops
+// with a registered autograd still do, torch 2.14).
 void check_no_tangent(const char* op, const at::Tensor& input, const at::Tensor& target) {
   for (const auto& [name, arg] : {std::pair<const char*, const at::Tensor*>{"input", &input}, {"target", &target}}) {
     TORCH_CHECK(!arg->_fw_grad(/*level=*/0).defined(), op,
