@@ -5,7 +5,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
-#include "kl_logits.h"
+#include "include/batchkl/batchkl.h"
 
 namespace batchkl {
 namespace {
@@ -14,11 +14,8 @@ template <c10::DeviceType kDevice>
 at::Tensor kl_autocast(const at::Tensor& input, const at::Tensor& target, c10::string_view reduction,
                        bool log_target) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("batchkl::kl", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, bool)>();
-  return op.call(at::autocast::cached_cast(at::kFloat, input, kDevice),
-                 at::autocast::cached_cast(at::kFloat, target, kDevice), reduction, log_target);
+  return kl(at::autocast::cached_cast(at::kFloat, input, kDevice), at::autocast::cached_cast(at::kFloat, target, kDevice),
+            reduction, log_target);
 }
 
 // kl_with_logits: the composite formula runs in float32 under autocast
@@ -34,11 +31,8 @@ at::Tensor kl_with_logits_autocast(const at::Tensor& input, const at::Tensor& ta
                                    const std::optional<at::Tensor>& num_items, bool probs,
                                    std::optional<at::ScalarType> dtype) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("batchkl::kl_with_logits", "")
-                       .typed<KLWithLogitsSig>();
   if (!dtype.has_value() && at::result_type(input, target) != at::kDouble) dtype = at::kFloat;
-  return op.call(input, target, beta, temperature, reduction, mask, num_items, probs, dtype);
+  return kl_with_logits(input, target, beta, temperature, reduction, mask, num_items, probs, dtype);
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
+#include "include/batchkl/batchkl.h"
 #include "kl.h"
 #include "kl_logits.h"
 
@@ -221,10 +222,7 @@ at::Tensor kl_autograd(const at::Tensor& input, const at::Tensor& target, c10::s
   if (!at::GradMode::is_enabled() || !(input.requires_grad() || target.requires_grad())) {
     // Nothing will be differentiated: the loss alone, no gradients written.
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("batchkl::kl", "")
-                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, bool)>();
-    return op.call(input, target, reduction, log_target);
+    return kl(input, target, reduction, log_target);
   }
   return KLFunction::apply(input, target, std::string(reduction), log_target)[0];
 }
@@ -282,10 +280,7 @@ at::Tensor kl_with_logits_autograd(const at::Tensor& input, const at::Tensor& ta
   check_no_tangent("batchkl.kl_with_logits", input, target);
   if (!at::GradMode::is_enabled() || !(input.requires_grad() || target.requires_grad())) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("batchkl::kl_with_logits", "")
-                         .typed<KLWithLogitsSig>();
-    return op.call(input, target, beta, temperature, reduction, mask, num_items, probs, dtype);
+    return kl_with_logits(input, target, beta, temperature, reduction, mask, num_items, probs, dtype);
   }
   return KLWithLogitsFunction::apply(input, target, beta, temperature, std::string(reduction), mask, num_items, probs,
                                      dtype)[0];

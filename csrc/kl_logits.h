@@ -65,11 +65,6 @@ void dispatch_logits(const LogitsLaunch& p, F&& f) {
   }
 }
 
-// The public op's C++ signature, for calls through the dispatcher.
-using KLWithLogitsSig = at::Tensor(const at::Tensor&, const at::Tensor&, double, double, c10::string_view,
-                                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
-                                   std::optional<at::ScalarType>);
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_with_logits_fused_impl(
     const at::Tensor& input, const at::Tensor& target, double beta, double temperature, c10::string_view reduction,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& num_items_in_batch, bool probs,

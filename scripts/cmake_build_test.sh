@@ -11,6 +11,7 @@
 #   JOBS                 build parallelism (default 2)
 #   CUDA_HOME            the CUDA toolkit (default: found as setup.py does)
 #   BATCHKL_CPU_SIMD, CMAKE_CUDA_ARCHITECTURES / TORCH_CUDA_ARCH_LIST: see CMakeLists.txt
+#   CONSUMER=0           skip installing the build and building tests/cpp/consumer against it
 # Takes care of the quirks of a CUDA torch wheel + a system toolkit: the real
 # toolkit behind a wrapper nvcc, libnvrtc and missing headers from the wheel's
 # nvidia/cu* folders (CMakeLists.txt also finds these itself).
@@ -93,13 +94,19 @@ ARGS+=(-G "$GENERATOR")
 if command -v ccache >/dev/null 2>&1; then
   ARGS+=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
 fi
-if [[ "$WITH_CUDA" == ON ]]; then
-  log "CUDA toolkit: $CUDA_ROOT"
-  ARGS+=(-DCUDA_TOOLKIT_ROOT_DIR="$CUDA_ROOT" -DCUDAToolkit_ROOT="$CUDA_ROOT"
-         -DCMAKE_CUDA_COMPILER="$CUDA_ROOT/bin/nvcc")
+# What find_package(Torch) of a CUDA wheel needs: the real toolkit, and
+# libnvrtc from the wheel where a slim toolkit lacks it.
+TOOLKIT_ARGS=()
+if [[ -n "$TORCH_CUDA" && -n "$CUDA_ROOT" ]]; then
+  TOOLKIT_ARGS+=(-DCUDA_TOOLKIT_ROOT_DIR="$CUDA_ROOT" -DCUDAToolkit_ROOT="$CUDA_ROOT"
+                 -DCMAKE_CUDA_COMPILER="$CUDA_ROOT/bin/nvcc")
   nvrtc="$(ls "$SITE_PACKAGES"/nvidia/cu*/lib/libnvrtc.so.[0-9]* 2>/dev/null | grep -v alt | head -n1 || true)"
   [[ -z "$nvrtc" ]] && nvrtc="$(ls "$CUDA_ROOT"/lib64/libnvrtc.so "$CUDA_ROOT"/lib/libnvrtc.so 2>/dev/null | head -n1 || true)"
-  [[ -n "$nvrtc" ]] && ARGS+=(-DCUDA_nvrtc_LIBRARY="$nvrtc")
+  [[ -n "$nvrtc" ]] && TOOLKIT_ARGS+=(-DCUDA_nvrtc_LIBRARY="$nvrtc")
+fi
+if [[ "$WITH_CUDA" == ON ]]; then
+  log "CUDA toolkit: $CUDA_ROOT"
+  ARGS+=("${TOOLKIT_ARGS[@]}")
 fi
 # Reuse a build dir (incremental) only if it was configured the same way:
 # another generator cannot be reused, and CUDA on/off changes what TorchConfig sets up.
@@ -124,4 +131,19 @@ status=0
 t3=$SECONDS
 log "configure $((t1 - t0))s, build $((t2 - t1))s, ctest $((t3 - t2))s (CUDA kernels: $WITH_CUDA)"
 [[ $status -eq 0 ]] || die "ctest failed (exit $status)"
+
+# The installed package as a libtorch user's project finds it
+# (tests/cpp/consumer: find_package(batchkl), <batchkl/batchkl.h>, both ops
+# and their gradients). CONSUMER=0 skips it.
+if [[ "${CONSUMER:-1}" == 1 ]]; then
+  prefix="$BUILD_DIR/install"
+  rm -rf "$prefix" "$BUILD_DIR/consumer"
+  cmake --install "$BUILD_DIR" --prefix "$prefix" >/dev/null
+  cmake -S "$ROOT/tests/cpp/consumer" -B "$BUILD_DIR/consumer" -G "$GENERATOR" -DCMAKE_BUILD_TYPE=Release \
+        -DCMAKE_PREFIX_PATH="$prefix;$TORCH_CMAKE_PREFIX" "${TOOLKIT_ARGS[@]}" >"$BUILD_DIR/consumer.log" 2>&1 \
+    && cmake --build "$BUILD_DIR/consumer" -j "$JOBS" >>"$BUILD_DIR/consumer.log" 2>&1 \
+    || { tail -n 40 "$BUILD_DIR/consumer.log" >&2; die "the consumer project did not build against the installed package"; }
+  "$BUILD_DIR/consumer/consumer" || die "the consumer project failed"
+  log "installed package: $prefix, consumer $(($SECONDS - t3))s"
+fi
 log "OK: $BUILD_DIR/libbatchkl.so"

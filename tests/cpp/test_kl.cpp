@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
+#include <batchkl/batchkl.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/cuda.h>
 
@@ -39,12 +40,9 @@ using batchkl_test::g_failures;
 
 using c10::str;
 
-using KLSig = at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, bool);
-
-at::Tensor kl(const at::Tensor& input, const at::Tensor& target, std::string_view reduction, bool log_target) {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("batchkl::kl", "").typed<KLSig>();
-  return op.call(input, target, reduction, log_target);
-}
+// The public C++ API (csrc/include/batchkl/batchkl.h), as a libtorch program calls it.
+using batchkl::kl;
+using batchkl::kl_with_logits;
 
 const std::vector<std::string> kReductions = {"none", "sum", "mean", "batchmean", "row"};
 
@@ -430,17 +428,6 @@ bool test_cuda() {
     check(out[0].item<double>() == 0.0, "cuda: zero-probability rule (loss at p == 0 is not 0)");
   }
   return true;
-}
-
-using LogitsSig = at::Tensor(const at::Tensor&, const at::Tensor&, double, double, c10::string_view,
-                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
-                            std::optional<at::ScalarType>);
-
-at::Tensor kl_with_logits(const at::Tensor& input, const at::Tensor& target, double beta, double temperature,
-                          std::string_view reduction, const std::optional<at::Tensor>& mask = std::nullopt) {
-  static auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("batchkl::kl_with_logits", "").typed<LogitsSig>();
-  return op.call(input, target, beta, temperature, reduction, mask, std::nullopt, false, std::nullopt);
 }
 
 // Per-row generalized JSD (TRL's convention) with ATen ops, in double.
