@@ -139,6 +139,9 @@ if [[ "${CONSUMER:-1}" == 1 ]]; then
   prefix="$BUILD_DIR/install"
   rm -rf "$prefix" "$BUILD_DIR/consumer"
   cmake --install "$BUILD_DIR" --prefix "$prefix" >/dev/null
+  # The installed library finds its own dependencies (libtorch*) by its RUNPATH.
+  missing="$(ldd "$prefix"/lib*/libbatchkl.so | grep "not found" || true)"
+  [[ -z "$missing" ]] || die "the installed libbatchkl.so does not find: $missing"
   cmake -S "$ROOT/tests/cpp/consumer" -B "$BUILD_DIR/consumer" -G "$GENERATOR" -DCMAKE_BUILD_TYPE=Release \
         -DCMAKE_PREFIX_PATH="$prefix;$TORCH_CMAKE_PREFIX" "${TOOLKIT_ARGS[@]}" >"$BUILD_DIR/consumer.log" 2>&1 \
     && cmake --build "$BUILD_DIR/consumer" -j "$JOBS" >>"$BUILD_DIR/consumer.log" 2>&1 \
