@@ -168,6 +168,12 @@ def _kl_with_logits_fused_fake(input, target, beta, temperature, reduction, mask
 # records the front door as one node, and Tensor subclasses and
 # TorchFunctionModes see it where they would see F.kl_div.
 
+# F.kl_div's warning, word for word.
+_MEAN_WARNING = ("reduction: 'mean' divides the total loss by both the batch size and the support size."
+                 "'batchmean' divides only by the batch size, and aligns with the KL div math definition."
+                 "'mean' will be changed to behave the same as 'batchmean' in the next major release.")
+
+
 def _legacy_reduction(size_average: Optional[bool], reduce: Optional[bool]) -> str:
     # torch.nn._reduction.legacy_get_string warns exactly as F.kl_div does.
     from torch.nn import _reduction
@@ -200,25 +206,29 @@ def kl_div(input: Tensor, target: Tensor, size_average: Optional[bool] = None, r
     if reduction == "mean" and not torch.compiler.is_compiling():
         # Dynamo cannot trace warnings.warn (fullgraph=True would fail); the
         # warning is for eager users reading their code anyway.
-        warnings.warn(
-            "reduction: 'mean' divides the total loss by both the batch size and the support size."
-            "'batchmean' divides only by the batch size, and aligns with the KL div math definition."
-            "'mean' will be changed to behave the same as 'batchmean' in the next major release.",
-            stacklevel=2,
-        )
+        warnings.warn(_MEAN_WARNING, stacklevel=2)
     return torch.ops.batchkl.kl(input, target, reduction, bool(log_target))
 
 
 class KLDivLoss(_Loss):
     """Drop-in for :class:`torch.nn.KLDivLoss` backed by ``torch.ops.batchkl.kl``."""
 
-    __constants__ = ["reduction"]
+    __constants__ = ["reduction", "_mean_warning"]
+    _mean_warning = _MEAN_WARNING     # (TorchScript reads no global str)
 
     def __init__(self, size_average=None, reduce=None, reduction: str = "mean", log_target: bool = False) -> None:
         super().__init__(size_average, reduce, reduction)
         self.log_target = log_target
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            # TorchScript (a scripted model holding this module, as it may
+            # hold nn.KLDivLoss) compiles only this branch: kl_div's Python
+            # is beyond it, the op is not. The legacy flags are already folded
+            # into self.reduction by _Loss.
+            if self.reduction == "mean":
+                warnings.warn(self._mean_warning)
+            return torch.ops.batchkl.kl(input, target, self.reduction, self.log_target)
         return kl_div(input, target, reduction=self.reduction, log_target=self.log_target)
 
 

@@ -462,3 +462,48 @@ def test_devices_without_a_kernel_get_an_error_naming_the_device():
     for op, args in calls:
         with pytest.raises(RuntimeError, match=r"batchkl.kl: " + UNSUPPORTED_DEVICE + r", got tensors on cpu"):
             op.redispatch(keys, *args)
+
+
+# TorchScript (deprecated, still in legacy models): a scripted model holding
+# KLDivLoss, as it may hold nn.KLDivLoss. Until 2026-11-29 scripting failed
+# on kl_div's Python ("import statements aren't supported").
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.save` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace_method` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:reduction. .mean. divides:UserWarning")
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("log_target", [False, True])
+def test_torchscript_model_holding_the_module(reduction, log_target, tmp_path):
+    class Head(nn.Module):
+        def __init__(self, crit):
+            super().__init__()
+            self.proj = nn.Linear(6, 9, dtype=torch.float64)
+            self.crit = crit
+
+        def forward(self, h, t):
+            return self.crit(self.proj(h).log_softmax(-1), t)
+
+    torch.manual_seed(0)
+    model = Head(batchkl_ext.KLDivLoss(reduction=reduction, log_target=log_target))
+    scripted = torch.jit.script(model)
+    h = torch.randn(4, 6, dtype=torch.float64)
+    t = torch.randn(4, 9, dtype=torch.float64)
+    t = t.log_softmax(-1) if log_target else t.softmax(-1)
+    want, caught = _record(lambda: model(h, t))
+    got, caught_scripted = _record(lambda: scripted(h, t))
+    assert_bitwise_equal(got, want)
+    assert [m for _, m in caught_scripted] == [m for _, m in caught]      # 'mean' warns in both
+    w = torch.rand(want.shape, dtype=torch.float64)
+    g_want = torch.autograd.grad((want * w).sum(), model.proj.weight)[0]
+    g_got = torch.autograd.grad((got * w).sum(), scripted.proj.weight)[0]
+    assert_bitwise_equal(g_got, g_want, "gradient through the scripted model")
+    if reduction != "row":                                                   # nn.KLDivLoss has no 'row'
+        reference = torch.jit.script(Head(nn.KLDivLoss(reduction=reduction, log_target=log_target)))
+        reference.load_state_dict(model.state_dict())
+        torch.testing.assert_close(got, reference(h, t))
+    torch.jit.save(scripted, str(tmp_path / "head.pt"))
+    assert_bitwise_equal(torch.jit.load(str(tmp_path / "head.pt"))(h, t), want, "saved and loaded")
+    traced = torch.jit.trace(model, (h, t), check_trace=False)
+    assert_bitwise_equal(traced(h, t), want, "traced")
