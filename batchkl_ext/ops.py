@@ -65,6 +65,12 @@ def _kl_fake(input, target, reduction="mean", log_target=False):
     return _fake_loss(input, target, reduction)
 
 
+def _fake_grad_scale(like: Tensor, dtype: torch.dtype, scalar: bool, wanted: bool) -> Tensor:
+    # kl.h's grads_of_sum: float16 gradients of a scalar reduction are those
+    # of the sum, and come with their factor (1 / divisor), 0-d float32.
+    return like.new_empty(() if dtype == torch.float16 and scalar and wanted else (0,), dtype=torch.float32)
+
+
 @torch.library.register_fake("batchkl::kl_fused")
 def _kl_fused_fake(input, target, reduction, log_target, grad_input, grad_target):
     loss = _fake_loss(input, target, reduction)
@@ -74,7 +80,9 @@ def _kl_fused_fake(input, target, reduction, log_target, grad_input, grad_target
     def grad(want):
         return input.new_empty(shape if want and fused else (0,), dtype=loss.dtype)
 
-    return loss, grad(grad_input), grad(grad_target)
+    scalar = reduction not in ("none", "row")
+    return (loss, grad(grad_input), grad(grad_target),
+            _fake_grad_scale(input, loss.dtype, scalar, grad_input or grad_target))
 
 
 @torch.library.register_fake("batchkl::kl_none_backward")
@@ -159,7 +167,9 @@ def _kl_with_logits_fused_fake(input, target, beta, temperature, reduction, mask
         # Dense (contiguous) in the inputs' shape and promoted dtype, as the kernel allocates them.
         return input.new_empty(input.shape if want else (0,), dtype=promoted)
 
-    return loss, grad(grad_input), grad(grad_target)
+    scalar = reduction != "none" or num_items_in_batch is not None
+    return (loss, grad(grad_input), grad(grad_target),
+            _fake_grad_scale(input, promoted, scalar, grad_input or grad_target))
 
 
 # --- front doors -----------------------------------------------------------

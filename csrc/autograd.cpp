@@ -78,25 +78,36 @@ bool scale_in_place_ok(const at::Tensor& saved_grad, const at::Tensor& g, bool h
       return false;
     }
   }
-  // A grad_output of another dtype (a float32 loss of 16-bit logits under
-  // autocast) is fine on the CPU, whose scaler multiplies in float32 and
-  // rounds once, as the out-of-place product would.
-  return saved_grad.is_contiguous() && (g.dtype() == saved_grad.dtype() || saved_grad.is_cpu());
+  // A scale of another dtype (a float32 loss of 16-bit logits under
+  // autocast, a float16 gradient's float32 factor) is fine: the scalers
+  // multiply in float32 and round once, as the out-of-place product would.
+  return saved_grad.is_contiguous();
 }
 
 // Backward of a fused op: the gradient its forward wrote, times grad_output
-// `g` (a scalar, or one value per row when `per_row`). In place when that is
-// safe (scale_in_place_ok), which on CUDA costs nothing when g is 1.
-at::Tensor scale_fused_grad(const at::Tensor& saved_grad, const at::Tensor& g, bool per_row, bool hooked) {
-  if (scale_in_place_ok(saved_grad, g, hooked)) {
+// `g` (a scalar, or one value per row when `per_row`) and, where the forward
+// gave one, its `grad_scale` (float16 gradients of the sum: 1 / divisor, see
+// grads_of_sum), multiplied in float32 first, so that neither that small
+// factor nor its product with a GradScaler's large grad_output is rounded to
+// float16 before it meets the gradient. In place when that is safe
+// (scale_in_place_ok), which costs no pass over the gradient when the scale
+// is 1.
+at::Tensor scale_fused_grad(const at::Tensor& saved_grad, const at::Tensor& g, bool per_row, bool hooked,
+                            const at::Tensor& grad_scale) {
+  const bool factor = grad_scale.numel() != 0;
+  const at::Tensor scale = factor ? g.to(grad_scale.scalar_type()) * grad_scale : g;
+  if (scale_in_place_ok(saved_grad, scale, hooked)) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("batchkl::kl_scale_", "")
                          .typed<void(at::Tensor&, const at::Tensor&)>();
     at::Tensor grad = saved_grad;
-    op.call(grad, g);
+    op.call(grad, scale);
     return grad;
   }
-  return saved_grad * (per_row ? g.unsqueeze(-1) : g);
+  const at::Tensor s = per_row ? scale.unsqueeze(-1) : scale;
+  // (A float16 tensor times a float32 0-d tensor on its device would round
+  // the factor to float16 first.)
+  return factor ? (saved_grad.to(s.scalar_type()) * s).to(saved_grad.scalar_type()) : saved_grad * s;
 }
 
 // Nodes are held by std::shared_ptr in older torch, c10::intrusive_ptr in
@@ -168,16 +179,16 @@ class KLFunction : public torch::autograd::Function<KLFunction> {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("batchkl::kl_fused", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                             const at::Tensor&, const at::Tensor&, c10::string_view, bool, bool, bool)>();
+                         .typed<FusedResult(const at::Tensor&, const at::Tensor&, c10::string_view, bool, bool,
+                                            bool)>();
     // 'none' has a full grad_output, so there is nothing to pre-compute: its
     // backward is a single elementwise pass (kl_none_backward).
-    auto [loss, grad_input, grad_target] =
+    auto [loss, grad_input, grad_target, grad_scale] =
         op.call(input, target, reduction, log_target, want_input && !none, want_target && !none);
     if (none) {
       ctx->save_for_backward({input, target});
     } else {
-      ctx->save_for_backward({grad_input, grad_target});
+      ctx->save_for_backward({grad_input, grad_target, grad_scale});
     }
     return {loss};
   }
@@ -201,7 +212,9 @@ class KLFunction : public torch::autograd::Function<KLFunction> {
       // 'row': one grad_output per row, broadcast along the distribution dim.
       const bool row = ctx->saved_data["row"].toBool();
       const bool hooked = ctx->saved_data["hooked"].toBool();
-      const auto scale_saved = [&](const at::Tensor& saved_grad) { return scale_fused_grad(saved_grad, g, row, hooked); };
+      const auto scale_saved = [&](const at::Tensor& saved_grad) {
+        return scale_fused_grad(saved_grad, g, row, hooked, saved[2]);
+      };
       if (want_input) grad_input = scale_saved(saved[0]);
       if (want_target) grad_target = scale_saved(saved[1]);
     }
@@ -239,13 +252,13 @@ class KLWithLogitsFunction : public torch::autograd::Function<KLWithLogitsFuncti
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("batchkl::kl_with_logits_fused", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                             const at::Tensor&, const at::Tensor&, double, double, c10::string_view,
-                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, bool, bool,
-                             std::optional<at::ScalarType>)>();
-    auto [loss, grad_input, grad_target] = op.call(input, target, beta, temperature, reduction, mask, num_items, probs,
-                                                   input.requires_grad(), target.requires_grad(), dtype);
-    ctx->save_for_backward({grad_input, grad_target});
+                         .typed<FusedResult(const at::Tensor&, const at::Tensor&, double, double, c10::string_view,
+                                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
+                                            bool, bool, std::optional<at::ScalarType>)>();
+    auto [loss, grad_input, grad_target, grad_scale] = op.call(
+        input, target, beta, temperature, reduction, mask, num_items, probs, input.requires_grad(),
+        target.requires_grad(), dtype);
+    ctx->save_for_backward({grad_input, grad_target, grad_scale});
     return {loss};
   }
 
@@ -261,10 +274,10 @@ class KLWithLogitsFunction : public torch::autograd::Function<KLWithLogitsFuncti
     at::Tensor grad_input, grad_target;
     // (The shapes match; reduce_to only casts back from a promoted dtype.)
     if (ctx->needs_input_grad(0)) {
-      grad_input = reduce_to(scale_fused_grad(saved[0], g, per_row, hooked), ctx, "input");
+      grad_input = reduce_to(scale_fused_grad(saved[0], g, per_row, hooked, saved[2]), ctx, "input");
     }
     if (ctx->needs_input_grad(1)) {
-      grad_target = reduce_to(scale_fused_grad(saved[1], g, per_row, hooked), ctx, "target");
+      grad_target = reduce_to(scale_fused_grad(saved[1], g, per_row, hooked, saved[2]), ctx, "target");
     }
     std::tie(grad_input, grad_target) =
         once_differentiable<KLWithLogitsFunction>(ctx, g, grad_input, grad_target, msg);

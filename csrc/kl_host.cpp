@@ -216,10 +216,8 @@ void run(KLLaunch& plan, std::array<at::Tensor, kNumOperands>& ops, at::IntArray
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_fused_impl(const at::Tensor& input, const at::Tensor& target,
-                                                             c10::string_view reduction, bool log_target,
-                                                             bool want_grad_input, bool want_grad_target,
-                                                             Launcher launch) {
+FusedResult kl_fused_impl(const at::Tensor& input, const at::Tensor& target, c10::string_view reduction,
+                          bool log_target, bool want_grad_input, bool want_grad_target, Launcher launch) {
   check_pair(input, target);
   const c10::DeviceGuard device_guard(input.device());
   const Reduction red = parse_reduction(reduction);
@@ -238,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_fused_impl(const at::Tensor& i
     plan.mode = Mode::kElementwise;
     ops[kOut] = empty_like_elementwise(input, target, dtype);
     if (numel > 0) run(plan, ops, shape, launch);
-    return {ops[kOut], at::empty({0}, opts), at::empty({0}, opts)};
+    return {ops[kOut], at::empty({0}, opts), at::empty({0}, opts), at::empty({0}, opts.dtype(at::kFloat))};
   }
 
   plan.mode = Mode::kReduce;
@@ -246,6 +244,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_fused_impl(const at::Tensor& i
   plan.want_grad_target = want_grad_target;
   if (red == Reduction::kMean) plan.divisor = static_cast<double>(numel);
   if (red == Reduction::kBatchMean && input.dim() > 0) plan.divisor = static_cast<double>(input.size(0));
+  at::Tensor grad_scale = at::empty({0}, opts.dtype(at::kFloat));
+  plan.grad_divisor = plan.divisor;
+  if (grads_of_sum(dtype) && red != Reduction::kRow && (want_grad_input || want_grad_target)) {
+    plan.grad_divisor = 1.0;
+    grad_scale = at::full({}, 1.0 / plan.divisor, opts.dtype(at::kFloat));
+  }
   // Gradients are dense in the broadcast shape; autograd sums them down to
   // each argument's own shape.
   const auto grad_or_empty = [&](bool want) { return want ? at::empty(shape, opts) : at::empty({0}, opts); };
@@ -262,13 +266,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_fused_impl(const at::Tensor& i
     out.fill_(red == Reduction::kRow ? 0.0 : 0.0 / plan.divisor);
     grad_input.zero_();
     grad_target.zero_();
-    return {out, grad_input, grad_target};
+    return {out, grad_input, grad_target, grad_scale};
   }
   if (want_grad_input) ops[kGradInput] = grad_input;
   if (want_grad_target) ops[kGradTarget] = grad_target;
   (red == Reduction::kRow ? plan.row_out : plan.scalar_out) = out.data_ptr();
   run(plan, ops, shape, launch);
-  return {out, grad_input, grad_target};
+  return {out, grad_input, grad_target, grad_scale};
 }
 
 std::tuple<at::Tensor, at::Tensor> kl_none_backward_impl(const at::Tensor& grad, const at::Tensor& input,
@@ -312,10 +316,10 @@ void kl_scale_impl(at::Tensor& grad, const at::Tensor& scale, Scaler scaler) {
   TORCH_CHECK(scale.numel() == 1 || scale.numel() == rows, "batchkl.kl_scale_: 'scale' must have 1 or ", rows,
               " elements, got ", scale.numel());
   const c10::DeviceGuard device_guard(grad.device());
-  // The CPU multiplies in the gradient's math type (float32 for 16-bit), so
-  // the product is rounded once; the CUDA scaler takes the gradient's dtype.
-  const auto scale_type = grad.is_cpu() ? at::toOpMathType(grad.scalar_type()) : grad.scalar_type();
-  scaler(grad, scale.to(scale_type).contiguous());
+  // Both scalers multiply in the gradient's math type (float32 for 16-bit),
+  // so the product is rounded once, and a float16 gradient of the sum meets
+  // its small float32 scale (grads_of_sum) unrounded.
+  scaler(grad, scale.to(at::toOpMathType(grad.scalar_type())).contiguous());
 }
 
 // Every backend without a kernel of its own (XPU, MPS, PrivateUse1, ...) lands
@@ -326,7 +330,7 @@ TORCH_LIBRARY_IMPL(batchkl, CompositeExplicitAutograd, m) {
     unsupported_device("batchkl.kl", input);
   });
   m.impl("kl_fused", [](const at::Tensor& input, const at::Tensor&, c10::string_view, bool, bool,
-                        bool) -> std::tuple<at::Tensor, at::Tensor, at::Tensor> { unsupported_device("batchkl.kl", input); });
+                        bool) -> FusedResult { unsupported_device("batchkl.kl", input); });
   m.impl("kl_none_backward", [](const at::Tensor&, const at::Tensor& input, const at::Tensor&, bool, bool,
                                 bool) -> std::tuple<at::Tensor, at::Tensor> { unsupported_device("batchkl.kl", input); });
   m.impl("kl_scale_", [](at::Tensor& grad, const at::Tensor&) { unsupported_device("batchkl.kl", grad); });

@@ -32,7 +32,7 @@ struct LogitsLaunch {
   double beta = 0.0;
   double inv_temperature = 1.0;
   // The reduced loss is sum / divisor, and the gradients are scaled by
-  // 1 / divisor. `divisor` is multiplied by the number of kept rows (at least
+  // 1 / divisor (unless grad_scale_out is set). `divisor` is multiplied by the number of kept rows (at least
   // 1) when `divide_by_kept_rows`, and replaced by *num_items (a float64
   // scalar on the inputs' device) when that is set: a backend reads both
   // itself, so that the host never waits for the device.
@@ -43,6 +43,10 @@ struct LogitsLaunch {
   // once, to the dtype asked for).
   double* row_out = nullptr;     // per-row losses (reduction 'none'), contiguous
   double* scalar_out = nullptr;  // a single value otherwise
+  // Set (with scalar_out) where the gradients are those of the sum
+  // (grads_of_sum): they are not divided, and 1 / divisor goes here, for the
+  // backward.
+  float* grad_scale_out = nullptr;
 };
 
 using LogitsLauncher = void (*)(const LogitsLaunch&);
@@ -65,7 +69,7 @@ void dispatch_logits(const LogitsLaunch& p, F&& f) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_with_logits_fused_impl(
+FusedResult kl_with_logits_fused_impl(
     const at::Tensor& input, const at::Tensor& target, double beta, double temperature, c10::string_view reduction,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& num_items_in_batch, bool probs,
     std::optional<at::ScalarType> out_dtype, bool want_grad_input, bool want_grad_target, LogitsLauncher launch);

@@ -71,7 +71,7 @@ void check_args(const at::Tensor& input, const at::Tensor& target, double beta, 
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_with_logits_fused_impl(
+FusedResult kl_with_logits_fused_impl(
     const at::Tensor& input_arg, const at::Tensor& target_arg, double beta, double temperature,
     c10::string_view reduction, const std::optional<at::Tensor>& mask,
     const std::optional<at::Tensor>& num_items_in_batch, bool probs, std::optional<at::ScalarType> out_dtype,
@@ -109,6 +109,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_with_logits_fused_impl(
   const auto grad_or_empty = [&](bool want) { return want ? at::empty(shape, opts) : at::empty({0}, opts); };
   at::Tensor grad_input = grad_or_empty(want_grad_input);
   at::Tensor grad_target = grad_or_empty(want_grad_target);
+  at::Tensor grad_scale = at::empty({0}, opts.dtype(at::kFloat));
+  if (grads_of_sum(dtype) && scalar && (want_grad_input || want_grad_target)) {
+    grad_scale = at::empty({}, opts.dtype(at::kFloat));
+    plan.grad_scale_out = grad_scale.data_ptr<float>();
+  }
 
   at::Tensor mask_rows, num_items;
   if (mask.has_value()) {
@@ -146,7 +151,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_with_logits_fused_impl(
     }
     grad_input.zero_();
     grad_target.zero_();
-    return {out.to(out_opts.dtype()), grad_input, grad_target};
+    grad_scale.fill_(1.0);  // (no gradient element to scale)
+    return {out.to(out_opts.dtype()), grad_input, grad_target, grad_scale};
   }
 
   if (want_grad_input) ops[kGradInput] = grad_input;
@@ -167,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_with_logits_fused_impl(
   }
   (scalar ? plan.scalar_out : plan.row_out) = out.data_ptr<double>();
   launch(plan);
-  return {out.to(out_opts.dtype()), grad_input, grad_target};
+  return {out.to(out_opts.dtype()), grad_input, grad_target, grad_scale};
 }
 
 // Devices without a kernel get an error naming the device instead of the
@@ -179,7 +185,7 @@ TORCH_LIBRARY_IMPL(batchkl, CompositeExplicitAutograd, m) {
   m.impl("kl_with_logits_fused",
          [](const at::Tensor& input, const at::Tensor&, double, double, c10::string_view,
             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, bool, bool,
-            std::optional<at::ScalarType>) -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
+            std::optional<at::ScalarType>) -> FusedResult {
            unsupported_device(kOp, input);
          });
 }

@@ -9,10 +9,13 @@ TORCH_LIBRARY(batchkl, m) {
   // The forward launch of the fused autograd: the loss and, for every
   // reduction but 'none', the gradients w.r.t. input / target (already scaled
   // by the reduction, in the broadcast shape) where asked; an empty tensor
-  // where not. Backward only multiplies them by grad_output.
+  // where not. Backward only multiplies them by grad_output, and by the
+  // fourth result where that is a 0-d float32 tensor: float16 gradients of
+  // a scalar reduction are those of the sum, and it holds 1 / divisor (see
+  // grads_of_sum in kl.h); empty otherwise.
   m.def(
       "kl_fused(Tensor input, Tensor target, str reduction, bool log_target, bool grad_input, bool grad_target) "
-      "-> (Tensor, Tensor, Tensor)",
+      "-> (Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   // Backward helper: grad *= scale in place (scale is 0-d, or one value per
   // row of grad's last dim). Leaves grad untouched where scale is exactly 1,
@@ -37,11 +40,12 @@ TORCH_LIBRARY(batchkl, m) {
       "ScalarType? dtype=None) -> Tensor",
       {at::Tag::pt2_compliant_tag});
   // Its forward launch: the loss and the gradients w.r.t. input / target
-  // (already scaled by the reduction) where asked, an empty tensor where not.
+  // (already scaled by the reduction) where asked, an empty tensor where not,
+  // and the factor of float16 gradients, as kl_fused.
   m.def(
       "kl_with_logits_fused(Tensor input, Tensor target, float beta, float temperature, str reduction, "
       "Tensor? mask, Tensor? num_items_in_batch, bool probs, bool grad_input, bool grad_target, "
       "ScalarType? dtype=None) "
-      "-> (Tensor, Tensor, Tensor)",
+      "-> (Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 }

@@ -561,8 +561,9 @@ def test_kl_fused_direct(reduction, log_target):
     exp_val, exp_mag = ref_kl(x, t, reduction, log_target)
     for want_x in (False, True):
         for want_t in (False, True):
-            loss, gi, gt = torch.ops.batchkl.kl_fused(x, t, reduction, log_target, want_x, want_t)
+            loss, gi, gt, gs = torch.ops.batchkl.kl_fused(x, t, reduction, log_target, want_x, want_t)
             assert_close_scaled(loss, exp_val, exp_mag)
+            assert gs.dtype == torch.float32 and gs.numel() == 0  # (float32: the gradients are scaled already)
             fused = reduction != "none"
             for g, want in ((gi, want_x), (gt, want_t)):
                 assert g.dtype == torch.float32

@@ -23,7 +23,7 @@ struct TileWorker {
   using Acc = typename IO::Acc;
 
   const KLLaunch& p;
-  acc_t scale;  // kReduce: 1 / divisor, folded into the gradients
+  acc_t scale;  // kReduce: 1 / grad_divisor, folded into the gradients
 
   // One tile: n columns starting at the given element pointers. Returns the
   // tile's loss sum (kReduce) or 0.
@@ -117,7 +117,7 @@ void run_cpu(const KLLaunch& p) {
   const RowGeometry& g = p.geo;
   const int64_t ntiles = g.num_tiles();
   std::vector<acc_t> partials(kMode == Mode::kReduce ? ntiles : 0);
-  const TileWorker<scalar_t, kMode, kLog> worker{p, static_cast<acc_t>(1.0 / p.divisor)};
+  const TileWorker<scalar_t, kMode, kLog> worker{p, static_cast<acc_t>(1.0 / p.grad_divisor)};
   // About 32k elements per task: enough to amortise the scheduling.
   const int64_t grain = std::max<int64_t>(1, 32768 / g.chunk);
   // A tile's place in the rows x cols walk, and where it starts in operand k.

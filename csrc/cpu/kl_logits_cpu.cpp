@@ -112,7 +112,7 @@ struct RowKernel {
 
   acc_t inv_t;                // 1 / T (1 for probs)
   JSDWeights<Acc> w;
-  acc_t scale;                // 1 / divisor, and 1 / T for logits
+  acc_t scale;                // 1 / divisor (unless grad_scale_out), and 1 / T for logits
   bool want_gx, want_gy;
 
   static int64_t padded(int64_t n) { return (n + kW - 1) / kW * kW; }
@@ -355,7 +355,7 @@ void run_logits_cpu(const LogitsLaunch& p) {
   const double b = p.beta;
   k.w = JSDWeights<Acc>{Acc(static_cast<acc_t>(b)), Acc(static_cast<acc_t>(1.0 - b)),
                         Acc(static_cast<acc_t>(std::log(b))), Acc(static_cast<acc_t>(std::log1p(-b)))};
-  k.scale = static_cast<acc_t>((kProbs ? 1.0 : p.inv_temperature) / divisor);
+  k.scale = static_cast<acc_t>((kProbs ? 1.0 : p.inv_temperature) / (p.grad_scale_out ? 1.0 : divisor));
   k.want_gx = p.want_grad_input;
   k.want_gy = p.want_grad_target;
 
@@ -410,6 +410,7 @@ void run_logits_cpu(const LogitsLaunch& p) {
     double total = 0;  // in row order: reproducible whatever the thread count
     for (int64_t r = 0; r < rows; ++r) total += row_loss[r];
     *p.scalar_out = total / divisor;
+    if (p.grad_scale_out != nullptr) *p.grad_scale_out = static_cast<float>(1.0 / divisor);
   }
 }
 

@@ -59,7 +59,8 @@ void launch_cuda(const KLLaunch& p) {
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) scale_kernel(scalar_t* __restrict__ grad, int64_t rows, int64_t cols,
                                                          int64_t chunk, int64_t chunks_per_row,
-                                                         const scalar_t* __restrict__ scale, bool per_row) {
+                                                         const at::opmath_type<scalar_t>* __restrict__ scale,
+                                                         bool per_row) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vec<scalar_t>;
   constexpr int N = V::kSize;
@@ -68,7 +69,7 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(scalar_t* __restrict__ 
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; t < ntiles; t += warps) {
     const int64_t r = t / chunks_per_row;
-    const acc_t s = static_cast<acc_t>(scale[per_row ? r : 0]);
+    const acc_t s = scale[per_row ? r : 0];
     if (s == acc_t(1)) continue;
     const int64_t c0 = (t - r * chunks_per_row) * chunk;
     const int64_t n = chunk < cols - c0 ? chunk : cols - c0;
@@ -100,7 +101,8 @@ void scale_cuda(at::Tensor& grad, const at::Tensor& scale) {
       std::max<int64_t>(1, std::min<int64_t>((rows * chunks_per_row + kWarps - 1) / kWarps, sms * 8));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "batchkl_scale_cuda", [&] {
     scale_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        grad.data_ptr<scalar_t>(), rows, cols, chunk, chunks_per_row, scale.const_data_ptr<scalar_t>(), per_row);
+        grad.data_ptr<scalar_t>(), rows, cols, chunk, chunks_per_row,
+        scale.const_data_ptr<at::opmath_type<scalar_t>>(), per_row);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -45,7 +45,7 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
 }
 
 // What one element contributes, for each mode. `s` is the gradient scale
-// (kReduce: 1 / divisor) or grad_output (kBackward).
+// (kReduce: 1 / grad_divisor) or grad_output (kBackward).
 template <typename acc_t, Mode kMode, bool kLog>
 struct Element {
   acc_t out = 0, grad_input = 0, grad_target = 0;
@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(kThreads) kl_kernel(const KLLaunch p, acc_t* _
                                                       unsigned int* __restrict__ ticket) {
   const int lane = threadIdx.x & 31;
   const RowGeometry& g = p.geo;
-  const TileRunner<scalar_t, acc_t, kMode, kLog> runner{p, static_cast<acc_t>(1.0 / p.divisor),
+  const TileRunner<scalar_t, acc_t, kMode, kLog> runner{p, static_cast<acc_t>(1.0 / p.grad_divisor),
                                                         p.ptr[kGradInput] != nullptr,
                                                         p.ptr[kGradTarget] != nullptr};
   const int64_t ntiles = g.num_tiles();

@@ -1502,7 +1502,7 @@ __global__ void __launch_bounds__(kThreads, kDistill && !kAhead ? 3 : 2)
                   grid,
                   static_cast<acc_t>(p.inv_temperature),
                   static_cast<acc_t>(p.inv_temperature * 1.4426950408889634),  // log2(e) / T
-                  static_cast<acc_t>((kProbs ? 1.0 : p.inv_temperature) / divisor),
+                  static_cast<acc_t>((kProbs ? 1.0 : p.inv_temperature) / (p.grad_scale_out ? 1.0 : divisor)),
                   JSDWeights<acc_t>{static_cast<acc_t>(b), static_cast<acc_t>(1.0 - b), static_cast<acc_t>(::log(b)),
                                     static_cast<acc_t>(::log1p(-b))},
                   p.ptr[kGradInput] != nullptr,
@@ -1598,7 +1598,10 @@ __global__ void __launch_bounds__(kThreads, kDistill && !kAhead ? 3 : 2)
     if (static_cast<int>(threadIdx.x) < width) final_sum[threadIdx.x] += final_sum[threadIdx.x + width];
     __syncthreads();
   }
-  if (threadIdx.x == 0) *p.scalar_out = final_sum[0] / divisor;
+  if (threadIdx.x == 0) {
+    *p.scalar_out = final_sum[0] / divisor;
+    if (p.grad_scale_out != nullptr) *p.grad_scale_out = static_cast<float>(1.0 / divisor);
+  }
 }
 
 // The launcher (kl_logits_cuda.cu) gets its kernel through a host pointer

@@ -69,7 +69,7 @@ void launch_emulated(const KLLaunch& p) {
   });
 }
 
-using Fused = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Fused = batchkl::FusedResult;
 
 Fused emulated(const at::Tensor& x, const at::Tensor& t, const std::string& reduction, bool log_target, bool gi,
                bool gt) {

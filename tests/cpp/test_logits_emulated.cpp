@@ -89,7 +89,7 @@ void launch_emulated(const LogitsLaunch& p) {
   });
 }
 
-using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Result = batchkl::FusedResult;
 
 struct Call {
   double beta = 0.0;
@@ -118,11 +118,19 @@ Result cpu_kernel(const at::Tensor& x, const at::Tensor& t, const Call& c) {
 }
 
 void check_bitwise(const Result& a, const Result& b, const std::string& what) {
-  for (int k = 0; k < 3; ++k) {
-    const auto& u = k == 0 ? std::get<0>(a) : k == 1 ? std::get<1>(a) : std::get<2>(a);
-    const auto& v = k == 0 ? std::get<0>(b) : k == 1 ? std::get<1>(b) : std::get<2>(b);
-    check(batchkl_test::same_values(u, v), str(what, ": output ", k, " not bitwise equal"));
+  const std::array<const at::Tensor*, 4> u{&std::get<0>(a), &std::get<1>(a), &std::get<2>(a), &std::get<3>(a)};
+  const std::array<const at::Tensor*, 4> v{&std::get<0>(b), &std::get<1>(b), &std::get<2>(b), &std::get<3>(b)};
+  for (int k = 0; k < 4; ++k) {
+    check(batchkl_test::same_values(*u[k], *v[k]), str(what, ": output ", k, " not bitwise equal"));
   }
+}
+
+// A fused result's gradient (1: input, 2: target) in float64, times its
+// factor where the kernel gave one (float16 gradients of the sum).
+at::Tensor true_grad(const Result& r, int k) {
+  const at::Tensor g = (k == 1 ? std::get<1>(r) : std::get<2>(r)).to(at::kDouble);
+  const at::Tensor& scale = std::get<3>(r);
+  return scale.numel() == 0 ? g : g * scale.to(at::kDouble);
 }
 
 double rtol_for(at::ScalarType dt) {
@@ -198,10 +206,11 @@ void compare_with_cpu(const at::Tensor& x, const at::Tensor& t, const Call& c, c
     return at::where(keep.reshape(w.sizes()), w, at::zeros_like(w));
   };
   if (c.grad_input) {
-    check_close(grads_of(std::get<1>(e)), grads_of(std::get<1>(r)), rtol, atol, what + " grad_input", grad_floor, dt);
+    check_close(grads_of(true_grad(e, 1)), grads_of(true_grad(r, 1)), rtol, atol, what + " grad_input", grad_floor,
+                dt);
   }
   if (c.grad_target) {
-    check_close(grads_of(std::get<2>(e)), grads_of(std::get<2>(r)), rtol, atol, what + " grad_target", grad_floor,
+    check_close(grads_of(true_grad(e, 2)), grads_of(true_grad(r, 2)), rtol, atol, what + " grad_target", grad_floor,
                 dt);
   }
 }
@@ -337,8 +346,8 @@ void test_layouts_bitwise() {
           Call c;
           c.beta = beta;
           c.reduction = "sum";
-          auto [loss, gx, gt] = emulated(layout(x, kind), layout(t, kind), c);  // "lead": (2, 3, V)
-          check_bitwise({loss, gx.reshape(x.sizes()), gt.reshape(x.sizes())}, emulated(x, t, c),
+          auto [loss, gx, gt, gs] = emulated(layout(x, kind), layout(t, kind), c);  // "lead": (2, 3, V)
+          check_bitwise({loss, gx.reshape(x.sizes()), gt.reshape(x.sizes()), gs}, emulated(x, t, c),
                         str(kDevices[device].first, ": layout ", kind, " vs contiguous V=", cols, " beta=", beta, " ",
                             dt));
         }
@@ -767,7 +776,7 @@ void test_batch_invariance() {
         check_bitwise(batch, emulated(x, t, c), str(dev_name, " second run V=", cols));
         const Result alone = emulated(x.narrow(0, 3, 1), t.narrow(0, 3, 1), c);
         const Result in_batch{std::get<0>(batch).narrow(0, 3, 1), std::get<1>(batch).narrow(0, 3, 1),
-                              std::get<2>(batch).narrow(0, 3, 1)};
+                              std::get<2>(batch).narrow(0, 3, 1), std::get<3>(batch)};
         check_bitwise(alone, in_batch, str(dev_name, " row 3 alone vs in batch V=", cols, " beta=", beta));
       }
     }
@@ -1054,7 +1063,7 @@ void test_row_lanes() {
           const Result batch = emulated(x, t, c);
           const Result alone = emulated(x.narrow(0, 3, 1), t.narrow(0, 3, 1), c);
           check_bitwise(alone, {std::get<0>(batch).narrow(0, 3, 1), std::get<1>(batch).narrow(0, 3, 1),
-                                std::get<2>(batch).narrow(0, 3, 1)},
+                                std::get<2>(batch).narrow(0, 3, 1), std::get<3>(batch)},
                         what + ": row 3 alone vs in batch");
         }
       }
@@ -1194,7 +1203,7 @@ void test_random(int count, uint64_t seed, int only = -1) {
       const Result r = emulated(x.to(dt), t.to(dt), c);
       const auto as_rows = [&](const at::Tensor& g) { return g.numel() ? g.reshape({rows, cols}) : g; };
       check_results_close({std::get<0>(e).reshape(std::get<0>(r).sizes()), as_rows(std::get<1>(e)),
-                           as_rows(std::get<2>(e))},
+                           as_rows(std::get<2>(e)), std::get<3>(e)},
                           r, dt, c.grad_target, what + " (lead vs contiguous)");
       continue;
     }
