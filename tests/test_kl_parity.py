@@ -533,6 +533,32 @@ def test_row_batch_invariance(V, log_target, dtype):
             assert_bitwise_equal(gt[pos], gt1, "grad_target row")
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("V", [7, 33, 50, 1000])
+@pytest.mark.parametrize("log_target", [False, True], ids=["prob", "logt"])
+def test_none_batch_invariance(V, log_target, dtype):
+    """reduction='none': a row's elementwise losses and their gradients are
+    bitwise the same alone and inside a batch. The CPU kernel walks 'none'
+    as one run over the whole tensor, so where its tiles' ends fall depends on
+    the batch; the elements past the last full vector took the scalar
+    logf / expf, which round differently from the vector functions (a row of
+    50 float32 log-targets, alone and as the first of 64: elements 37 and 42
+    differed, 2026-11-29)."""
+    n = 64
+    x = make_logprobs((n, V), dtype)
+    t = make_target((n, V), log_target, dtype)
+    w = torch.randn(n, V).to(dtype)
+
+    def fn(a, b):
+        return kl_op(a, b, "none", log_target)
+
+    inside = run_and_grad(fn, x, t, "none", w)
+    for pos in (0, 1, 37, n - 1):
+        alone = run_and_grad(fn, x[pos].clone(), t[pos].clone(), "none", w[pos].clone())
+        for a, b, what in zip(alone, inside, ("loss", "grad_input", "grad_target")):
+            assert_bitwise_equal(a, b[pos], f"{what} of row {pos} of {n}")
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_thread_count_invariance(reduction):
     x, t = make_pair((1024, 3000), torch.float32, False)

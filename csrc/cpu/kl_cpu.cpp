@@ -6,6 +6,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "../kl.h"
@@ -37,19 +39,19 @@ struct TileWorker {
     acc_t total = 0;
     int64_t j = 0;
     if (unit) {
-      const scalar_t* x = ptr[kInput];
-      const scalar_t* t = ptr[kTarget];
       Acc acc[IO::kVecs] = {Acc(0), Acc(0)};
       const Acc vscale(scale);
-      for (; j + IO::kWidth <= n; j += IO::kWidth) {
+      // IO::kWidth elements from x, t (and grad_output g), results to o (the
+      // loss, or the input's gradient) and ot (the target's gradient).
+      const auto step = [&](const scalar_t* x, const scalar_t* t, const scalar_t* g, scalar_t* o, scalar_t* ot_out) {
         Acc xv[IO::kVecs], tv[IO::kVecs], gv[IO::kVecs], ox[IO::kVecs], ot[IO::kVecs];
         if (reads_input) {
-          IO::load(x + j, xv);
+          IO::load(x, xv);
         } else {
           for (auto& v : xv) v = Acc(0);
         }
-        IO::load(t + j, tv);
-        if constexpr (kMode == Mode::kBackward) IO::load(ptr[kOut] + j, gv);
+        IO::load(t, tv);
+        if constexpr (kMode == Mode::kBackward) IO::load(g, gv);
         for (int v = 0; v < IO::kVecs; ++v) {
           const KLTerm<kLog, Acc, VecOpsFor<scalar_t>> term(tv[v]);
           if constexpr (kMode == Mode::kElementwise) {
@@ -62,12 +64,34 @@ struct TileWorker {
             if (gt) ot[v] = term.grad_target(xv[v]) * s;
           }
         }
-        if constexpr (kMode == Mode::kElementwise) {
-          IO::store(ptr[kOut] + j, ox[0], ox[1]);
-        } else {
-          if (gx) IO::store(ptr[kGradInput] + j, ox[0], ox[1]);
-          if (gt) IO::store(ptr[kGradTarget] + j, ot[0], ot[1]);
-        }
+        if (kMode == Mode::kElementwise || gx) IO::store(o, ox[0], ox[1]);
+        if (kMode != Mode::kElementwise && gt) IO::store(ot_out, ot[0], ot[1]);
+      };
+      scalar_t* const out = kMode == Mode::kElementwise ? ptr[kOut] : ptr[kGradInput];
+      for (; j + IO::kWidth <= n; j += IO::kWidth) {
+        step(ptr[kInput] + j, ptr[kTarget] + j, kMode == Mode::kBackward ? ptr[kOut] + j : nullptr,
+             out ? out + j : nullptr, ptr[kGradTarget] ? ptr[kGradTarget] + j : nullptr);
+      }
+      if (j < n) {
+        // The tail through the same vector math, on a copy padded with
+        // zero-probability entries (loss and gradient 0): the same element
+        // gets the same bits wherever a tile's end falls. 'none' and its
+        // backward walk the whole tensor as one run, so where the ends fall
+        // depends on the batch, and the scalar functions (logf, expf) round
+        // differently from the vector ones: a row's elementwise loss changed
+        // with the rows beside it.
+        const int64_t m = n - j;
+        alignas(64) scalar_t xb[IO::kWidth], tb[IO::kWidth], gb[IO::kWidth], ob[IO::kWidth], otb[IO::kWidth];
+        std::fill_n(xb, IO::kWidth, scalar_t(0));
+        std::fill_n(tb, IO::kWidth, kLog ? -std::numeric_limits<scalar_t>::infinity() : scalar_t(0));
+        std::fill_n(gb, IO::kWidth, scalar_t(0));
+        if (reads_input) std::copy_n(ptr[kInput] + j, m, xb);
+        std::copy_n(ptr[kTarget] + j, m, tb);
+        if constexpr (kMode == Mode::kBackward) std::copy_n(ptr[kOut] + j, m, gb);
+        step(xb, tb, gb, ob, otb);
+        if (out) std::copy_n(ob, m, out + j);
+        if (kMode != Mode::kElementwise && gt) std::copy_n(otb, m, ptr[kGradTarget] + j);
+        j = n;
       }
       if constexpr (kMode == Mode::kReduce) {
         // Fixed-order horizontal sum: deterministic for a given tile.
@@ -76,9 +100,9 @@ struct TileWorker {
         for (int64_t l = 0; l < Acc::size(); ++l) total += lanes[l];
       }
     }
-    // The tail of a unit-stride tile, or all of a strided one. A strided
-    // tile is thousands of elements summed one by one, so it accumulates in
-    // double (in float32 the running sum's rounding grows with the tile) and
+    // A strided tile, one element at a time: thousands of elements summed
+    // one by one, so it accumulates in double (in float32 the running sum's
+    // rounding grows with the tile) and
     // in blocks of kBlock terms whose sums the total then takes: near-equal
     // terms round the same way at every step, so a plain running sum's error
     // grows with n (float64 inputs, no wider than their accumulator: 1.2e-13

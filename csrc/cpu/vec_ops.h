@@ -38,16 +38,20 @@ struct MathOps<at::vec::Vectorized<double>> : VecMathOps<double> {};
 // For half and bfloat16 inputs: ATen's exp_u20 (a few float32 ulp, far below
 // what a 16-bit input can resolve) at about half the cost of SLEEF's u10.
 // exp_u20 clamps its argument: NaN and overflow to +inf are restored here, and
-// between -inf and ln(FLT_MIN) (where it flushes to 0 but the true value is a
-// float32 denormal, and 0 * -inf would turn into NaN) the rare vector falls
-// back to u10.
+// between -inf and about -87 (where it gives 0 but the true value is a float32
+// denormal or one of the smallest normals, and 0 * -inf would turn into NaN)
+// the rare vector falls back to u10. exp_u20 scales by 2^(n - 1), n the
+// nearest integer to x / ln 2, built in the exponent field: 0 for n = -126,
+// so its zeros start at -125.5 ln 2 = -86.99, above ln(FLT_MIN) = -87.34
+// (exp(-87) came out 0, a kl term exp(t) * (t - x) at x = -inf NaN where
+// PyTorch gives +inf; seen once 'none' tiles' tails took this path too).
 struct ReducedFloatVecOps : MathOps<at::vec::Vectorized<float>> {
   static inline V exp(const V& v) {
     constexpr float kLnFltMax = 88.72283905206835f;
-    constexpr float kLnFltMin = -87.33654475055310f;
+    constexpr float kExpU20Min = -86.5f;  // below -86.99, with a margin
     const V overflow = v > V(kLnFltMax);
     V e = V::blendv(V::blendv(v.exp_u20(), V(std::numeric_limits<float>::infinity()), overflow), v, v.isnan());
-    const V tiny = (v < V(kLnFltMin)) & (v != V(-std::numeric_limits<float>::infinity()));  // exp(-inf) = 0 is exact
+    const V tiny = (v < V(kExpU20Min)) & (v != V(-std::numeric_limits<float>::infinity()));  // exp(-inf) = 0 is exact
     if (tiny.zero_mask() != (1 << V::size()) - 1) e = V::blendv(e, v.exp(), tiny);
     return e;
   }
