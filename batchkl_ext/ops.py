@@ -178,16 +178,28 @@ def _kl_with_logits_fused_fake(input, target, beta, temperature, reduction, mask
 # records the front door as one node, and Tensor subclasses and
 # TorchFunctionModes see it where they would see F.kl_div.
 
-# F.kl_div's warning, word for word.
+# F.kl_div's warnings, word for word (those of torch.nn._reduction included).
 _MEAN_WARNING = ("reduction: 'mean' divides the total loss by both the batch size and the support size."
                  "'batchmean' divides only by the batch size, and aligns with the KL div math definition."
                  "'mean' will be changed to behave the same as 'batchmean' in the next major release.")
+_ELEMENTWISE_MEAN_WARNING = "reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead."
+_LEGACY_WARNING = "size_average and reduce args will be deprecated, please use reduction='{}' instead."
+
+# Dynamo cannot trace warnings.warn in code outside torch (fullgraph=True would
+# fail): under torch.compile the front doors skip their warnings, which are for
+# eager users reading their code anyway.
 
 
 def _legacy_reduction(size_average: Optional[bool], reduce: Optional[bool]) -> str:
-    # torch.nn._reduction.legacy_get_string warns exactly as F.kl_div does.
-    from torch.nn import _reduction
-    return _reduction.legacy_get_string(size_average, reduce)
+    """torch.nn._reduction.legacy_get_string, with its warning, in plain Python:
+    dynamo takes a call to that torch.* function for an op returning a str and
+    fails (fullgraph=True) or breaks the graph there."""
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    reduction = "mean" if size_average and reduce else "sum" if reduce else "none"
+    if not torch.compiler.is_compiling():
+        warnings.warn(_LEGACY_WARNING.format(reduction), stacklevel=3)
+    return reduction
 
 
 def kl_div(input: Tensor, target: Tensor, size_average: Optional[bool] = None, reduce: Optional[bool] = None,
@@ -195,7 +207,10 @@ def kl_div(input: Tensor, target: Tensor, size_average: Optional[bool] = None, r
     """Drop-in for :func:`torch.nn.functional.kl_div`, plus ``reduction='row'``.
 
     Same signature, broadcasting, dtype promotion, results and warnings as
-    ``F.kl_div``, with two deliberate differences: where the target
+    ``F.kl_div`` (the legacy ``size_average`` / ``reduce`` flags and the
+    deprecated ``reduction='elementwise_mean'`` included; under
+    ``torch.compile`` the warnings are skipped), with two deliberate
+    differences: where the target
     probability is exactly 0 the loss and gradients are 0 (PyTorch gives NaN
     there), and ``reduction='row'`` returns the KL of each distribution
     (summed over the last dim, shape ``broadcast_shape[:-1]``).
@@ -213,9 +228,13 @@ def kl_div(input: Tensor, target: Tensor, size_average: Optional[bool] = None, r
         # 'batchmean' still divides that result by the batch size.
         loss = torch.ops.batchkl.kl(input, target, _legacy_reduction(size_average, reduce), bool(log_target))
         return loss / input.size(0) if reduction == "batchmean" and input.dim() != 0 else loss
-    if reduction == "mean" and not torch.compiler.is_compiling():
-        # Dynamo cannot trace warnings.warn (fullgraph=True would fail); the
-        # warning is for eager users reading their code anyway.
+    if reduction == "elementwise_mean":
+        # F.kl_div's (torch.nn._reduction.get_enum's) deprecated alias of
+        # 'mean', with its warning and not the 'mean' one, as there.
+        if not torch.compiler.is_compiling():
+            warnings.warn(_ELEMENTWISE_MEAN_WARNING, stacklevel=2)
+        reduction = "mean"
+    elif reduction == "mean" and not torch.compiler.is_compiling():
         warnings.warn(_MEAN_WARNING, stacklevel=2)
     return torch.ops.batchkl.kl(input, target, reduction, bool(log_target))
 
@@ -223,8 +242,9 @@ def kl_div(input: Tensor, target: Tensor, size_average: Optional[bool] = None, r
 class KLDivLoss(_Loss):
     """Drop-in for :class:`torch.nn.KLDivLoss` backed by ``torch.ops.batchkl.kl``."""
 
-    __constants__ = ["reduction", "_mean_warning"]
+    __constants__ = ["reduction", "_mean_warning", "_elementwise_mean_warning"]
     _mean_warning = _MEAN_WARNING     # (TorchScript reads no global str)
+    _elementwise_mean_warning = _ELEMENTWISE_MEAN_WARNING
 
     def __init__(self, size_average=None, reduce=None, reduction: str = "mean", log_target: bool = False) -> None:
         super().__init__(size_average, reduce, reduction)
@@ -236,9 +256,13 @@ class KLDivLoss(_Loss):
             # hold nn.KLDivLoss) compiles only this branch: kl_div's Python
             # is beyond it, the op is not. The legacy flags are already folded
             # into self.reduction by _Loss.
-            if self.reduction == "mean":
+            reduction = self.reduction
+            if reduction == "elementwise_mean":
+                warnings.warn(self._elementwise_mean_warning)
+                reduction = "mean"
+            elif reduction == "mean":
                 warnings.warn(self._mean_warning)
-            return torch.ops.batchkl.kl(input, target, self.reduction, self.log_target)
+            return torch.ops.batchkl.kl(input, target, reduction, self.log_target)
         return kl_div(input, target, reduction=self.reduction, log_target=self.log_target)
 
 
@@ -254,6 +278,25 @@ def _num_items_tensor(num_items_in_batch) -> Optional[Tensor]:
     if not num_items_in_batch > 0:
         raise ValueError(f"{_LOGITS_OP}: argument 'num_items_in_batch' must be > 0, got {num_items_in_batch}")
     return torch.tensor(float(num_items_in_batch), dtype=torch.float64)
+
+
+def _real_arg(fn: str, name: str, value) -> float:
+    """``beta`` / ``temperature`` as the op's float: a Python real number (not
+    a bool) or a one-element tensor of a real dtype; anything else is an error
+    naming the argument, where float() would accept a str or fail saying
+    nothing of which argument."""
+    if isinstance(value, Tensor):
+        if value.dtype == torch.bool or value.dtype.is_complex:
+            raise TypeError(f"batchkl_ext.{fn}: argument '{name}' must be a real number, got a tensor of dtype "
+                            f"{value.dtype}")
+        if value.numel() != 1:
+            raise ValueError(f"batchkl_ext.{fn}: argument '{name}' must be a single number, got a tensor of "
+                             f"shape {tuple(value.shape)}")
+    elif isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"batchkl_ext.{fn}: argument '{name}' must be a real number (an int, a float or a "
+                        f"one-element tensor), got {type(value).__name__}"
+                        + (f" {value!r}" if isinstance(value, (str, bool)) else ""))
+    return float(value)
 
 
 def _check_tensors(fn: str, **tensors):
@@ -290,7 +333,8 @@ def kl_div_with_logits(input: Tensor, target: Tensor, *, temperature: float = 1.
                                      temperature=temperature, reduction=reduction, mask=mask,
                                      num_items_in_batch=num_items_in_batch)
     _check_tensors("kl_div_with_logits", input=input, target=target)
-    return torch.ops.batchkl.kl_with_logits(input, target, 0.0, float(temperature), reduction, mask,
+    temperature = _real_arg("kl_div_with_logits", "temperature", temperature)
+    return torch.ops.batchkl.kl_with_logits(input, target, 0.0, temperature, reduction, mask,
                                             _num_items_tensor(num_items_in_batch))
 
 
@@ -305,24 +349,34 @@ def jsd_with_logits(input: Tensor, target: Tensor, *, beta: float = 0.5, tempera
     ``M = beta * P + (1 - beta) * Q`` -- the convention and results of TRL's
     ``GKDTrainer.generalized_jsd_loss`` (its ``labels != -100`` is ``mask``
     here). As there, ``'batchmean'`` is the mean over rows (tokens): the sum
-    over kept rows divided by their number, with or without a mask. (TRL's
-    ``B * T`` for its 3-D inputs; the number of rows of a 2-D input, where TRL
-    would divide by N * V.) ``'none'`` gives one value per row where TRL
-    returns elementwise ones. ``mask`` and ``num_items_in_batch`` as in
-    :func:`kl_div_with_logits`.
+    over kept rows divided by their number, with or without a mask. Without
+    a mask that number is ``input.numel() / V`` whatever the rank: TRL's
+    ``B * T`` for its 3-D inputs, 1 for a single ``(V,)`` row, ``B * H * T``
+    for ``(B, H, T, V)`` (where TRL would divide by ``B * H``), N for
+    ``(N, V)`` (where TRL would divide by N * V). ``'none'`` gives one value
+    per row where TRL returns elementwise ones. ``mask`` and
+    ``num_items_in_batch`` as in :func:`kl_div_with_logits`. ``beta`` and
+    ``temperature`` are real numbers (or one-element tensors).
     """
     if has_torch_function_variadic(input, target, mask, num_items_in_batch):
         return handle_torch_function(jsd_with_logits, (input, target, mask, num_items_in_batch), input, target,
                                      beta=beta, temperature=temperature, reduction=reduction, mask=mask,
                                      num_items_in_batch=num_items_in_batch)
     _check_tensors("jsd_with_logits", input=input, target=target)
+    beta = _real_arg("jsd_with_logits", "beta", beta)
+    temperature = _real_arg("jsd_with_logits", "temperature", temperature)
     num_items = _num_items_tensor(num_items_in_batch)
-    if reduction == "batchmean" and mask is None and num_items is None and input.dim() > 2:
-        # TRL's unmasked 'batchmean' is per token (B * T rows), where
-        # F.kl_div's, which the op follows, divides by input.size(0) alone.
-        num_items = torch.tensor(float(input.numel() // max(input.shape[-1], 1)), dtype=torch.float64)
-    return torch.ops.batchkl.kl_with_logits(input, target, float(beta), float(temperature), reduction, mask,
-                                            num_items)
+    if reduction == "batchmean" and mask is None and num_items is None and input.dim() != 2:
+        # TRL's unmasked 'batchmean' is per token: the number of rows, B * T
+        # for (B, T, V) and 1 for one (V,) row, where F.kl_div's, which the op
+        # follows, divides by input.size(0) alone. The count is built from the
+        # sizes by a traced op (aten.scalar_tensor), not by torch.tensor of a
+        # Python number: torch.export keeps it symbolic in dynamic dims and
+        # torch.jit.trace records it from aten::size, where a constant would
+        # bake in the traced shape. (A CPU float64 number, read by the op on
+        # the host without a sync; nothing of size N x V is made.)
+        num_items = torch.scalar_tensor(math.prod(input.shape[:-1]), dtype=torch.float64)
+    return torch.ops.batchkl.kl_with_logits(input, target, beta, temperature, reduction, mask, num_items)
 
 
 _KINDS = ("probs", "log_probs", "logits")
@@ -354,6 +408,10 @@ def kl_divergence(p: Tensor, q: Tensor, *, kind: str = "probs", dim: int = -1) -
     if p.dim() == 0:
         raise ValueError("batchkl_ext.kl_divergence: 'p' and 'q' must have at least one dimension (the "
                          f"distribution dim), got shape {tuple(p.shape)}")
+    if isinstance(dim, bool) or not isinstance(dim, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"batchkl_ext.kl_divergence: argument 'dim' must be an int, got {type(dim).__name__}"
+                        + (f" {dim!r}" if isinstance(dim, (bool, float, str)) else ""))
+    dim = int(dim)
     if not -p.dim() <= dim < p.dim():
         raise IndexError(f"batchkl_ext.kl_divergence: argument 'dim' must be in [{-p.dim()}, {p.dim() - 1}] "
                          f"for tensors of shape {tuple(p.shape)}, got {dim}")

@@ -261,6 +261,9 @@ def test_error_shapes_message_names_arguments_meta(reduction):
 @pytest.mark.parametrize("bad", ["avg", "Mean", "", "elementwise_mean", "batch_mean", "rows"])
 @pytest.mark.parametrize("caller", CALLERS)
 def test_error_unknown_reduction(caller, bad):
+    if bad == "elementwise_mean" and caller != "op":
+        pytest.skip("PyTorch's deprecated alias of 'mean': the front doors take it as F.kl_div does "
+                    "(tests/test_front_doors.py); the op rejects it")
     fn = _callers()[caller]
     x, t = make_pair((3, 4), torch.float32, False)
     with pytest.raises(ValueError, match="reduction") as info:
