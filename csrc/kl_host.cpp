@@ -318,8 +318,11 @@ void kl_scale_impl(at::Tensor& grad, const at::Tensor& scale, Scaler scaler) {
   const c10::DeviceGuard device_guard(grad.device());
   // Both scalers multiply in the gradient's math type (float32 for 16-bit),
   // so the product is rounded once, and a float16 gradient of the sum meets
-  // its small float32 scale (grads_of_sum) unrounded.
-  scaler(grad, scale.to(at::toOpMathType(grad.scalar_type())).contiguous());
+  // its small float32 scale (grads_of_sum) unrounded. They read the scale in
+  // that type or in the gradient's own, the usual grad_output, which then
+  // needs no conversion (on CUDA: no second launch in a backward).
+  const auto same = scale.scalar_type() == grad.scalar_type();
+  scaler(grad, scale.to(same ? grad.scalar_type() : at::toOpMathType(grad.scalar_type())).contiguous());
 }
 
 // Every backend without a kernel of its own (XPU, MPS, PrivateUse1, ...) lands

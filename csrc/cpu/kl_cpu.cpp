@@ -207,17 +207,18 @@ void launch_cpu(const KLLaunch& p) {
   });
 }
 
-// grad (contiguous, `rows` rows) *= scale[row], the scale in the gradient's
-// math type (float32 for 16-bit gradients): the product is rounded once, and
-// in place -- an ATen mul_ of a bf16 tensor by a float32 one would go
-// through two full-size float32 temporaries.
-template <typename scalar_t>
-void scale_rows(scalar_t* grad, int64_t rows, int64_t cols, const at::opmath_type<scalar_t>* scale, bool per_row) {
+// grad (contiguous, `rows` rows) *= scale[row], multiplied in the gradient's
+// math type (float32 for 16-bit gradients), the scale given in that type or
+// the gradient's own (scale_t): the product is rounded once, and in place --
+// an ATen mul_ of a bf16 tensor by a float32 one would go through two
+// full-size float32 temporaries.
+template <typename scalar_t, typename scale_t>
+void scale_rows(scalar_t* grad, int64_t rows, int64_t cols, const scale_t* scale, bool per_row) {
   using IO = VecIO<scalar_t>;
   using Acc = typename IO::Acc;
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const auto s = scale[per_row ? r : 0];
+      const auto s = static_cast<at::opmath_type<scalar_t>>(scale[per_row ? r : 0]);
       if (s == 1) continue;  // the usual loss.backward(): no pass at all
       scalar_t* g = grad + r * cols;
       int64_t j = 0;
@@ -237,10 +238,12 @@ void scale_cpu(at::Tensor& grad, const at::Tensor& scale) {
   const int64_t rows = grad.numel() / cols;
   const bool per_row = scale.numel() == rows && rows > 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "batchkl_scale_cpu", [&] {
-    TORCH_CHECK(scale.scalar_type() == c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value,
-                "batchkl.kl_scale_: internal error: scale of dtype ", scale.scalar_type(), " for a ",
-                grad.scalar_type(), " gradient");
-    scale_rows(grad.data_ptr<scalar_t>(), rows, cols, scale.const_data_ptr<at::opmath_type<scalar_t>>(), per_row);
+    // (kl_scale_impl gave it one of the two.)
+    if (scale.scalar_type() == grad.scalar_type()) {
+      scale_rows(grad.data_ptr<scalar_t>(), rows, cols, scale.const_data_ptr<scalar_t>(), per_row);
+    } else {
+      scale_rows(grad.data_ptr<scalar_t>(), rows, cols, scale.const_data_ptr<at::opmath_type<scalar_t>>(), per_row);
+    }
   });
 }
 

@@ -53,14 +53,14 @@ void launch_cuda(const KLLaunch& p) {
 }
 
 // grad[r, :] *= scale[r] (or scale[0] for all rows), a warp per tile of a
-// row, 16-byte accesses. A tile whose scale is exactly 1 is not touched, so
+// row, 16-byte accesses, the scale in the gradient's dtype or its math type
+// (scale_t). A tile whose scale is exactly 1 is not touched, so
 // `loss.backward()` costs one tiny launch and no pass over the gradient, and
 // no host sync to find that out.
-template <typename scalar_t>
+template <typename scalar_t, typename scale_t>
 __global__ void __launch_bounds__(kThreads) scale_kernel(scalar_t* __restrict__ grad, int64_t rows, int64_t cols,
                                                          int64_t chunk, int64_t chunks_per_row,
-                                                         const at::opmath_type<scalar_t>* __restrict__ scale,
-                                                         bool per_row) {
+                                                         const scale_t* __restrict__ scale, bool per_row) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vec<scalar_t>;
   constexpr int N = V::kSize;
@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(scalar_t* __restrict__ 
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32; t < ntiles; t += warps) {
     const int64_t r = t / chunks_per_row;
-    const acc_t s = scale[per_row ? r : 0];
+    const acc_t s = static_cast<acc_t>(scale[per_row ? r : 0]);
     if (s == acc_t(1)) continue;
     const int64_t c0 = (t - r * chunks_per_row) * chunk;
     const int64_t n = chunk < cols - c0 ? chunk : cols - c0;
@@ -100,9 +100,16 @@ void scale_cuda(at::Tensor& grad, const at::Tensor& scale) {
   const int64_t blocks =
       std::max<int64_t>(1, std::min<int64_t>((rows * chunks_per_row + kWarps - 1) / kWarps, sms * 8));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "batchkl_scale_cuda", [&] {
-    scale_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        grad.data_ptr<scalar_t>(), rows, cols, chunk, chunks_per_row,
-        scale.const_data_ptr<at::opmath_type<scalar_t>>(), per_row);
+    const auto run = [&](const auto* s) {
+      scale_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          grad.data_ptr<scalar_t>(), rows, cols, chunk, chunks_per_row, s, per_row);
+    };
+    // (kl_scale_impl gave it one of the two.)
+    if (scale.scalar_type() == grad.scalar_type()) {
+      run(scale.const_data_ptr<scalar_t>());
+    } else {
+      run(scale.const_data_ptr<at::opmath_type<scalar_t>>());
+    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
