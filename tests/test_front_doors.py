@@ -56,6 +56,16 @@ def _loss_and_grads(fn, x, t):
     return loss.detach(), gx, gt
 
 
+def _assert_same_as(reference, fn, x, t, what):
+    """fn's loss and gradients bitwise reference's; returns the loss."""
+    got, ggx, ggt = _loss_and_grads(fn, x, t)
+    want, wgx, wgt = _loss_and_grads(reference, x, t)
+    assert_bitwise_equal(got, want, what)
+    assert_bitwise_equal(ggx, wgx, what + " grad input")
+    assert_bitwise_equal(ggt, wgt, what + " grad target")
+    return got
+
+
 def _check_against_trl(x, t, beta, temperature, fn, rtol):
     loss, gx, gt = _loss_and_grads(fn, x, t)
     ref, rgx, rgt = _loss_and_grads(lambda a, b: _jsd_batchmean64(a, b, beta, temperature), x.double(), t.double())
@@ -190,11 +200,7 @@ def test_jsd_batchmean_export_dynamic_batch_and_sequence():
     assert "batchkl.kl_with_logits" in str(ep.graph)
     for B, T in ((7, 5), (2, 9), (4, 3)):
         x, t = _logits((B, T, V)), _logits((B, T, V))
-        got, ggx, ggt = _loss_and_grads(ep.module(), x, t)
-        want, wgx, wgt = _loss_and_grads(_JSD(), x, t)
-        assert_bitwise_equal(got, want, f"exported at ({B}, {T})")
-        assert_bitwise_equal(ggx, wgx)
-        assert_bitwise_equal(ggt, wgt)
+        got = _assert_same_as(_JSD(), ep.module(), x, t, f"exported at ({B}, {T})")
         torch.testing.assert_close(got.double(), _jsd_batchmean64(x, t, 0.3, 1.0), rtol=2e-5, atol=1e-7)
 
 
@@ -208,11 +214,7 @@ def test_jsd_batchmean_jit_trace_other_shapes():
     traced = torch.jit.trace(lambda a, c: batchkl_ext.jsd_with_logits(a, c), (_logits((2, 3, V)), _logits((2, 3, V))))
     for shape in ((4, 5, V), (1, 7, V), (2, 3, V)):
         x, t = _logits(shape), _logits(shape)
-        got, ggx, ggt = _loss_and_grads(traced, x, t)
-        want, wgx, wgt = _loss_and_grads(batchkl_ext.jsd_with_logits, x, t)
-        assert_bitwise_equal(got, want, f"traced, run at {shape}")
-        assert_bitwise_equal(ggx, wgx)
-        assert_bitwise_equal(ggt, wgt)
+        _assert_same_as(batchkl_ext.jsd_with_logits, traced, x, t, f"traced, run at {shape}")
 
 
 @pytest.mark.compile
@@ -225,11 +227,7 @@ def test_jsd_batchmean_compile_fullgraph(dynamic):
     V = 19
     for shape in ((3, 4, V), (5, 2, V), (6, 7, V), (V,), (2, 2, 3, V)):
         x, t = _logits(shape), _logits(shape)
-        got, ggx, ggt = _loss_and_grads(compiled, x, t)
-        want, wgx, wgt = _loss_and_grads(batchkl_ext.jsd_with_logits, x, t)
-        assert_bitwise_equal(got, want, f"compiled at {shape}")
-        assert_bitwise_equal(ggx, wgx)
-        assert_bitwise_equal(ggt, wgt)
+        _assert_same_as(batchkl_ext.jsd_with_logits, compiled, x, t, f"compiled at {shape}")
         if shape == (3, 4, V):
             first = counter.frame_count
         if dynamic and shape == (6, 7, V):
