@@ -294,15 +294,18 @@ def _ambiguous_rows(x, t, beta, T, mask, floor):
 
 def _float16_fused_overflow(x, t, case, mask, ref, floor):
     """Whether a float16 gradient element is beyond float16's range at an
-    upstream gradient of 1 but not at the case's: the fused forward stores
-    the gradient before backward scales it, a documented limitation
+    upstream gradient of 1 per row but not at the case's: the fused forward
+    stores the gradient before backward scales it, a documented limitation
     (test_logits_float16_fused_gradient_does_not_overflow_before_grad_output).
     Reverse KL and JSD get there with logits far apart at a low temperature
-    (their gradients grow as (x - y) / T**2). Only the per-row upstream
-    gradients of 'none' can be below 1: the other reductions' is 3 here."""
+    (their gradients grow as (x - y) / T**2). The per-row upstream gradients
+    of 'none' can be below 1, and float16 scalar results store the gradient
+    of the sum, undivided (kl.h, grads_of_sum), which the case's 3 / divisor
+    can bring back into range."""
     wanted = [(x.dtype, "gx")] + ([(t.dtype, "gt")] if case["grad_target"] else [])
     per_row = case["num_items"] is None and case["reduction"] == "none"
-    if not per_row or all(dt != torch.float16 for dt, _ in wanted):
+    of_the_sum = torch.result_type(x, t) == torch.float16
+    if not (per_row or of_the_sum) or all(dt != torch.float16 for dt, _ in wanted):
         return False
     unit = ref_logits(x, t, beta=case["beta"], temperature=case["temperature"], reduction="none", mask=mask,
                       w=torch.ones(x.shape[:-1], dtype=torch.float64), prob_floor=floor)
