@@ -102,12 +102,11 @@ struct TileWorker {
     }
     // A strided tile, one element at a time: thousands of elements summed
     // one by one, so it accumulates in double (in float32 the running sum's
-    // rounding grows with the tile) and
-    // in blocks of kBlock terms whose sums the total then takes: near-equal
-    // terms round the same way at every step, so a plain running sum's error
-    // grows with n (float64 inputs, no wider than their accumulator: 1.2e-13
-    // of the terms' magnitude over 8100 of them), the blocks' with
-    // kBlock + n / kBlock. Still one fixed order.
+    // rounding grows with the tile) and in blocks of kBlock terms whose sums
+    // the total then takes: near-equal terms round the same way at every
+    // step, so a plain running sum's error grows with n (float64 inputs, no
+    // wider than their accumulator: 1.2e-13 of the terms' magnitude over 8100
+    // of them), the blocks' with kBlock + n / kBlock. Still one fixed order.
     constexpr int64_t kBlock = 64;
     double scalar_total = 0, block = 0;
     [[maybe_unused]] int64_t in_block = 0;
