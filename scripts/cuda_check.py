@@ -6,7 +6,7 @@ of CTAs per row), compared with a float64 CPU reference. Exits non-zero on
 any mismatch.
 
   python scripts/cuda_check.py [--small]
-  python scripts/cuda_check.py --prefetch [--small]   # BATCHKL_LOGITS_PREFETCH=1's rows copied ahead
+  python scripts/cuda_check.py --prefetch [--small]   # BATCHKL_LOGITS_PREFETCH=1's double-buffered rows
 """
 import argparse
 import math
@@ -165,12 +165,15 @@ def check_logits(small):
 def check_prefetch(small):
     """The distillation case under BATCHKL_LOGITS_PREFETCH=1 (set by main
     before the first launch: the knob is read once per process), with more
-    rows than the clusters that fit at once, so that most rows are copied in
-    by the row before: against float64, and each of a few rows computed alone
-    (which nothing copies in), bitwise."""
-    # 5000: a staged CTA per row in every dtype (a 16-bit row of 4000 is a
-    # warp's since 5c77db5, which nothing copies ahead).
-    shapes = [(400, 5000)] if small else [(1200, 5000), (700, 32000), (500, 40003)]
+    rows than the clusters that fit at once, so that most rows come by bulk
+    copy during the row before: against float64, and each of a few rows
+    computed alone (its CTA's first row), bitwise."""
+    # 5000: a CTA per row in 16-bit dtypes, two in float32, four in float64;
+    # 32000: clusters of 4 (16-bit) or 8 (float32); 40003: rows off 16
+    # bytes (staged through registers between rows that come by bulk copy).
+    # float32 and float64 rows of 40003 take more than 8 stages: the default plan.
+    # --small: a CTA per row, and clusters of 3 with a partial last pack (bfloat16).
+    shapes = [(400, 5000), (48, 20002)] if small else [(1200, 5000), (700, 32000), (500, 40003)]
     checks = failures = 0
     for dtype in DTYPES:
         for n, v in shapes:
@@ -219,10 +222,6 @@ def main():
         DTYPES = [getattr(torch, d) for d in args.dtypes]
     if args.prefetch:
         os.environ["BATCHKL_LOGITS_PREFETCH"] = "1"
-        # Rows copied ahead are staged rows: with the distillation kernel's
-        # streaming rule off, bfloat16 rows of 32000 columns stay staged
-        # clusters (with it, 16-bit rows over 64 KiB are streamed on Hopper).
-        os.environ["BATCHKL_LOGITS_DISTILL_STREAM"] = "0"
         checks, failures = check_prefetch(args.small)
         print(f"cuda_check --prefetch: {checks - failures} passed, {failures} failed")
         return 1 if failures else 0

@@ -123,8 +123,8 @@ sanitize() {
       sanitize_run $tool $tool --small --dtypes ${SANITIZER_DTYPES:-float32 bfloat16}
     fi
   done
-  # BATCHKL_LOGITS_PREFETCH=1 (off by default): threads copy a CTA's next row
-  # into shared memory while other threads of the CTA still read this one.
+  # BATCHKL_LOGITS_PREFETCH=1 (off by default): a bulk copy brings a CTA's
+  # next row into its second stage while its threads read the first.
   for tool in memcheck racecheck; do
     sanitize_run $tool prefetch_$tool --prefetch --small --dtypes bfloat16
   done

@@ -69,14 +69,18 @@ SETTINGS = {
     # KiB: fewer packs in flight between a pack's two reads (more of them
     # found in L2), more CTAs per row.
     "stream192": {"BATCHKL_LOGITS_STAGE": "0", "BATCHKL_LOGITS_SLICE_KIB": "192"},
-    # The distillation kernel's staged rows on as many clusters as fit at
-    # once, each copying its next row's slice in during its last read of
-    # this one (the kAhead kernel, two CTAs per SM). H200, 2026-11-27:
-    # bfloat16 8192x32000 0.672 -> 0.846 ms, float32 1.17 -> 1.37 (slower).
-    # Staged rows only: "prefetch" with the streaming rule on (16-bit rows
-    # over 64 KiB streamed), "prefetch_staged" with it off.
+    # The distillation kernel's rows double-buffered (the kAhead kernel,
+    # 2026-11-29, not yet timed): as many clusters as fit at once, each CTA's
+    # next row coming by bulk copy into its second stage while it computes
+    # this one. Stages of 32 KiB (three CTAs per SM; rows up to 256 KiB:
+    # bfloat16 8192x32000 in clusters of 4), 48 KiB (two; bfloat16 32000 in
+    # 3) or 64 KiB (one; bfloat16 32000 in 2, 128256 in 8). Longer rows keep
+    # the default plan. (Its first version, each thread copying its packs of
+    # the next row into one stage during its last read, was slower: H200,
+    # 2026-11-27, staged bfloat16 8192x32000 0.672 -> 0.846 ms.)
     "prefetch": {"BATCHKL_LOGITS_PREFETCH": "1"},
-    "prefetch_staged": {"BATCHKL_LOGITS_PREFETCH": "1", "BATCHKL_LOGITS_DISTILL_STREAM": "0"},
+    "prefetch96": {"BATCHKL_LOGITS_PREFETCH": "1", "BATCHKL_LOGITS_SLICE_KIB": "96"},
+    "prefetch128": {"BATCHKL_LOGITS_PREFETCH": "1", "BATCHKL_LOGITS_SLICE_KIB": "128"},
     # JSD (--beta 0.5) and reverse KL (--beta 1) from logits in distillation
     # kernels of their own: their general sweeps without the target's
     # gradient, 80 registers, three CTAs per SM (LaunchKnobs::lean; not yet

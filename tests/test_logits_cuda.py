@@ -469,6 +469,7 @@ def test_cuda_compile(dynamic):
                                    {"BATCHKL_LOGITS_REUSE": "1"},
                                    {"BATCHKL_LOGITS_REUSE": "0", "BATCHKL_LOGITS_STAGE": "0"},
                                    {"BATCHKL_LOGITS_PREFETCH": "1"},
+                                   {"BATCHKL_LOGITS_PREFETCH": "1", "BATCHKL_LOGITS_SLICE_KIB": "128"},
                                    {"BATCHKL_LOGITS_WARP_ROW_COLS": "2048"},
                                    {"BATCHKL_LOGITS_WARP_ROW_COLS": "8192"}], ids=str)
 def test_tuning_knobs_change_the_launch_not_the_results(knobs):
@@ -482,7 +483,8 @@ def test_tuning_knobs_change_the_launch_not_the_results(knobs):
     cluster's loss all-reduced, a row's maxes and sums merged in one
     exchange, the distillation kernel's long rows staged, every sweep
     forward or alternating without cache hints, the distillation kernel's
-    twin for BATCHKL_LOGITS_PREFETCH=1 (one row per cluster here: see
+    double-buffered twin for BATCHKL_LOGITS_PREFETCH=1 with stages of 32
+    and 64 KiB (one row per cluster here: see
     test_prefetch_rows_copied_ahead_give_the_same_bits), 16-bit rows of
     2049-4096 columns on CTAs again or rows of up to 8192 on warps, still give
     the float64 reference's values and gradients at every launch shape, and
@@ -526,15 +528,12 @@ def test_three_sweep_distillation_kernels_give_the_default_bits(tmp_path):
 
 
 def test_prefetch_rows_copied_ahead_give_the_same_bits():
-    """BATCHKL_LOGITS_PREFETCH=1: the distillation kernel's staged rows on a
-    grid of as many clusters as fit at once, each copying its next row's
-    slice in during its last read of this one. With more rows than fit, most
-    rows are copied in ahead: they must agree with the float64 reference and
-    give the bits of the same row computed alone (which nothing copies in)."""
-    # The distillation kernel streams 16-bit rows over 64 KiB on Hopper,
-    # and copies ahead only staged rows: with that rule off, the bfloat16
-    # rows of 32000 and 40003 columns stay staged clusters.
-    env = {"BATCHKL_LOGITS_PREFETCH": "1", "BATCHKL_LOGITS_DISTILL_STREAM": "0"}
+    """BATCHKL_LOGITS_PREFETCH=1: the distillation kernel's rows on a grid of
+    as many clusters as fit at once, each CTA's next row coming by bulk copy
+    into its second stage while it computes this one. With more rows than
+    fit, most rows come so: they must agree with the float64 reference and
+    give the bits of the same row computed alone (its CTA's first row)."""
+    env = {"BATCHKL_LOGITS_PREFETCH": "1"}
     run_python("import test_logits_cuda\ntest_logits_cuda.check_prefetch()\n", str(env), env=env)
 
 
@@ -555,9 +554,11 @@ def check_under_knobs():
 
 
 def check_prefetch():
-    # 5000: a CTA per row; 32000: clusters of 2 (bfloat16) or 4 (float32);
-    # 40003: rows off 16 bytes among aligned ones (not copied ahead). Rows:
-    # more than the clusters that fit on an H100 or H200 at once.
+    # 5000: a CTA per row (bfloat16) or two (float32); 32000: clusters of 4
+    # (bfloat16) or 8 (float32); 40003: bfloat16 rows off 16 bytes among
+    # aligned ones (staged through registers between bulk copies) in
+    # clusters of 5, float32 over 8 stages (the default plan). Rows: more
+    # than the clusters that fit on an H100 or H200 at once.
     for v, rows in ((5000, 1200), (32000, 700), (40003, 500)):
         for dtype in (torch.float32, torch.bfloat16):
             x, t = make_logits((rows, v), dtype), make_logits((rows, v), dtype)
@@ -569,7 +570,7 @@ def check_prefetch():
                 return run_op(lambda p, q: op(p, q, reduction="none", mask=m), a, b, grad_target=False, w=w)
 
             full, masked = per_row(xd, td), per_row(xd, td, mask)
-            # Rows from the middle and the tail of the batch, copied in ahead,
+            # Rows from the middle and the tail of the batch, which came by bulk copy,
             # against float64 (a float64 reference of every row, with the
             # composite beside it, took most of this test's time: about 100 s
             # at two threads), and the distillation step itself (batchmean)
@@ -577,9 +578,9 @@ def check_prefetch():
             idx = torch.cat([torch.arange(rows // 2, rows // 2 + 16), torch.arange(rows - 48, rows)])
             ref = ref_logits(x[idx], t[idx], reduction="none", w=torch.ones(len(idx), dtype=dtype))
             assert_close_scaled(full[0][idx.to(DEV)].cpu(), ref.loss, ref.loss_mag, tol=TOL[dtype],
-                                what=f"rows copied in ahead: loss, V={v}")
+                                what=f"rows double-buffered: loss, V={v}")
             assert_close_scaled(full[1][idx.to(DEV)].cpu(), ref.gx, ref.gx_mag, tol=TOL[dtype],
-                                what=f"rows copied in ahead: grad_input, V={v}")
+                                what=f"rows double-buffered: grad_input, V={v}")
             got = run_op(lambda p, q: op(p.to(DEV), q.to(DEV)).cpu(), x, t, grad_target=False)
             cpu = run_op(op, x, t, grad_target=False)
             # The GPU's exp2 against the CPU's exp: about 1e-6 of a

@@ -49,9 +49,10 @@ namespace {
 //                             policy; 1 sweeps alternate direction; 2 (the default) also
 //                             evict-first on the gradient's stores and the distillation
 //                             kernel's last read (LaunchKnobs::reuse)
-//   BATCHKL_LOGITS_PREFETCH   1: the distillation kernel's staged rows run on as many
-//                             clusters as fit at once, each copying its next row's slice
-//                             in during its last read of this one (LaunchKnobs::prefetch;
+//   BATCHKL_LOGITS_PREFETCH   1: on Hopper, the distillation kernel's rows of up to 8
+//                             slices of half the slice budget run double-buffered on as
+//                             many clusters as fit at once, each CTA's next row coming by
+//                             bulk copy while it computes this one (LaunchKnobs::prefetch;
 //                             off by default)
 
 // `name`'s value, 0 or 1, into `out` where it is set.
@@ -219,9 +220,9 @@ void launch_typed(const LogitsLaunch& p) {
   };
   bool fit = fits();
   if (!fit && grid.prefetch) {
-    // The twin (128 registers, two CTAs per SM) does not fit where the
-    // planned kernel may: that one, a cluster per row (the same bits).
-    grid.prefetch = false;
+    // The twin's clusters (two stages per CTA) do not fit where the planned
+    // kernel's may: that one, one stage, a cluster per row (the same bits).
+    single_stage(grid, geo.rows, elem);
     kernel = planned;
     fit = fits();
   }
@@ -240,6 +241,7 @@ void launch_typed(const LogitsLaunch& p) {
                 " CTAs, which rows of ", geo.cols, " columns need");
   }
   if (grid.prefetch) {
+    TORCH_INTERNAL_ASSERT(grid.stage && !grid.warp_rows, "batchkl.kl_with_logits: double-buffered rows unstaged");
     cut_to_resident(grid, geo.rows, resident);
     config.gridDim = dim3(static_cast<unsigned>(grid.blocks));
   }

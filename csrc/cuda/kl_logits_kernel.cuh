@@ -110,6 +110,9 @@ constexpr size_t kFinalBytes = kThreads * sizeof(double) + 16;
 constexpr size_t kExchangeBytes = kExchanges * kSlotsPerExchange * sizeof(Slot);
 constexpr size_t kShareBytes = kMaxCluster * sizeof(double);
 constexpr size_t kFixedSmem = kFinalBytes + kExchangeBytes + kShareBytes;
+// The kAhead kernel's two mbarriers (one per stage), between the fixed part
+// and its stages; 16 bytes, so that the stages stay 16-byte aligned.
+constexpr size_t kBulkBarrierBytes = 16;
 
 // How a call is cut up; a function of the row length, the dtype and the
 // device (plan_grid), never of the number of rows.
@@ -126,7 +129,7 @@ struct Grid {
   bool merge = false;  // the maxes and the sums in one exchange (LseOp), not two
   bool backward = false;     // streamed rows: the sweeps after the first alternate direction (LaunchKnobs::reuse)
   bool evict_first = false;  // streamed rows: the gradient's stores (and the distillation kernel's last read) evict-first
-  bool prefetch = false;     // the distillation kernel's staged CTA rows: the kAhead kernel (LaunchKnobs::prefetch)
+  bool prefetch = false;     // the distillation kernel's rows double-buffered: the kAhead kernel (LaunchKnobs::prefetch)
 };
 
 // Where a long row's slices live between sweeps (BATCHKL_LOGITS_STAGE).
@@ -200,25 +203,32 @@ struct LaunchKnobs {
   // bfloat16 2.62 -> 2.53). Most of the second read still comes from HBM:
   // the kernel moves about 1.57 times the minimal bytes.
   int reuse = 2;
-  // The distillation kernel's staged rows (CTA slices in shared memory): a
-  // kernel of its own (kAhead) on a grid of as many clusters as fit on the
-  // GPU at once, each taking rows r, r + clusters, ... in turn,
-  // and each thread, during its last read of its packs of row r, copies its
-  // packs of its next row's slice into the same places (cp.async, one
-  // commit group per sweep-1 step, as stage_async does). The next row's
-  // reads from HBM are then in flight during this row's writing sweep and
-  // its last exchange, where a CTA per row reads nothing from HBM between
-  // its slice landing and the CTA's end.
-  // Why: H200, 2026-11-27, bfloat16 8192x32000 took 0.649 ms, about the sum
-  // of its HBM time (0.37 ms at the copy bandwidth) and its SFU time (4 exp2
-  // per element, 16 per clock and SM: 0.25 ms), as if the CTAs on an SM,
-  // which start together and do the same work, loaded and computed in turn
-  // rather than side by side. Only where both rows are staged by cp.async
-  // (contiguous, 16-byte aligned), so that a thread overwrites only packs
-  // that it alone reads. The same sweeps and sums per row: results are
-  // bitwise those without it. Off: H200, 2026-11-27, slower (staged
-  // bfloat16 8192x32000 0.672 -> 0.846 ms, float32 1.17 -> 1.37; the twin
-  // runs two CTAs per SM, the distillation kernel three; not profiled).
+  // The distillation kernel's rows on Hopper, double-buffered (the kAhead
+  // kernel): as many clusters as fit on the GPU at once, each taking rows
+  // r, r + clusters, ... in turn, each CTA with two stages of its slice in
+  // shared memory. While a CTA computes row r from one stage, a bulk copy
+  // (cp.async.bulk, issued by one thread at the row's start, completing on
+  // an mbarrier) brings its slice of the next row into the other: HBM keeps
+  // reading while the row's sweeps and exchanges run, and the row is read
+  // from HBM once. plan_grid gives each stage half the slice budget (32 KiB
+  // by default: clusters of up to 8 hold rows of up to 256 KiB, bfloat16
+  // 65536 columns, float32 32768; three CTAs per SM); longer rows keep the
+  // default plan. BATCHKL_LOGITS_SLICE_KIB=96 or 128 gives stages of 48 or
+  // 64 KiB (two or one CTA per SM, fewer CTAs per row; rows up to 512 KiB).
+  // Why: H200, 2026-11-27, a staged bfloat16 8192x32000 took 0.649 ms,
+  // about the sum of its HBM time (0.37 ms at the copy bandwidth) and its
+  // SFU time (4 exp2 per element, 16 per clock and SM: 0.25 ms), as if the
+  // CTAs on an SM, which start together and do the same work, loaded and
+  // computed in turn; streamed, it reads its inputs twice (0.624 ms). A
+  // first version (until 2026-11-29) had each thread copy its packs of the
+  // next row with cp.async into the places it had just read in the writing
+  // sweep, in one stage: it needed 128 registers (two CTAs per SM), and was
+  // slower (staged bfloat16 8192x32000 0.672 -> 0.846 ms, float32 1.17 ->
+  // 1.37). This one adds no work to the sweeps (the distillation kernel's
+  // 80 registers, three CTAs per SM), at two stages of shared memory per CTA.
+  // Not yet timed on a GPU. A row's sweeps and sums are those of the same
+  // slices staged once (single_stage): the same bits as that plan, which
+  // cuts rows into other slices than the default plan does.
   bool prefetch = false;
 };
 
@@ -291,6 +301,24 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
     return g;
   }
   const int max_cluster = dev.clusters ? kMaxCluster : 1;
+  // Double-buffered rows (LaunchKnobs::prefetch): bulk copies and mbarriers
+  // need sm_90, which the clusters flag implies.
+  if (distill && dev.clusters && dev.knobs.prefetch && dev.knobs.stage != StageMode::kNever) {
+    const int64_t budget = dev.knobs.slice_budget / 2;  // per stage
+    int c = 1;
+    while (c < max_cluster && 2 * round_up((cols + c - 1) / c) * elem > budget) ++c;
+    const int64_t slice = round_up((cols + c - 1) / c);
+    const size_t smem = kFixedSmem + kBulkBarrierBytes + static_cast<size_t>(4 * stage_bytes(slice, elem));
+    if (2 * slice * elem <= budget && smem <= dev.max_smem) {
+      g.cluster = c;
+      g.slice = slice;
+      g.stage = true;
+      g.prefetch = true;
+      g.smem = smem;
+      g.blocks = rows * c;  // the launcher cuts it down to the clusters that fit at once
+      return g;
+    }
+  }
   // A slice budget or staging mode other than the default, or
   // BATCHKL_LOGITS_DISTILL_STREAM=0, turns the distillation kernel's
   // streaming rule off.
@@ -322,11 +350,18 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
   g.smem = g.stage ? staged : kFixedSmem;
   g.backward = !g.stage && dev.knobs.reuse >= 1;
   g.evict_first = !g.stage && dev.knobs.reuse >= 2;
-  g.prefetch = g.stage && distill && dev.knobs.prefetch;
-  // With prefetch (the kAhead kernel), the launcher cuts this down to the
-  // clusters that fit at once; the kernel's row loop takes the rest.
   g.blocks = rows * c;
   return g;
+}
+
+// The plan of `g` (Grid::prefetch) without its copies ahead: the same
+// slices, staged once, a cluster per row on the kDistill kernel. The same
+// sweeps in the same order, so the same bits: the launcher's fallback where
+// the kAhead kernel's clusters do not fit.
+inline void single_stage(Grid& g, int64_t rows, int64_t elem) {
+  g.prefetch = false;
+  g.smem = kFixedSmem + static_cast<size_t>(2 * stage_bytes(g.slice, elem));
+  g.blocks = rows * g.cluster;
 }
 
 // The kAhead kernel's grid (Grid::prefetch): as many clusters as fit on the
@@ -483,6 +518,100 @@ __device__ __forceinline__ void cp_async_wait(int pending) {
 #undef BATCHKL_CP_ASYNC_WAIT
 #else
   (void)pending;
+#endif
+}
+
+// Bulk copies from global to shared memory (sm_90's cp.async.bulk), each
+// completing its bytes on an mbarrier: one thread moves a CTA's slice of a
+// row with two instructions, where cp.async takes an instruction per 16
+// bytes in every thread (the kAhead kernel, LaunchKnobs::prefetch). Only
+// code with clusters launches them (plan_grid); elsewhere they trap.
+#if !defined(BATCHKL_CUDA_EMULATOR) && defined(BATCHKL_CLUSTERS)
+__device__ __forceinline__ unsigned smem_address(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+#endif
+
+// An mbarrier whose phases each take `count` arrivals (and the bytes they
+// announce). Thread 0 initialises; a CTA barrier must follow before others use it.
+__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
+#if defined(BATCHKL_CUDA_EMULATOR)
+  ::batchkl_emu::mbar_init(bar, count);
+#elif defined(BATCHKL_CLUSTERS)
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_address(bar)), "r"(count) : "memory");
+  // So that the bulk copies' completions (the async proxy) find it initialised.
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#else
+  (void)bar;
+  (void)count;
+  __trap();
+#endif
+}
+
+// This thread's arrival on `bar`, announcing `bytes` that bulk copies will complete.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, unsigned bytes) {
+#if defined(BATCHKL_CUDA_EMULATOR)
+  ::batchkl_emu::mbar_arrive_expect_tx(bar, bytes);
+#elif defined(BATCHKL_CLUSTERS)
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_address(bar)), "r"(bytes)
+               : "memory");
+#else
+  (void)bar;
+  (void)bytes;
+  __trap();
+#endif
+}
+
+// `bytes` (a multiple of 16; both addresses 16-byte aligned) from global
+// memory at `src` to this CTA's shared memory at `dst`, completing on `bar`.
+// Before it, in the issuing thread: fence_proxy_async, where the CTA's
+// threads last read or wrote those bytes themselves.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, uint64_t* bar) {
+#if defined(BATCHKL_CUDA_EMULATOR)
+  ::batchkl_emu::bulk_copy(dst, src, bytes, bar);
+#elif defined(BATCHKL_CLUSTERS)
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_address(dst)),
+               "l"(__cvta_generic_to_global(src)), "r"(bytes), "r"(smem_address(bar))
+               : "memory");
+#else
+  (void)dst;
+  (void)src;
+  (void)bytes;
+  (void)bar;
+  __trap();
+#endif
+}
+
+// Orders this thread's (and, through the barrier before it, the CTA's)
+// ordinary accesses to shared memory before its later bulk copies' writes:
+// they go through another proxy, which a CTA barrier alone does not order.
+__device__ __forceinline__ void fence_proxy_async() {
+#if !defined(BATCHKL_CUDA_EMULATOR) && defined(BATCHKL_CLUSTERS)
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+
+// Until the phase of `bar` with this parity has completed (its copies have
+// landed and are visible to this thread).
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
+#if defined(BATCHKL_CUDA_EMULATOR)
+  ::batchkl_emu::mbar_wait(bar, parity);
+#elif defined(BATCHKL_CLUSTERS)
+  // Labels inside braces are local to them in PTX: each inlined copy has its own.
+  asm volatile(
+      "{\n\t"
+      ".reg .pred landed;\n"
+      "mbar_wait_again:\n\t"
+      "mbarrier.try_wait.parity.shared::cta.b64 landed, [%0], %1;\n\t"
+      "@!landed bra mbar_wait_again;\n"
+      "}" ::"r"(smem_address(bar)),
+      "r"(parity)
+      : "memory");
+#else
+  (void)bar;
+  (void)parity;
+  __trap();
 #endif
 }
 
@@ -791,9 +920,9 @@ struct RowConsts {
 // their three general sweeps, the writing one for the student's gradient
 // alone (or none), with the forward KL's evict-first last read of streamed
 // rows.
-// kAhead: the forward KL's distillation kernel that copies each CTA's next
-// row's slice in during its last read of this one (Grid::prefetch), a kernel
-// of its own so that the others keep their registers.
+// kAhead: the forward KL's distillation kernel on double-buffered rows
+// (Grid::prefetch): a CTA's next row's slice comes by bulk copy into its
+// other stage while it computes this one.
 template <typename scalar_t, Divergence kDiv, bool kProbs, bool kDistill = false, bool kAhead = false>
 struct RowWork {
   static_assert(!kDistill || !kProbs, "kDistill: from logits");
@@ -945,10 +1074,9 @@ struct RowWork {
   }
 
   // Pack `i` of both operands' slices (both 16-byte aligned) into the
-  // stage, asynchronously; and a slice's partial last pack (from element
-  // `from` to `len`), at once. stage_async and the kAhead kernel's copies
-  // of the next row go through these two, so that they lay the stage out
-  // alike.
+  // stage, asynchronously (stage_async); and a slice's partial last pack
+  // (from element `from` to `len`), at once (stage_async, and beside the
+  // kAhead kernel's bulk copies, which move whole packs only).
   __device__ __forceinline__ static void stage_pack(P* to_x, P* to_y, const P* x, const P* y, int i) {
     BATCHKL_CHECK_ALIGNED(x + i);
     BATCHKL_CHECK_ALIGNED(y + i);
@@ -998,10 +1126,37 @@ struct RowWork {
   }
 
   // This thread's commit groups of a slice of `len` elements copied by
-  // stage_async (or by a row's copies ahead, which commit as it does): one
-  // per sweep-1 step of its packs, the last one partial.
+  // stage_async: one per sweep-1 step of its packs, the last one partial.
   __device__ __forceinline__ static int stage_groups(int64_t len, int tid, int group) {
     return static_cast<int>((packs_of((len + N - 1) / N, tid, group) + kUnroll - 1) / kUnroll);
+  }
+
+  // Whether row `r`'s slice (from column c0, `len` long) comes into a stage
+  // by bulk copy in the kAhead kernel: a row the mask keeps, contiguous and
+  // 16-byte aligned, with a whole pack at least. Every thread of the CTA
+  // gets the same answer (each tracks the stages' mbarrier phases by it).
+  __device__ __forceinline__ bool bulk_ok(int64_t r, int64_t c0, int64_t len) const {
+    if (p.mask != nullptr && !p.mask[r]) return false;
+    const RowGeometry& g = p.geo;
+    if (len < N || g.col_stride[kInput] != 1 || g.col_stride[kTarget] != 1) return false;
+    const scalar_t* x = static_cast<const scalar_t*>(p.ptr[kInput]) + g.row_offset(kInput, r) + c0;
+    const scalar_t* y = static_cast<const scalar_t*>(p.ptr[kTarget]) + g.row_offset(kTarget, r) + c0;
+    return vector_ok(x, 1) && vector_ok(y, 1);
+  }
+
+  // The bulk copies of row `r`'s whole packs into the stage at `stage`
+  // (bulk_ok), completing on `bar`: one thread's work. The CTA's threads
+  // last read that stage before a barrier that the issuing thread has passed.
+  __device__ __forceinline__ void bulk_issue(int64_t r, int64_t c0, int64_t len, unsigned char* stage,
+                                             uint64_t* bar) const {
+    const RowGeometry& g = p.geo;
+    const scalar_t* x = static_cast<const scalar_t*>(p.ptr[kInput]) + g.row_offset(kInput, r) + c0;
+    const scalar_t* y = static_cast<const scalar_t*>(p.ptr[kTarget]) + g.row_offset(kTarget, r) + c0;
+    const auto bytes = static_cast<unsigned>(len / N * 16);
+    fence_proxy_async();
+    mbar_arrive_expect_tx(bar, 2 * bytes);
+    bulk_copy(stage, x, bytes, bar);
+    bulk_copy(stage + stage_bytes(grid.slice, sizeof(scalar_t)), y, bytes, bar);
   }
 
   // One row, or one CTA's slice of it. `tid` / `group`: this thread's rank
@@ -1009,19 +1164,13 @@ struct RowWork {
   // with shuffles alone; kThreads: the CTA); `cluster`: CTAs per row. Returns the row's
   // loss, the same in every thread of the group, or where `share` comes back
   // true, this CTA's share of it in thread 0 alone (the caller adds the
-  // cluster's shares up). `next`: the row whose slice this CTA takes after
-  // this one, or -1; with Grid::prefetch, this thread copies its packs of
-  // that slice into the stage during its last read of this one, where it
-  // can (see LaunchKnobs::prefetch), and says so in `copying_next`.
-  // `copied_in`: the previous row did so for this one (its copies are in
-  // flight, stage_groups of them). The kAhead kernel ends every row with a
-  // barrier (see there), so a row neither stages over what another thread
-  // still reads nor writes exchange slots another thread still folds.
-  __device__ double row(int64_t r, int64_t next, int64_t c0, int64_t len, int tid, int group, int cluster,
-                        unsigned char* stage, Slot* slots, bool& share, bool copied_in, bool& copying_next) const {
+  // cluster's shares up). `bulk`: in the kAhead kernel, the mbarrier on
+  // which this row's whole packs land in `stage` (bulk_issue), with the
+  // parity of the phase they complete; null where they do not come so (the
+  // row is staged here, or not at all).
+  __device__ double row(int64_t r, int64_t c0, int64_t len, int tid, int group, int cluster, unsigned char* stage,
+                        Slot* slots, bool& share, uint64_t* bulk = nullptr, unsigned parity = 0) const {
     share = false;
-    copying_next = false;
-    const bool staged_ahead = kAhead && copied_in;
     const RowGeometry& g = p.geo;
     scalar_t* gx = want_gx ? static_cast<scalar_t*>(p.ptr[kGradInput]) + g.row_offset(kGradInput, r) + c0 : nullptr;
     scalar_t* gy = !kDistill && want_gy ? static_cast<scalar_t*>(p.ptr[kGradTarget]) + g.row_offset(kGradTarget, r) + c0
@@ -1040,9 +1189,8 @@ struct RowWork {
       }
     };
     if (p.mask != nullptr && !p.mask[r]) {
-      // Excluded: 0 loss and 0 gradient whatever the row holds; the stage
-      // keeps what the previous row left (never this row's: the previous
-      // row checks the mask before copying ahead).
+      // Excluded: 0 loss and 0 gradient whatever the row holds (and nothing
+      // copied in: bulk_ok checks the mask).
       fill_grads(acc_t(0));
       return 0.0;
     }
@@ -1055,19 +1203,24 @@ struct RowWork {
     const scalar_t* ry = y;
     int64_t rsx = sx, rsy = sy;
     int async_groups = 0;  // stage_async's groups still to wait for, one per sweep-1 step
-    bool async_slice = false;  // staged by cp.async: each thread reads only the packs it copied
     unsigned char* const stage_y = stage != nullptr ? stage + stage_bytes(grid.slice, sizeof(scalar_t)) : nullptr;
     if (stage != nullptr) {
-      if (staged_ahead || (sx == 1 && sy == 1 && vector_ok(x, 1) && vector_ok(y, 1))) {
-        // Copied in by the previous row (kAhead) or now, in the same groups.
-        if (!staged_ahead) {
-          stage_async(x, y, reinterpret_cast<scalar_t*>(stage), reinterpret_cast<scalar_t*>(stage_y), len, tid,
-                      group);
+      if (kAhead && bulk != nullptr) {
+        // The whole packs by bulk copy, issued a row ahead; a partial last
+        // pack now, by the thread that reads it.
+        const int64_t whole_packs = len / N;
+        if (whole_packs * N < len && tid == whole_packs % group) {
+          stage_tail(reinterpret_cast<scalar_t*>(stage), reinterpret_cast<scalar_t*>(stage_y), x, y,
+                     whole_packs * N, len);
         }
+        mbar_wait(bulk, parity);
+        rx = reinterpret_cast<const scalar_t*>(stage);
+        ry = reinterpret_cast<const scalar_t*>(stage_y);
+      } else if (sx == 1 && sy == 1 && vector_ok(x, 1) && vector_ok(y, 1)) {
+        stage_async(x, y, reinterpret_cast<scalar_t*>(stage), reinterpret_cast<scalar_t*>(stage_y), len, tid, group);
         rx = reinterpret_cast<const scalar_t*>(stage);
         ry = reinterpret_cast<const scalar_t*>(stage_y);
         async_groups = stage_groups(len, tid, group);
-        async_slice = true;
       } else {
         // Strided or misaligned rows: another thread may own a pack's
         // leading elements, hence the barrier. (Staging is for a CTA per
@@ -1189,42 +1342,6 @@ struct RowWork {
     const bool third = !kLeanOnly && needs_row_totals(kDiv, want_gx, !kDistill && want_gy);
     const acc_t minus_one(-1);
 
-    // Grid::prefetch: the next row's slice, where both rows' slices are
-    // staged by cp.async (contiguous, 16-byte aligned, and a row the mask
-    // keeps). Each thread copies its packs of it in as it reads its packs
-    // of this one for the last time, in the writing sweep (staged slices are
-    // swept forward, as sweep 1 waits for them).
-    const P* ahead_x = nullptr;
-    const P* ahead_y = nullptr;
-    if (kAhead && next >= 0 && async_slice && (p.mask == nullptr || p.mask[next])) {
-      const scalar_t* const nx = static_cast<const scalar_t*>(p.ptr[kInput]) + g.row_offset(kInput, next) + c0;
-      const scalar_t* const ny = static_cast<const scalar_t*>(p.ptr[kTarget]) + g.row_offset(kTarget, next) + c0;
-      if (vector_ok(nx, 1) && vector_ok(ny, 1)) {
-        ahead_x = reinterpret_cast<const P*>(nx);
-        ahead_y = reinterpret_cast<const P*>(ny);
-      }
-    }
-    // The writing sweep below runs in every thread from here.
-    copying_next = ahead_x != nullptr;
-    // After this thread's last read of its j-th pack: the next row's pack
-    // there, its partial last pack copied at once. The writing sweep
-    // commits them in stage_async's groups, kUnroll of a thread's packs
-    // each, the last one partial (stage_groups). No fence between the read
-    // and the copy: CUDA's memory model performs an asynchronous copy as if
-    // by a new thread started at the instruction, after this thread's
-    // earlier reads.
-    // `maybe_partial`: false in the step loop, whose packs are all whole.
-    const auto fetch_ahead = [&](int64_t j, auto maybe_partial) {
-      const int i = static_cast<int>(tid + j * group);
-      if (!decltype(maybe_partial)::value || i < whole) {
-        stage_pack(reinterpret_cast<P*>(stage), reinterpret_cast<P*>(stage_y), ahead_x, ahead_y, i);
-      } else {
-        stage_tail(reinterpret_cast<scalar_t*>(stage), reinterpret_cast<scalar_t*>(stage_y),
-                   reinterpret_cast<const scalar_t*>(ahead_x), reinterpret_cast<const scalar_t*>(ahead_y),
-                   int64_t{i} * N, len);
-      }
-    };
-
     // One pass over the slice: sums the divergence (and when kTotals, the
     // row totals of gq and gp that a third sweep needs), and writes the
     // gradients that kGX / kGY select, given their row constants cq / cp.
@@ -1240,8 +1357,6 @@ struct RowWork {
       // after the totals one) forward again. The writing sweep is the row's
       // last read (but for lean_step's rare NaN re-sum below).
       const bool backward = grid.backward && (kTotals || !third);
-      const bool last_read = !kTotals;
-      const bool fetch = kAhead && last_read && ahead_x != nullptr;  // never backward: staged
       const auto step = [&](const P xp, const P yp, P& ox, P& oy) {  // by value: one 16-byte load each
         if constexpr (kLean) {
           lean_step<kGX>(xp, yp, k, loss, ox);
@@ -1298,13 +1413,7 @@ struct RowWork {
         if ((part == 0) == backward) {
           const int64_t dj = backward ? -1 : 1;
           int64_t j = backward ? n_all - 1 : n_fast;
-          for (int64_t c = n_fast; c < n_all; ++c, j += dj) {
-            rest(tid + j * group);
-            if (fetch) {
-              fetch_ahead(j, std::true_type{});
-              if ((j + 1) % kUnroll == 0) cp_async_commit();
-            }
-          }
+          for (int64_t c = n_fast; c < n_all; ++c, j += dj) rest(tid + j * group);
           continue;
         }
         if (n_fast == 0) continue;
@@ -1350,41 +1459,29 @@ struct RowWork {
               step(xs[u], ys[u], ox, oy);
               put(i + u * di, ox, oy);
             }
-            if (fetch) {
-              static_assert(kUnroll % kStep == 0, "a commit group ends at a step's end");
-#pragma unroll
-              for (int u = 0; u < kStep; ++u) fetch_ahead(c + u, std::false_type{});
-              if ((c + kStep) % kUnroll == 0) cp_async_commit();
-            }
           }
         };
         // A staged slice is read from shared memory, which takes no policy.
         // The general kernels read with plain loads: a second step loop
         // cost them registers (their stores still take the policy).
         if constexpr (kDistill) {
-          if (last_read && stage == nullptr) {
+          if (!kTotals && stage == nullptr) {  // the row's last read, streamed
             steps(std::true_type{});
             continue;
           }
         }
         steps(std::false_type{});
       }
-      if (fetch && n_all % kUnroll != 0) cp_async_commit();  // the last, partial group
       if constexpr (kLean) {
         if (loss != loss) {
           // lean_step's one NaN that is not the row's (see there): this
-          // thread's packs again, their loss through `term`, in kAhead
-          // from global memory (the stage may hold the next row's by now).
+          // thread's packs again, their loss through `term`.
           if constexpr (kLeanOnly) general_consts();
           loss = 0;
-          const scalar_t* const ax = kAhead ? x : rx;
-          const scalar_t* const ay = kAhead ? y : ry;
-          const int64_t asx = kAhead ? sx : rsx, asy = kAhead ? sy : rsy;
-          const bool avx = kAhead ? vector_ok(x, sx) : rvx, avy = kAhead ? vector_ok(y, sy) : rvy;
           for (int64_t j = tid; j < npacks; j += group) {
             acc_t xs[N], ys[N];
-            unpack(load_pack(ax, asx, j, len, avx, fill()), xs);
-            unpack(load_pack(ay, asy, j, len, avy, fill()), ys);
+            unpack(load_pack(rx, rsx, j, len, rvx, fill()), xs);
+            unpack(load_pack(ry, rsy, j, len, rvy, fill()), ys);
 #pragma unroll 1
             for (int e = 0; e < N; ++e) {
               acc_t q, pr;
@@ -1479,7 +1576,7 @@ __global__ void __launch_bounds__(kThreads) count_kept_kernel(const bool* __rest
 // kernels (kDistill, 80 registers; their staged 64 KB slices fit beside each
 // other too).
 template <typename scalar_t, Divergence kDiv, bool kProbs, bool kDistill = false, bool kAhead = false>
-__global__ void __launch_bounds__(kThreads, kDistill && !kAhead ? 3 : 2)
+__global__ void __launch_bounds__(kThreads, kDistill ? 3 : 2)
     logits_kernel(const __grid_constant__ LogitsLaunch p, const __grid_constant__ Grid grid,
                   double* __restrict__ row_loss,
                   unsigned int* __restrict__ ticket, const unsigned long long* __restrict__ kept) {
@@ -1489,7 +1586,8 @@ __global__ void __launch_bounds__(kThreads, kDistill && !kAhead ? 3 : 2)
   double* const final_sum = reinterpret_cast<double*>(smem);
   bool* const last = reinterpret_cast<bool*>(smem + kThreads * sizeof(double));
   Slot* const slots = reinterpret_cast<Slot*>(smem + kFinalBytes);
-  unsigned char* const stage = grid.stage ? smem + kFixedSmem : nullptr;
+  // The kAhead kernel's two stages follow its two mbarriers.
+  unsigned char* const stage = grid.stage ? smem + kFixedSmem + (kAhead ? kBulkBarrierBytes : 0) : nullptr;
 
   double divisor = p.divisor;
   if (p.num_items != nullptr) {
@@ -1514,8 +1612,8 @@ __global__ void __launch_bounds__(kThreads, kDistill && !kAhead ? 3 : 2)
     const int tid = static_cast<int>(threadIdx.x) & (lanes - 1);  // lanes: a power of two
     for (int64_t r = static_cast<int64_t>(blockIdx.x) * rows_per_cta + threadIdx.x / lanes; r < rows;
          r += static_cast<int64_t>(gridDim.x) * rows_per_cta) {
-      bool share, copying_next;
-      const double loss = work.row(r, -1, 0, cols, tid, lanes, 1, nullptr, nullptr, share, false, copying_next);
+      bool share;
+      const double loss = work.row(r, 0, cols, tid, lanes, 1, nullptr, nullptr, share);
       if (tid == 0) row_loss[r] = loss;
     }
   } else {
@@ -1523,11 +1621,11 @@ __global__ void __launch_bounds__(kThreads, kDistill && !kAhead ? 3 : 2)
     const unsigned rank = cluster > 1 ? cluster_rank() : 0;
     const int64_t c0 = static_cast<int64_t>(rank) * grid.slice;
     const int64_t len = std::min<int64_t>(grid.slice, cols - c0);
-    // Returns whether this CTA's threads copy row `next` in (Work::row).
-    const auto one_row = [&](int64_t r, int64_t next, bool copied_in) {
-      bool share, copying_next;
-      const double loss = work.row(r, next, c0, len, threadIdx.x, kThreads, cluster, stage, slots, share, copied_in,
-                                   copying_next);
+    // `bulk`, `parity`: Work::row's (the kAhead kernel's stage and mbarrier).
+    const auto one_row = [&](int64_t r, unsigned char* row_stage, uint64_t* bulk, unsigned parity) {
+      bool share;
+      const double loss =
+          work.row(r, c0, len, threadIdx.x, kThreads, cluster, row_stage, slots, share, bulk, parity);
       if (share && cluster > 1) {
         // Each CTA's share goes to rank 0's shared memory, which adds them up
         // in rank order after the barrier (what cta_allreduce would have
@@ -1546,29 +1644,50 @@ __global__ void __launch_bounds__(kThreads, kDistill && !kAhead ? 3 : 2)
         if (rank == 0 && threadIdx.x == 0) row_loss[r] = loss;
         // No CTA may leave (and free its shared memory) while another of its
         // cluster still reads it. In the kAhead kernel, a CTA of its own
-        // too: the next row's first exchange and its staging through
-        // registers write what other threads may still be reading (a NaN
-        // row's last exchange, with BATCHKL_LOGITS_MERGE=1 its only one,
-        // has no barrier after it; a row staged off 16 bytes shares packs).
+        // too: the next row's first exchange and its staging write what
+        // other threads may still be reading (a NaN row's last exchange,
+        // with BATCHKL_LOGITS_MERGE=1 its only one, has no barrier after
+        // it; a row staged off 16 bytes shares packs), and the row after
+        // it is copied into this row's stage.
         if (cluster > 1) {
           cluster_sync();
         } else if constexpr (kAhead) {
           __syncthreads();
         }
       }
-      return copying_next;
     };
     if constexpr (kAhead) {
       // As many clusters as fit on the GPU at once (Grid::prefetch), each
       // taking every `clusters`-th row. A cluster's CTAs take the same rows,
-      // so their cluster barriers pair up row by row.
+      // so their cluster barriers pair up row by row. Row k of a CTA's
+      // sequence is computed from stage k % 2; at its start thread 0 issues
+      // the bulk copy of row k + 1 into the other stage, which row k - 1
+      // read before the barrier that ended it.
       const int64_t clusters = static_cast<int64_t>(gridDim.x) / cluster;
-      bool copied_in = false;
-      for (int64_t r = static_cast<int64_t>(blockIdx.x) / cluster; r < rows; r += clusters) {
-        copied_in = one_row(r, r + clusters < rows ? r + clusters : -1, copied_in);
+      uint64_t* const bars = reinterpret_cast<uint64_t*>(smem + kFixedSmem);
+      const size_t stage_size = static_cast<size_t>(2 * stage_bytes(grid.slice, sizeof(scalar_t)));
+      const auto issue = [&](int64_t r, int s) {
+        if (threadIdx.x == 0 && r < rows && work.bulk_ok(r, c0, len)) {
+          work.bulk_issue(r, c0, len, stage + s * stage_size, bars + s);
+        }
+      };
+      if (threadIdx.x == 0) {
+        mbar_init(bars, 1);
+        mbar_init(bars + 1, 1);
+      }
+      __syncthreads();
+      const int64_t first = static_cast<int64_t>(blockIdx.x) / cluster;
+      issue(first, 0);
+      unsigned parity = 0;  // bit s: the parity of the phase that stage s's next copy completes
+      int s = 0;
+      for (int64_t r = first; r < rows; r += clusters, s ^= 1) {
+        issue(r + clusters, s ^ 1);
+        const bool copied = work.bulk_ok(r, c0, len);
+        one_row(r, stage + s * stage_size, copied ? bars + s : nullptr, parity >> s & 1u);
+        if (copied) parity ^= 1u << s;
       }
     } else {
-      one_row(static_cast<int64_t>(blockIdx.x) / cluster, -1, false);
+      one_row(static_cast<int64_t>(blockIdx.x) / cluster, stage, nullptr, 0);
     }
   }
 

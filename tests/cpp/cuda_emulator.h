@@ -5,7 +5,8 @@
 // (cp.async) lands at the wait that covers it, or in every other pair of
 // clusters at once (the latest and the earliest a GPU may deliver it: a read
 // too early, or of bytes a copy already issued overwrites, shows up in one
-// of them). Clusters run one after
+// of them); so does a bulk copy (cp.async.bulk), at the first wait on its
+// mbarrier once the phase's arrivals are in, or at once. Clusters run one after
 // another. Blind to what only hardware shows (speed, the weaker corners of
 // the memory model, bank conflicts), but it executes the very indexing,
 // reductions, synchronisation and distributed-shared-memory exchanges of a
@@ -61,10 +62,30 @@ struct Warp {
   uint64_t slot[32] = {};
 };
 
+// A bulk copy (cp.async.bulk) not yet landed: the source's bytes, read at
+// issue, and what its destination held then (a thread that writes there
+// while the copy is in flight races with it).
+struct BulkCopy {
+  unsigned char* dst;
+  std::vector<unsigned char> bytes, before;
+};
+
+// An mbarrier in shared memory (sm_90's transaction barrier), by its
+// address: a phase completes when its `count` arrivals are in and the bytes
+// announced by expect_tx have landed.
+struct MBarrier {
+  unsigned count = 0, pending = 0;  // arrivals a phase needs, and those still to come
+  int64_t tx = 0;                   // bytes announced and not yet landed (a copy may land first)
+  uint64_t phase = 0;               // phases completed
+  std::vector<BulkCopy> copies;     // issued, landing at the first wait after the arrivals
+  Barrier signal;                   // its generation moves at every change; waiters sleep on it
+};
+
 struct Cta {
   Barrier bar;
   std::vector<unsigned char> smem;
   std::vector<Warp> warps;
+  std::map<const void*, MBarrier> mbarriers;  // map nodes stay put (a waiting fiber points at one's signal)
   unsigned live = 0;  // threads not yet finished
 };
 
@@ -234,13 +255,24 @@ inline void run(std::vector<Fiber>& fibers) {
       progress = true;
       if (f.done && --f.state.cta->live == 0) {
         std::fill(f.state.cta->smem.begin(), f.state.cta->smem.end(), static_cast<unsigned char>(0xff));
+        // A copy still in flight would land in the shared memory of a CTA
+        // that no longer has it (on a GPU: another CTA's).
+        for (const auto& [at, b] : f.state.cta->mbarriers) {
+          if (!b.copies.empty() || b.tx != 0 || b.pending != b.count) {
+            if (!failure) {
+              failure = std::make_exception_ptr(
+                  std::logic_error("a CTA finished with an mbarrier phase begun and never completed (a bulk copy "
+                                   "nobody waited for)"));
+            }
+          }
+        }
       }
     }
     if (all_done) break;
     if (!progress) {
       if (failure) break;
       throw std::logic_error("emulated kernel deadlocked: a barrier (__syncthreads, cluster sync or shuffle) "
-                             "that not every thread reaches");
+                             "that not every thread reaches, or an mbarrier phase whose arrivals or bytes never come");
     }
   }
   current = nullptr;
@@ -290,6 +322,103 @@ inline void cp_async_wait(int pending) {
   }
   for (auto g = done.rbegin(); g != done.rend(); ++g) {
     for (const auto& c : *g) std::memcpy(c.dst, c.bytes, c.n);
+  }
+}
+
+// mbarrier and bulk copies (sm_90). A barrier's state lives beside the CTA,
+// by address; its own 8 bytes in shared memory hold a mark, checked at every
+// use, so that a kernel that writes or copies over a barrier fails.
+constexpr uint64_t kMBarrierMark = 0x4d42415252494552ull;  // "MBARRIER"
+inline thread_local uint64_t bulk_copies = 0;  // issued since the process started (tests count them)
+inline MBarrier& mbarrier_at(const void* p, bool fresh = false) {
+  const auto* b = static_cast<const unsigned char*>(p);
+  const auto& smem = tls.cta->smem;
+  if (b < smem.data() || b + 8 > smem.data() + smem.size() || reinterpret_cast<uintptr_t>(b) % 8 != 0) {
+    throw std::logic_error("mbarrier: not an aligned 8-byte object in this CTA's shared memory");
+  }
+  auto it = tls.cta->mbarriers.find(p);
+  if (fresh) {
+    if (it != tls.cta->mbarriers.end()) throw std::logic_error("mbarrier: initialised twice");
+    std::memcpy(const_cast<unsigned char*>(b), &kMBarrierMark, 8);
+    return tls.cta->mbarriers[p];
+  }
+  if (it == tls.cta->mbarriers.end()) throw std::logic_error("mbarrier: used before mbarrier.init");
+  if (std::memcmp(b, &kMBarrierMark, 8) != 0) throw std::logic_error("mbarrier: its 8 bytes were overwritten");
+  return it->second;
+}
+inline void mbar_settle(MBarrier& b) {
+  if (b.pending == 0 && b.copies.empty()) {
+    if (b.tx < 0) throw std::logic_error("mbarrier: more bytes landed than expect_tx announced");
+    if (b.tx == 0) {
+      ++b.phase;
+      b.pending = b.count;
+    }
+  }
+  ++b.signal.generation;
+}
+inline void mbar_init(void* p, unsigned count) {
+  if (count == 0) throw std::logic_error("mbarrier.init: a count of 0");
+  MBarrier& b = mbarrier_at(p, true);
+  b.count = b.pending = count;
+}
+inline void mbar_arrive_expect_tx(void* p, unsigned bytes) {
+  MBarrier& b = mbarrier_at(p);
+  if (b.pending == 0) throw std::logic_error("mbarrier: more arrivals than its count in one phase");
+  b.tx += bytes;
+  --b.pending;
+  mbar_settle(b);
+}
+// cp.async.bulk from global to this CTA's shared memory, completing `bytes`
+// on the mbarrier at `bar`. The source is read at issue; the bytes land at
+// once where copies_land_early (a read of what they overwrite shows the new
+// bytes), else at the first wait on the barrier after the phase's arrivals
+// (a read before that wait shows what was there: 0xff, NaN, at first).
+inline void bulk_copy(void* dst, const void* src, unsigned bytes, void* bar) {
+  auto* d = static_cast<unsigned char*>(dst);
+  const auto& smem = tls.cta->smem;
+  if (d < smem.data() || d + bytes > smem.data() + smem.size()) {
+    throw std::logic_error("cp.async.bulk: destination outside this CTA's shared memory");
+  }
+  if (bytes == 0 || bytes % 16 != 0) throw std::logic_error("cp.async.bulk: a size that is not a positive multiple of 16");
+  check_aligned(dst);
+  check_aligned(src);
+  MBarrier& b = mbarrier_at(bar);
+  for (const auto& [at, other] : tls.cta->mbarriers) {
+    const auto* m = static_cast<const unsigned char*>(at);
+    if (m + 8 > d && m < d + bytes) throw std::logic_error("cp.async.bulk: a destination over an mbarrier");
+  }
+  ++bulk_copies;
+  const auto* s = static_cast<const unsigned char*>(src);
+  if (copies_land_early) {
+    std::memcpy(d, s, bytes);
+    b.tx -= bytes;
+  } else {
+    b.copies.push_back(BulkCopy{d, std::vector<unsigned char>(s, s + bytes), std::vector<unsigned char>(d, d + bytes)});
+  }
+  mbar_settle(b);
+}
+// mbarrier.try_wait.parity in a loop: returns once the phase of parity
+// `parity` has completed (at first that is the phase before the first,
+// which counts as completed: a wait for parity 1 returns at once).
+inline void mbar_wait(void* p, unsigned parity) {
+  for (;;) {
+    MBarrier& b = mbarrier_at(p);
+    if ((b.phase & 1u) != (parity & 1u)) return;
+    if (b.pending == 0 && !b.copies.empty()) {
+      for (const auto& c : b.copies) {
+        if (std::memcmp(c.dst, c.before.data(), c.before.size()) != 0) {
+          throw std::logic_error("cp.async.bulk: its destination written while the copy was in flight");
+        }
+        std::memcpy(c.dst, c.bytes.data(), c.bytes.size());
+        b.tx -= static_cast<int64_t>(c.bytes.size());
+      }
+      b.copies.clear();
+      mbar_settle(b);
+      continue;
+    }
+    current->waiting = &b.signal;
+    current->wait_generation = b.signal.generation;
+    switch_context(current->ctx, scheduler);
   }
 }
 

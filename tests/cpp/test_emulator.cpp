@@ -121,6 +121,78 @@ void test_copies() {
                                      std::to_string(early) + " and " + std::to_string(late) + ")");
 }
 
+// Bulk copies on an mbarrier: thread 0 initialises it and issues two
+// copies of 512 bytes for each of two phases (parities 0 and 1, the second
+// phase's bytes from src + 256 ints); every thread reads its 16 bytes after
+// waiting, and thread 0 also between issuing and waiting: there it sees
+// the copied bytes where they land at once, the 0xff filling where they
+// land at the wait. A wait for the parity of the phase before the first
+// returns at once, while no phase has completed.
+void bulk_then_read(const int* src, int* before, int* after, int* second) {
+  auto* smem = batchkl_emu::dynamic_smem();
+  auto* bar = reinterpret_cast<uint64_t*>(smem + 1024);
+  if (threadIdx.x == 0) {
+    batchkl_emu::mbar_init(bar, 1);
+    batchkl_emu::mbar_wait(bar, 1);  // before any phase completes (for the others, phase 0 may have)
+  }
+  __syncthreads();
+  for (int phase = 0; phase < 2; ++phase) {
+    if (threadIdx.x == 0) {
+      batchkl_emu::mbar_arrive_expect_tx(bar, 1024);
+      batchkl_emu::bulk_copy(smem, src + 256 * phase, 512, bar);
+      batchkl_emu::bulk_copy(smem + 512, src + 256 * phase + 128, 512, bar);
+    }
+    int v;
+    std::memcpy(&v, smem + 16 * threadIdx.x, sizeof v);
+    if (phase == 0) before[threadIdx.x] = v;
+    batchkl_emu::mbar_wait(bar, phase);
+    std::memcpy(&v, smem + 16 * threadIdx.x, sizeof v);
+    (phase == 0 ? after : second)[threadIdx.x] = v;
+    __syncthreads();  // every read of this phase's bytes before the next copy
+  }
+}
+
+void test_bulk_copies() {
+  alignas(16) static int src[512];
+  for (int k = 0; k < 512; ++k) src[k] = 5000 + k;
+  int early = 0, late = 0;
+  for (int launch = 0; launch < 4; ++launch) {
+    std::vector<int> before(64, 0), after(64, 0), second(64, 0);
+    batchkl_emu::launches = static_cast<unsigned>(launch);
+    batchkl_emu::launch(1, 64, 1024 + 16, 1, bulk_then_read, static_cast<const int*>(src), before.data(),
+                        after.data(), second.data());
+    // Thread 0 reads its 16 bytes between issuing the copies and waiting.
+    early += before[0] == src[0];
+    late += before[0] == -1;  // 0xff bytes
+    bool landed = true;
+    for (int t = 0; t < 64; ++t) landed &= after[t] == src[4 * t] && second[t] == src[256 + 4 * t];
+    check(landed, "bulk copies in shared memory after the wait, two phases, launch " + std::to_string(launch));
+  }
+  check(early == 2 && late == 2, "bulk copies landing at once in two launches of four and at the wait in two "
+                                 "(got " + std::to_string(early) + " and " + std::to_string(late) + ")");
+}
+
+// An mbarrier phase whose bytes never come (announced, no copy), and a copy
+// nobody waits for.
+void bulk_never_lands(int*) {
+  auto* bar = reinterpret_cast<uint64_t*>(batchkl_emu::dynamic_smem());
+  if (threadIdx.x == 0) {
+    batchkl_emu::mbar_init(bar, 1);
+    batchkl_emu::mbar_arrive_expect_tx(bar, 16);
+  }
+  __syncthreads();
+  batchkl_emu::mbar_wait(bar, 0);
+}
+void bulk_not_waited_for(int* src) {
+  auto* smem = batchkl_emu::dynamic_smem();
+  auto* bar = reinterpret_cast<uint64_t*>(smem + 16);
+  if (threadIdx.x == 0) {
+    batchkl_emu::mbar_init(bar, 1);
+    batchkl_emu::mbar_arrive_expect_tx(bar, 16);
+    batchkl_emu::bulk_copy(smem, src, 16, bar);
+  }
+}
+
 // Half of a CTA at a __syncthreads the other half never reaches.
 void half_at_barrier(int*) {
   if (threadIdx.x < 32) __syncthreads();
@@ -149,6 +221,27 @@ void test_errors() {
     what = e.what();
   }
   check(what == "thread 5", "an exception in one thread reaches the launch (got '" + what + "')");
+  what.clear();
+  try {
+    batchkl_emu::launch(1, 64, 16, 1, bulk_never_lands, &dummy);
+  } catch (const std::logic_error& e) {
+    what = e.what();
+  }
+  check(what.find("deadlocked") != std::string::npos,
+        "an mbarrier wait for bytes no copy brings: deadlock reported (got '" + what + "')");
+  alignas(16) static int src[4] = {1, 2, 3, 4};
+  for (unsigned launch : {0u, 2u}) {  // the copy landing late (never), and early (landed, its phase complete)
+    what.clear();
+    batchkl_emu::launches = launch;
+    try {
+      batchkl_emu::launch(1, 64, 32, 1, bulk_not_waited_for, static_cast<int*>(src));
+    } catch (const std::logic_error& e) {
+      what = e.what();
+    }
+    check(launch == 2 ? what.empty() : what.find("never completed") != std::string::npos,
+          "a bulk copy nobody waits for, landing " + std::string(launch == 2 ? "early: complete" : "late: reported") +
+              " (got '" + what + "')");
+  }
   // The emulator is usable after both.
   test_values();
 }
@@ -186,6 +279,7 @@ int main() {
   test_values();
   test_cluster();
   test_copies();
+  test_bulk_copies();
   test_errors();
   test_rounding();
   std::printf("test_emulator: %d checks, %d failed\n", g_checks, g_failures);

@@ -51,12 +51,15 @@ bool g_merge = false;
 // Whether every launch runs all its sweeps forward (LaunchKnobs::reuse 0),
 // likewise.
 bool g_forward = false;
-// Whether every launch copies staged rows' next slices ahead
+// Whether every launch double-buffers the distillation kernel's rows
 // (LaunchKnobs::prefetch), likewise; and how many clusters the emulated GPU
 // holds at once (the launcher's occupancy query), so that a persistent grid
-// takes several rows per cluster.
+// takes several rows per cluster. g_single_stage: a plan with Grid::prefetch
+// runs as the launcher's fallback does (single_stage: the kDistill kernel, a
+// cluster per row, the same slices).
 bool g_prefetch = false;
 int64_t g_resident = 2;
+bool g_single_stage = false;
 
 // What kl_logits_cuda.cu's launcher does, with host memory and the emulator.
 template <typename scalar_t, batchkl::Divergence kDiv, bool kProbs>
@@ -67,6 +70,7 @@ void launch_typed(const LogitsLaunch& p) {
   dev.knobs.prefetch = dev.knobs.prefetch || g_prefetch;
   const bool distill = use_distill_kernel(dev.knobs, p);
   Grid grid = plan_grid(p.geo.rows, p.geo.cols, sizeof(scalar_t), dev, distill_plan(dev.knobs, p));
+  if (grid.prefetch && g_single_stage) single_stage(grid, p.geo.rows, sizeof(scalar_t));
   if (grid.prefetch) cut_to_resident(grid, p.geo.rows, g_resident);
   unsigned ticket = 0;
   unsigned long long kept = 0;
@@ -676,25 +680,26 @@ void test_sweep_directions() {
   g_device = kDevices[1].second;
 }
 
-// The distillation kernel's staged rows' next slices copied ahead
-// (BATCHKL_LOGITS_PREFETCH=1, the kAhead kernel), on a grid of 1 or 3
-// clusters that each take several rows in turn: bitwise the results of the
-// same batch on a cluster per row, on staged launch shapes of a CTA and of
-// clusters of 2 to 8, with what stops a row from copying ahead or from
-// being copied into: rows off 16 bytes (20002 columns; "lead": rows 0-3
-// aligned, 4-7 not, so a row copied in is followed by one staged through
-// registers), a strided layout, rows the mask drops (a CTA's last row
-// among them), a NaN row (no writing sweep), the lean sweep's exact re-sum
-// (which reads its row again after its slice was overwritten), partial
-// last packs. Each launch runs once with its first cluster's threads in
-// order and once in reverse, that cluster landing its copies at once: a
-// thread that overwrites a pack another thread has yet to read, on either
-// side, or that reads a pack after copying the next row's over it, shows
-// in the results. (Not shown: races that need a fiber to be switched out
-// between two barriers, which the emulator never does.)
+// The distillation kernel's rows double-buffered (BATCHKL_LOGITS_PREFETCH=1,
+// the kAhead kernel), on a grid of 1 or 3 clusters that each take several
+// rows in turn, each row coming by bulk copy (a CTA's first before it
+// starts, every other during the row before it): bitwise the results of the same batch on
+// the same slices staged once, a cluster per row (the launcher's fallback),
+// on launch shapes of a CTA and of clusters of 2 to 8, with what stops a
+// row from coming by bulk copy: rows off 16 bytes (20002 columns; "lead":
+// rows 0-3 aligned, 4-7 not, so the stages alternate between bulk copies
+// and staging through registers), a strided layout, rows the mask drops (a
+// CTA's last row among them), a NaN row (no writing sweep), the lean
+// sweep's exact re-sum (which reads its stage again), partial last packs
+// (by the owning thread, beside the bulk copy). Each launch runs four
+// times: its first cluster's threads in order and in reverse, its copies
+// landing at the wait (a read before it sees NaN) and at once (a copy into
+// a stage that a thread has yet to read shows its next row's values).
+// (Not shown: races that need a fiber to be switched out between two
+// barriers, which the emulator never does.)
 void test_prefetch() {
-  int staged = 0;
-  const auto run = [&](int device, int64_t cols, at::ScalarType dt, const std::string& kind, const at::Tensor& x,
+  int planned = 0;
+  const auto run = [&](int64_t cols, at::ScalarType dt, const std::string& kind, const at::Tensor& x,
                        const at::Tensor& t, bool grad_input, bool masked) {
     Call c;
     c.reduction = masked ? "sum" : "none";
@@ -707,57 +712,80 @@ void test_prefetch() {
       mask[7] = false;  // a CTA's last row: a copy into it would never be waited for
       c.mask = mask.reshape(x.sizes().slice(0, x.dim() - 1));  // "lead": (2, 4)
     }
-    g_device = kDevices[device].second;
-    // Rows copied ahead are staged rows; the streaming rule off keeps the
-    // bfloat16 rows of 20002 and 40003 columns staged clusters.
-    g_device.knobs.distill_stream = false;
-    if (!plan_grid(8, cols, at::elementSize(dt), g_device, true).stage) return;
-    ++staged;
-    const auto what = str(kDevices[device].first, ": prefetch V=", cols, " ", dt, " ", kind, " gi=", grad_input,
+    g_device = kDevices[1].second;
+    g_device.knobs.prefetch = true;
+    const Grid plan = plan_grid(8, cols, at::elementSize(dt), g_device, true);
+    if (!plan.prefetch) return;
+    ++planned;
+    const auto what = str("prefetch V=", cols, " ", dt, " cluster=", plan.cluster, " ", kind, " gi=", grad_input,
                           " masked=", masked);
+    uint64_t bulk_rows = 0;  // rows that come by bulk copy (RowWork::bulk_ok)
+    for (int r = 0; r < 8; ++r) {
+      const auto row_of = [&](const at::Tensor& a) { return a.dim() == 3 ? a[r / 4][r % 4] : a[r]; };
+      const bool kept = !masked || (r != 1 && r != 5 && r != 7);
+      const bool aligned = reinterpret_cast<uintptr_t>(row_of(x).data_ptr()) % 16 == 0 &&
+                           reinterpret_cast<uintptr_t>(row_of(t).data_ptr()) % 16 == 0;
+      bulk_rows += kept && aligned && x.stride(-1) == 1 && t.stride(-1) == 1;
+    }
     try {
-      const Result per_row = emulated(x, t, c);
-      g_device.knobs.prefetch = true;
-      check(plan_grid(8, cols, at::elementSize(dt), g_device, true).prefetch, what + ": planned");
-      // 1 cluster: rows 1-7 each copied in by the row before where they
+      g_single_stage = true;
+      const Result once = emulated(x, t, c);
+      g_single_stage = false;
+      // 1 cluster: rows 1-7 each copied in during the row before where they
       // can be; 3: rows 0, 3, 6 in one cluster. (2: the "other" part.)
       for (const int64_t resident : {1, 3}) {
         g_resident = resident;
-        for (const unsigned order : {2u, 3u}) {  // the first cluster's copies land at once, threads in order / reversed
+        for (const unsigned order : {0u, 1u, 2u, 3u}) {
           batchkl_emu::launches = order;
-          check_bitwise(per_row, emulated(x, t, c), str(what, " clusters=", resident, " reversed=", order % 2));
+          const uint64_t copies = batchkl_emu::bulk_copies;
+          check_bitwise(once, emulated(x, t, c),
+                        str(what, " clusters=", resident, " reversed=", order % 2, " early=", order / 2));
+          // Two per CTA and row that the mask keeps, contiguous and 16-byte aligned.
+          const uint64_t issued = batchkl_emu::bulk_copies - copies;
+          check(issued == 2 * static_cast<uint64_t>(plan.cluster) * bulk_rows,
+                str(what, ": ", issued, " bulk copies, not 2 x ", plan.cluster, " x ", bulk_rows));
         }
       }
     } catch (const std::exception& ex) {
       check(false, str(what, ": emulated kernel threw ", ex.what()));
     }
+    g_single_stage = false;
     g_resident = 2;
   };
-  for (const int device : {0, 1}) {  // a CTA per row (no clusters); clusters
-    for (const int64_t cols : {5000, 20002, 40003, 100000}) {
-      for (const auto dt : {at::kFloat, at::kBFloat16}) {
-        if (cols == 100000 && dt == at::kBFloat16) continue;  // float: 8 CTAs of 100 KiB slices
-        auto x = logits(8, cols, at::kDouble), t = logits(8, cols, at::kDouble);
-        t[2][cols / 3] = std::numeric_limits<double>::quiet_NaN();  // a NaN row
-        for (const int r : {0, 3, 4}) lean_resum_row(x, t, r);
-        const auto xd = x.to(dt), td = t.to(dt);
-        for (const std::string kind : {"contiguous", "strided", "lead"}) {
-          if (kind != "contiguous" && cols != 20002) continue;
-          const auto xl = layout(xd, kind), tl = layout(td, kind);
-          for (const bool grad_input : {true, false}) {
-            for (const bool masked : {false, true}) run(device, cols, dt, kind, xl, tl, grad_input, masked);
-          }
+  // Clusters (stages of 32 KiB): bfloat16 1, 3, 4, 5, 8 CTAs; float32 2, 5, 8 (30000), none over 8.
+  for (const int64_t cols : {5000, 20002, 30000, 40003, 60000}) {
+    for (const auto dt : {at::kFloat, at::kBFloat16}) {
+      auto x = logits(8, cols, at::kDouble), t = logits(8, cols, at::kDouble);
+      t[2][cols / 3] = std::numeric_limits<double>::quiet_NaN();  // a NaN row
+      for (const int r : {0, 3, 4}) lean_resum_row(x, t, r);
+      const auto xd = x.to(dt), td = t.to(dt);
+      for (const std::string kind : {"contiguous", "strided", "lead"}) {
+        if (kind != "contiguous" && cols != 20002) continue;
+        const auto xl = layout(xd, kind), tl = layout(td, kind);
+        for (const bool grad_input : {true, false}) {
+          for (const bool masked : {false, true}) run(cols, dt, kind, xl, tl, grad_input, masked);
         }
       }
     }
   }
-  check(staged >= 60, str("prefetch: ", staged, " staged configurations"));
-  // Streamed rows, warps' short rows, the general kernel: the grid as before.
-  DeviceLimits streamed = kDevices[2].second, staged_dev = kDevices[1].second;
-  streamed.knobs.prefetch = staged_dev.knobs.prefetch = true;
-  check(!plan_grid(8, 100000, 4, streamed, true).prefetch && !plan_grid(8, 512, 4, staged_dev, true).prefetch &&
-            !plan_grid(8, 5000, 4, staged_dev, false).prefetch && plan_grid(8, 5000, 4, staged_dev, true).prefetch,
-        "prefetch: the distillation kernel's staged CTA rows only");
+  check(planned >= 40, str("prefetch: ", planned, " double-buffered configurations"));
+  // Only the distillation kernel's CTA rows that fit 8 stages, on Hopper
+  // (bulk copies), in the shared memory there is.
+  DeviceLimits h100 = kDevices[1].second, a100 = kDevices[0].second, small = kDevices[2].second;
+  h100.knobs.prefetch = a100.knobs.prefetch = small.knobs.prefetch = true;
+  check(plan_grid(8, 5000, 4, h100, true).prefetch && !plan_grid(8, 5000, 4, h100, false).prefetch &&
+            !plan_grid(8, 512, 4, h100, true).prefetch && !plan_grid(8, 40003, 4, h100, true).prefetch &&
+            plan_grid(8, 30000, 4, h100, true).prefetch && !plan_grid(8, 5000, 4, a100, true).prefetch &&
+            !plan_grid(8, 5000, 4, small, true).prefetch,
+        "prefetch: the distillation kernel's CTA rows of up to 8 stages, on clusters");
+  // The stages: half the slice budget each, both in the CTA's shared memory.
+  const Grid g = plan_grid(8, 32000, 2, h100, true);
+  check(g.cluster == 4 && g.slice == 8000 && g.stage &&
+            g.smem == kFixedSmem + kBulkBarrierBytes + 4 * stage_bytes(8000, 2),
+        str("prefetch: bfloat16 rows of 32000 in 4 CTAs of two stages, got ", g.cluster, " CTAs of ", g.slice));
+  h100.knobs.slice_budget = 128 * 1024;
+  check(plan_grid(8, 128256, 2, h100, true).prefetch && plan_grid(8, 128256, 2, h100, true).cluster == 8,
+        "prefetch: BATCHKL_LOGITS_SLICE_KIB=128 double-buffers bfloat16 rows of 128256 over 8 CTAs");
   g_device = kDevices[1].second;
 }
 
@@ -1251,8 +1279,8 @@ void test_random(int count, uint64_t seed, int only = -1) {
 //   magnitudes  logits from 1e9 to float's largest value, rows of the lowest value
 //   default     every launch shape as planned by default
 //   other       the same with a row's maxes and sums merged in one exchange, every
-//               sweep forward and staged rows' slices copied ahead on a grid of two
-//               clusters
+//               sweep forward and the distillation kernel's rows double-buffered on
+//               a grid of two clusters
 //   random SEED COUNT [ONLY]   test_random; not part of "all"
 // No argument: all but random. ctest runs the parts side by side.
 int main(int argc, char** argv) {
@@ -1292,8 +1320,8 @@ int main(int argc, char** argv) {
   }
   // Every launch shape against the CPU kernel, special values, determinism
   // and batch invariance: as planned by default, then with a row's maxes and
-  // sums merged in one exchange, every sweep forward and staged slices
-  // copied ahead.
+  // sums merged in one exchange, every sweep forward and the distillation
+  // kernel's rows double-buffered.
   for (const bool other : {false, true}) {
     if (part != "all" && part != (other ? "other" : "default")) continue;
     g_merge = g_forward = g_prefetch = other;
