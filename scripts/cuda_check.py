@@ -168,10 +168,10 @@ def check_prefetch(small):
     rows than the clusters that fit at once, so that most rows come by bulk
     copy during the row before: against float64, and each of a few rows
     computed alone (its CTA's first row), bitwise."""
-    # 5000: a CTA per row in 16-bit dtypes, two in float32, four in float64;
-    # 32000: clusters of 4 (16-bit) or 8 (float32); 40003: rows off 16
-    # bytes (staged through registers between rows that come by bulk copy).
-    # float32 and float64 rows of 40003 take more than 8 stages: the default plan.
+    # 5000: a CTA per row in 16-bit dtypes, two in float32, three in float64;
+    # 32000: clusters of 4 (16-bit), 8 (float32) or 16 (float64); 40003:
+    # rows off 16 bytes (staged through registers between rows that come by
+    # bulk copy), clusters of 5 and 10; float64 over 16 stages: the default plan.
     # --small: a CTA per row, and clusters of 3 with a partial last pack (bfloat16).
     shapes = [(400, 5000), (48, 20002)] if small else [(1200, 5000), (700, 32000), (500, 40003)]
     checks = failures = 0

@@ -72,10 +72,11 @@ SETTINGS = {
     # The distillation kernel's rows double-buffered (the kAhead kernel,
     # 2026-11-29, not yet timed): as many clusters as fit at once, each CTA's
     # next row coming by bulk copy into its second stage while it computes
-    # this one. Stages of 32 KiB (three CTAs per SM; rows up to 256 KiB:
-    # bfloat16 8192x32000 in clusters of 4), 48 KiB (two; bfloat16 32000 in
-    # 3) or 64 KiB (one; bfloat16 32000 in 2, 128256 in 8). Longer rows keep
-    # the default plan. (Its first version, each thread copying its packs of
+    # this one, in clusters of up to 16. Stages of 32 KiB (three CTAs per
+    # SM; bfloat16 8192x32000 in clusters of 4, 128256 in 16), 48 KiB (two;
+    # bfloat16 32000 in 3, 128256 in 11) or 64 KiB (one; bfloat16 32000 in
+    # 2, 128256 in 8, 256000 and float32 128256 in 16). Longer rows keep the
+    # default plan. (Its first version, each thread copying its packs of
     # the next row into one stage during its last read, was slower: H200,
     # 2026-11-27, staged bfloat16 8192x32000 0.672 -> 0.846 ms.)
     "prefetch": {"BATCHKL_LOGITS_PREFETCH": "1"},

@@ -555,10 +555,10 @@ def check_under_knobs():
 
 def check_prefetch():
     # 5000: a CTA per row (bfloat16) or two (float32); 32000: clusters of 4
-    # (bfloat16) or 8 (float32); 40003: bfloat16 rows off 16 bytes among
-    # aligned ones (staged through registers between bulk copies) in
-    # clusters of 5, float32 over 8 stages (the default plan). Rows: more
-    # than the clusters that fit on an H100 or H200 at once.
+    # (bfloat16) or 8 (float32); 40003: rows off 16 bytes among aligned ones
+    # (staged through registers between bulk copies) in clusters of 5
+    # (bfloat16) or 10 (float32: beyond the portable 8). Rows: more than the
+    # clusters that fit on an H100 or H200 at once.
     for v, rows in ((5000, 1200), (32000, 700), (40003, 500)):
         for dtype in (torch.float32, torch.bfloat16):
             x, t = make_logits((rows, v), dtype), make_logits((rows, v), dtype)

@@ -49,7 +49,7 @@ namespace {
 //                             policy; 1 sweeps alternate direction; 2 (the default) also
 //                             evict-first on the gradient's stores and the distillation
 //                             kernel's last read (LaunchKnobs::reuse)
-//   BATCHKL_LOGITS_PREFETCH   1: on Hopper, the distillation kernel's rows of up to 8
+//   BATCHKL_LOGITS_PREFETCH   1: on Hopper, the distillation kernel's rows of up to 16
 //                             slices of half the slice budget run double-buffered on as
 //                             many clusters as fit at once, each CTA's next row coming by
 //                             bulk copy while it computes this one (LaunchKnobs::prefetch;
@@ -146,6 +146,23 @@ DeviceLimits prepare(Kernel kernel, std::array<std::atomic<int>, 64>& seen) {
   return dev;
 }
 
+// The largest cluster for the kAhead kernel: kMaxClusterAhead where the
+// driver lets it ask for clusters beyond the portable 8 (Hopper runs up to
+// 16 for a kernel that asks), else 8. `seen[device]`: 0 not yet asked, 1
+// refused, 2 allowed.
+template <typename Kernel>
+int max_cluster_ahead(Kernel kernel, std::array<std::atomic<int>, 64>& seen) {
+  const int device = at::cuda::current_device();
+  int state = device < 64 ? seen[device].load(std::memory_order_acquire) : 0;
+  if (state == 0) {
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    if (e != cudaSuccess) (void)cudaGetLastError();  // a refusal, not a failure: the plan keeps to 8
+    state = e == cudaSuccess ? 2 : 1;
+    if (device < 64) seen[device].store(state, std::memory_order_release);
+  }
+  return state == 2 ? kMaxClusterAhead : kMaxCluster;
+}
+
 template <typename scalar_t, Divergence kDiv, bool kProbs>
 void launch_typed(const LogitsLaunch& p) {
   constexpr int64_t elem = sizeof(scalar_t);
@@ -154,16 +171,20 @@ void launch_typed(const LogitsLaunch& p) {
   const LogitsKernel planned = logits_kernel_for(DtypeTag<scalar_t>{}, p, distill, false);
   TORCH_INTERNAL_ASSERT(planned != nullptr, "batchkl.kl_with_logits: no CUDA kernel for this divergence");
   // Per kernel (the general one, the kDistill one and its kAhead twin: one
-  // divergence's, as this function is) and device (prepare).
-  static std::array<std::array<std::atomic<int>, 64>, 3> seen{};
-  Grid grid = plan_grid(geo.rows, geo.cols, elem, prepare(planned, seen[distill ? 1 : 0]), distill_plan(tuning(), p));
+  // divergence's, as this function is) and device (prepare; the last: the
+  // twin's clusters beyond 8).
+  static std::array<std::array<std::atomic<int>, 64>, 4> seen{};
+  DeviceLimits dev = prepare(planned, seen[distill ? 1 : 0]);
   // The twin has the same limits (shared memory, clusters): its own prepare
   // only raises its shared-memory limit.
-  LogitsKernel kernel = planned;
-  if (grid.prefetch) {
-    kernel = logits_kernel_for(DtypeTag<scalar_t>{}, p, distill, true);
-    prepare(kernel, seen[2]);
+  LogitsKernel ahead = nullptr;
+  if (dev.clusters && dev.knobs.prefetch && distill_plan(dev.knobs, p)) {
+    ahead = logits_kernel_for(DtypeTag<scalar_t>{}, p, distill, true);
+    prepare(ahead, seen[2]);
+    dev.max_cluster_ahead = max_cluster_ahead(ahead, seen[3]);
   }
+  Grid grid = plan_grid(geo.rows, geo.cols, elem, dev, distill_plan(dev.knobs, p));
+  LogitsKernel kernel = grid.prefetch ? ahead : planned;
 
   auto stream = at::cuda::getCurrentCUDAStream();
   const auto opts = at::TensorOptions().device(at::kCUDA, at::cuda::current_device());
@@ -196,17 +217,18 @@ void launch_typed(const LogitsLaunch& p) {
   config.blockDim = dim3(kThreads);
   config.stream = stream;
   cudaLaunchAttribute attr[1];
-  if (grid.cluster > 1) {
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(grid.cluster);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    config.attrs = attr;
-    config.numAttrs = 1;
-  }
   int resident = 0;  // clusters of the grid that fit on the GPU at once
   const auto fits = [&]() {
     config.dynamicSmemBytes = grid.smem;
+    config.numAttrs = 0;
+    if (grid.cluster > 1) {
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = static_cast<unsigned>(grid.cluster);
+      attr[0].val.clusterDim.y = 1;
+      attr[0].val.clusterDim.z = 1;
+      config.attrs = attr;
+      config.numAttrs = 1;
+    }
     if (grid.cluster == 1) {
       if (grid.prefetch) {
         int per_sm = 0;
@@ -219,6 +241,15 @@ void launch_typed(const LogitsLaunch& p) {
     return resident > 0;
   };
   bool fit = fits();
+  if (!fit && grid.prefetch && grid.cluster > kMaxCluster) {
+    // Clusters beyond 8 that cannot be co-resident here (a GPU partitioned
+    // into small slices): the plan within 8 (other slices: other bits, the
+    // same on every call here).
+    dev.max_cluster_ahead = kMaxCluster;
+    grid = plan_grid(geo.rows, geo.cols, elem, dev, true);
+    kernel = grid.prefetch ? ahead : planned;
+    fit = fits();
+  }
   if (!fit && grid.prefetch) {
     // The twin's clusters (two stages per CTA) do not fit where the planned
     // kernel's may: that one, one stage, a cluster per row (the same bits).
@@ -243,8 +274,8 @@ void launch_typed(const LogitsLaunch& p) {
   if (grid.prefetch) {
     TORCH_INTERNAL_ASSERT(grid.stage && !grid.warp_rows, "batchkl.kl_with_logits: double-buffered rows unstaged");
     cut_to_resident(grid, geo.rows, resident);
-    config.gridDim = dim3(static_cast<unsigned>(grid.blocks));
   }
+  config.gridDim = dim3(static_cast<unsigned>(grid.blocks));  // a plan within 8 above has its own
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, grid, row_loss, ticket,
                                     static_cast<const unsigned long long*>(kept)));
 }

@@ -103,16 +103,21 @@ struct alignas(16) Slot {
 constexpr int kSlotsPerExchange = kWarps + 2;
 // Exchanges per row: the maxes, the rescaled sums, the divergence sums.
 constexpr int kExchanges = 3;
+// The kAhead kernel's clusters go up to 16 CTAs where the GPU allows sizes
+// beyond the portable 8 (Hopper does, for a kernel that asks).
+constexpr int kMaxClusterAhead = 16;
 // Shared memory: the epilogue's block sum, then the exchanges' slots, then
-// the row loss's shares of a cluster's CTAs (rank 0's are read), then the
-// staged slice.
+// the row loss's shares of a cluster's CTAs (rank 0's are read; room for
+// 16, so that the kDistill kernel can run the kAhead kernel's plans too:
+// single_stage), then the staged slice. The kAhead kernel has its two
+// mbarriers (one per stage; 16 bytes, so that the stages stay 16-byte
+// aligned) before its stages.
 constexpr size_t kFinalBytes = kThreads * sizeof(double) + 16;
 constexpr size_t kExchangeBytes = kExchanges * kSlotsPerExchange * sizeof(Slot);
-constexpr size_t kShareBytes = kMaxCluster * sizeof(double);
+constexpr size_t kShareBytes = kMaxClusterAhead * sizeof(double);
 constexpr size_t kFixedSmem = kFinalBytes + kExchangeBytes + kShareBytes;
-// The kAhead kernel's two mbarriers (one per stage), between the fixed part
-// and its stages; 16 bytes, so that the stages stay 16-byte aligned.
-constexpr size_t kBulkBarrierBytes = 16;
+constexpr size_t kAheadBarriers = kFixedSmem;
+constexpr size_t kAheadFixedSmem = kAheadBarriers + 16;
 
 // How a call is cut up; a function of the row length, the dtype and the
 // device (plan_grid), never of the number of rows.
@@ -211,10 +216,13 @@ struct LaunchKnobs {
   // an mbarrier) brings its slice of the next row into the other: HBM keeps
   // reading while the row's sweeps and exchanges run, and the row is read
   // from HBM once. plan_grid gives each stage half the slice budget (32 KiB
-  // by default: clusters of up to 8 hold rows of up to 256 KiB, bfloat16
-  // 65536 columns, float32 32768; three CTAs per SM); longer rows keep the
+  // by default, three CTAs per SM) and a row the fewest CTAs whose stages
+  // hold it, up to 16 where the launcher got clusters beyond the portable 8
+  // (max_cluster_ahead): rows up to 512 KiB, bfloat16 131072 columns (8192x
+  // 32000: clusters of 4; 128256: 16), float32 65536; longer rows keep the
   // default plan. BATCHKL_LOGITS_SLICE_KIB=96 or 128 gives stages of 48 or
-  // 64 KiB (two or one CTA per SM, fewer CTAs per row; rows up to 512 KiB).
+  // 64 KiB (two or one CTA per SM, fewer CTAs per row; rows up to 1 MiB:
+  // bfloat16 256000, float32 128256 in 16).
   // Why: H200, 2026-11-27, a staged bfloat16 8192x32000 took 0.649 ms,
   // about the sum of its HBM time (0.37 ms at the copy bandwidth) and its
   // SFU time (4 exp2 per element, 16 per clock and SM: 0.25 ms), as if the
@@ -241,6 +249,7 @@ struct DeviceLimits {
   int sms = 1;
   size_t max_smem = 48 * 1024;  // per CTA, opted in
   bool clusters = false;        // sm_90+: thread-block clusters with distributed shared memory
+  int max_cluster_ahead = kMaxCluster;  // the kAhead kernel's largest cluster (kMaxClusterAhead where allowed)
   size_t smem_per_sm = 0;       // 0: not known (kAuto then stages wherever the slice fits)
   size_t smem_reserved = 0;     // per CTA, taken by the system
   LaunchKnobs knobs;
@@ -305,10 +314,11 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
   // need sm_90, which the clusters flag implies.
   if (distill && dev.clusters && dev.knobs.prefetch && dev.knobs.stage != StageMode::kNever) {
     const int64_t budget = dev.knobs.slice_budget / 2;  // per stage
+    const int max_ahead = std::min(dev.max_cluster_ahead, kMaxClusterAhead);
     int c = 1;
-    while (c < max_cluster && 2 * round_up((cols + c - 1) / c) * elem > budget) ++c;
+    while (c < max_ahead && 2 * round_up((cols + c - 1) / c) * elem > budget) ++c;
     const int64_t slice = round_up((cols + c - 1) / c);
-    const size_t smem = kFixedSmem + kBulkBarrierBytes + static_cast<size_t>(4 * stage_bytes(slice, elem));
+    const size_t smem = kAheadFixedSmem + static_cast<size_t>(4 * stage_bytes(slice, elem));
     if (2 * slice * elem <= budget && smem <= dev.max_smem) {
       g.cluster = c;
       g.slice = slice;
@@ -1586,8 +1596,7 @@ __global__ void __launch_bounds__(kThreads, kDistill ? 3 : 2)
   double* const final_sum = reinterpret_cast<double*>(smem);
   bool* const last = reinterpret_cast<bool*>(smem + kThreads * sizeof(double));
   Slot* const slots = reinterpret_cast<Slot*>(smem + kFinalBytes);
-  // The kAhead kernel's two stages follow its two mbarriers.
-  unsigned char* const stage = grid.stage ? smem + kFixedSmem + (kAhead ? kBulkBarrierBytes : 0) : nullptr;
+  unsigned char* const stage = grid.stage ? smem + (kAhead ? kAheadFixedSmem : kFixedSmem) : nullptr;
 
   double divisor = p.divisor;
   if (p.num_items != nullptr) {
@@ -1664,7 +1673,7 @@ __global__ void __launch_bounds__(kThreads, kDistill ? 3 : 2)
       // the bulk copy of row k + 1 into the other stage, which row k - 1
       // read before the barrier that ended it.
       const int64_t clusters = static_cast<int64_t>(gridDim.x) / cluster;
-      uint64_t* const bars = reinterpret_cast<uint64_t*>(smem + kFixedSmem);
+      uint64_t* const bars = reinterpret_cast<uint64_t*>(smem + kAheadBarriers);
       const size_t stage_size = static_cast<size_t>(2 * stage_bytes(grid.slice, sizeof(scalar_t)));
       const auto issue = [&](int64_t r, int s) {
         if (threadIdx.x == 0 && r < rows && work.bulk_ok(r, c0, len)) {

@@ -699,8 +699,10 @@ void test_sweep_directions() {
 // barriers, which the emulator never does.)
 void test_prefetch() {
   int planned = 0;
+  // `ahead`: the kAhead kernel's largest cluster (8, or 16 where the launcher
+  // got non-portable sizes); with 16, only plans that take more than 8.
   const auto run = [&](int64_t cols, at::ScalarType dt, const std::string& kind, const at::Tensor& x,
-                       const at::Tensor& t, bool grad_input, bool masked) {
+                       const at::Tensor& t, bool grad_input, bool masked, int ahead) {
     Call c;
     c.reduction = masked ? "sum" : "none";
     c.grad_input = grad_input;
@@ -714,8 +716,9 @@ void test_prefetch() {
     }
     g_device = kDevices[1].second;
     g_device.knobs.prefetch = true;
+    g_device.max_cluster_ahead = ahead;
     const Grid plan = plan_grid(8, cols, at::elementSize(dt), g_device, true);
-    if (!plan.prefetch) return;
+    if (!plan.prefetch || (ahead > kMaxCluster && plan.cluster <= kMaxCluster)) return;
     ++planned;
     const auto what = str("prefetch V=", cols, " ", dt, " cluster=", plan.cluster, " ", kind, " gi=", grad_input,
                           " masked=", masked);
@@ -752,9 +755,12 @@ void test_prefetch() {
     g_single_stage = false;
     g_resident = 2;
   };
-  // Clusters (stages of 32 KiB): bfloat16 1, 3, 4, 5, 8 CTAs; float32 2, 5, 8 (30000), none over 8.
-  for (const int64_t cols : {5000, 20002, 30000, 40003, 60000}) {
+  // Clusters (stages of 32 KiB): bfloat16 1, 3, 4, 5, 8 CTAs, and with up to
+  // 16, 16 (128256); float32 2, 5, 8 (30000), and with up to 16, 10 (40003)
+  // and 15 (60000).
+  for (const int64_t cols : {5000, 20002, 30000, 40003, 60000, 128256}) {
     for (const auto dt : {at::kFloat, at::kBFloat16}) {
+      if (cols == 128256 && dt == at::kFloat) continue;  // over 16 stages
       auto x = logits(8, cols, at::kDouble), t = logits(8, cols, at::kDouble);
       t[2][cols / 3] = std::numeric_limits<double>::quiet_NaN();  // a NaN row
       for (const int r : {0, 3, 4}) lean_resum_row(x, t, r);
@@ -763,12 +769,14 @@ void test_prefetch() {
         if (kind != "contiguous" && cols != 20002) continue;
         const auto xl = layout(xd, kind), tl = layout(td, kind);
         for (const bool grad_input : {true, false}) {
-          for (const bool masked : {false, true}) run(cols, dt, kind, xl, tl, grad_input, masked);
+          for (const bool masked : {false, true}) {
+            for (const int ahead : {kMaxCluster, kMaxClusterAhead}) run(cols, dt, kind, xl, tl, grad_input, masked, ahead);
+          }
         }
       }
     }
   }
-  check(planned >= 40, str("prefetch: ", planned, " double-buffered configurations"));
+  check(planned >= 52, str("prefetch: ", planned, " double-buffered configurations"));
   // Only the distillation kernel's CTA rows that fit 8 stages, on Hopper
   // (bulk copies), in the shared memory there is.
   DeviceLimits h100 = kDevices[1].second, a100 = kDevices[0].second, small = kDevices[2].second;
@@ -781,11 +789,21 @@ void test_prefetch() {
   // The stages: half the slice budget each, both in the CTA's shared memory.
   const Grid g = plan_grid(8, 32000, 2, h100, true);
   check(g.cluster == 4 && g.slice == 8000 && g.stage &&
-            g.smem == kFixedSmem + kBulkBarrierBytes + 4 * stage_bytes(8000, 2),
+            g.smem == kAheadFixedSmem + 4 * stage_bytes(8000, 2),
         str("prefetch: bfloat16 rows of 32000 in 4 CTAs of two stages, got ", g.cluster, " CTAs of ", g.slice));
+  check(!plan_grid(8, 128256, 2, h100, true).prefetch, "prefetch: bfloat16 rows of 128256 over 8 stages of 32 KiB");
   h100.knobs.slice_budget = 128 * 1024;
   check(plan_grid(8, 128256, 2, h100, true).prefetch && plan_grid(8, 128256, 2, h100, true).cluster == 8,
         "prefetch: BATCHKL_LOGITS_SLICE_KIB=128 double-buffers bfloat16 rows of 128256 over 8 CTAs");
+  // Clusters beyond 8 where the launcher got them: rows up to 16 stages.
+  h100.max_cluster_ahead = kMaxClusterAhead;
+  h100.knobs.slice_budget = kSliceBudget;
+  check(plan_grid(8, 128256, 2, h100, true).cluster == 16 && plan_grid(8, 60000, 4, h100, true).cluster == 15 &&
+            !plan_grid(8, 128256, 4, h100, true).prefetch && plan_grid(8, 32000, 2, h100, true).cluster == 4,
+        "prefetch: clusters of up to 16 where allowed, the fewest CTAs still");
+  h100.knobs.slice_budget = 128 * 1024;
+  check(plan_grid(8, 256000, 2, h100, true).cluster == 16 && plan_grid(8, 128256, 4, h100, true).cluster == 16,
+        "prefetch: stages of 64 KiB in clusters of 16: bfloat16 rows of 256000, float32 of 128256");
   g_device = kDevices[1].second;
 }
 
