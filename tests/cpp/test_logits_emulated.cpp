@@ -1163,6 +1163,7 @@ void test_random(int count, uint64_t seed, int only = -1) {
     dev.knobs.distill_stream = pick(4) != 0;
     dev.knobs.reuse = pick(3);
     dev.knobs.prefetch = pick(3) == 0;
+    dev.max_cluster_ahead = pick(2) == 0 ? kMaxCluster : kMaxClusterAhead;
     const int64_t warp_cols[] = {0, 0, 0, 2048, 8192};  // BATCHKL_LOGITS_WARP_ROW_COLS
     dev.knobs.warp_row_cols = warp_cols[pick(5)];
     g_device = dev;
@@ -1237,7 +1238,8 @@ void test_random(int count, uint64_t seed, int only = -1) {
                                  " stage=", static_cast<int>(dev.knobs.stage), " budget=", dev.knobs.slice_budget,
                                  " lean=", dev.knobs.lean, " share=", dev.knobs.share, " merge=", dev.knobs.merge,
                                  " distill_stream=", dev.knobs.distill_stream, " reuse=", dev.knobs.reuse,
-                                 " prefetch=", dev.knobs.prefetch, " warp_row_cols=", dev.knobs.warp_row_cols,
+                                 " prefetch=", dev.knobs.prefetch, " ahead=", dev.max_cluster_ahead,
+                                 " warp_row_cols=", dev.knobs.warp_row_cols,
                                  " resident=", g_resident);
     if (kind == "lead" && rows % 2 == 0) {
       // (2, rows / 2, V): the same rows, outputs of that shape.
