@@ -9,7 +9,8 @@
 #   profile   Nsight Compute of kl_with_logits at a few shapes (scripts/profile_logits.py);
 #             PROFILE_SOURCE=1 adds the first shape's per-SASS-instruction counters;
 #             PROFILE_REUSE="default 0" profiles every shape under both sweep orders
-#   tune      kl_with_logits under each launch-shape setting (scripts/tune_logits.py; not by default)
+#   tune      kl_with_logits under each launch-shape setting (scripts/tune_logits.py with
+#             TUNE_ARGS, then with TUNE2_ARGS where set; not by default)
 #   bench     the CUDA benchmark (extra arguments go to `python -m bench`)
 #   bash scripts/gpu_run.sh [bench args...]          # every stage
 #   STAGES="build check test" bash scripts/gpu_run.sh  # some of them
@@ -222,6 +223,11 @@ fi
 if want tune; then
   step tune
   timeout ${TUNE_TIMEOUT:-150} $PY scripts/tune_logits.py ${TUNE_ARGS:-} 2>&1 | tee -a "$OUT/checks.log"
+  # A second set in the same stage (another --beta: the forward KL's knobs
+  # and JSD's take different divergences).
+  if [ -n "${TUNE2_ARGS:-}" ]; then
+    timeout ${TUNE_TIMEOUT:-150} $PY scripts/tune_logits.py $TUNE2_ARGS 2>&1 | tee -a "$OUT/checks.log"
+  fi
 fi
 
 if want bench; then
