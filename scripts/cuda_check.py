@@ -173,7 +173,7 @@ def check_prefetch(small):
     # rows off 16 bytes (staged through registers between rows that come by
     # bulk copy), clusters of 5 and 10; float64 over 16 stages: the default plan.
     # --small: a CTA per row, and clusters of 3 with a partial last pack (bfloat16).
-    shapes = [(400, 5000), (48, 20002)] if small else [(1200, 5000), (700, 32000), (500, 40003)]
+    shapes = [(400, 5000), (50, 20002)] if small else [(1200, 5000), (700, 32000), (500, 40003)]
     checks = failures = 0
     for dtype in DTYPES:
         for n, v in shapes:
