@@ -156,7 +156,11 @@ int max_cluster_ahead(Kernel kernel, std::array<std::atomic<int>, 64>& seen) {
   int state = device < 64 ? seen[device].load(std::memory_order_acquire) : 0;
   if (state == 0) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-    if (e != cudaSuccess) (void)cudaGetLastError();  // a refusal, not a failure: the plan keeps to 8
+    if (e == cudaErrorInvalidValue || e == cudaErrorNotSupported) {
+      (void)cudaGetLastError();  // a refusal, not a failure: the plans keep to 8
+    } else {
+      C10_CUDA_CHECK(e);
+    }
     state = e == cudaSuccess ? 2 : 1;
     if (device < 64) seen[device].store(state, std::memory_order_release);
   }
@@ -213,12 +217,12 @@ void launch_typed(const LogitsLaunch& p) {
   TORCH_CHECK(grid.blocks <= std::numeric_limits<int32_t>::max(), "batchkl.kl_with_logits: ", geo.rows,
               " rows of ", geo.cols, " columns need more CTAs than one launch can have");
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(grid.blocks));
   config.blockDim = dim3(kThreads);
   config.stream = stream;
   cudaLaunchAttribute attr[1];
   int resident = 0;  // clusters of the grid that fit on the GPU at once
   const auto fits = [&]() {
+    config.gridDim = dim3(static_cast<unsigned>(grid.blocks));
     config.dynamicSmemBytes = grid.smem;
     config.numAttrs = 0;
     if (grid.cluster > 1) {
@@ -237,7 +241,15 @@ void launch_typed(const LogitsLaunch& p) {
       }
       return true;
     }
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&resident, kernel, &config));
+    const cudaError_t e = cudaOccupancyMaxActiveClusters(&resident, kernel, &config);
+    if (e != cudaSuccess && grid.cluster > kMaxCluster) {
+      // A GPU that takes the attribute but not a cluster this large: as one
+      // that cannot hold it (the plan within 8 below).
+      (void)cudaGetLastError();
+      resident = 0;
+    } else {
+      C10_CUDA_CHECK(e);
+    }
     return resident > 0;
   };
   bool fit = fits();
@@ -275,7 +287,7 @@ void launch_typed(const LogitsLaunch& p) {
     TORCH_INTERNAL_ASSERT(grid.stage && !grid.warp_rows, "batchkl.kl_with_logits: double-buffered rows unstaged");
     cut_to_resident(grid, geo.rows, resident);
   }
-  config.gridDim = dim3(static_cast<unsigned>(grid.blocks));  // a plan within 8 above has its own
+  config.gridDim = dim3(static_cast<unsigned>(grid.blocks));
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, grid, row_loss, ticket,
                                     static_cast<const unsigned long long*>(kept)));
 }

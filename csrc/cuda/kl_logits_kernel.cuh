@@ -107,16 +107,16 @@ constexpr int kExchanges = 3;
 // beyond the portable 8 (Hopper does, for a kernel that asks).
 constexpr int kMaxClusterAhead = 16;
 // Shared memory: the epilogue's block sum, then the exchanges' slots, then
-// the row loss's shares of a cluster's CTAs (rank 0's are read; room for
-// 16, so that the kDistill kernel can run the kAhead kernel's plans too:
-// single_stage), then the staged slice. The kAhead kernel has its two
-// mbarriers (one per stage; 16 bytes, so that the stages stay 16-byte
-// aligned) before its stages.
+// the row loss's shares of a cluster's CTAs (rank 0's are read), then the
+// staged slice. The kAhead kernel has the shares of ranks 8-15 after
+// kFixedSmem, then its two mbarriers (one per stage; 16 bytes, so that the
+// stages stay 16-byte aligned), then its stages. (Room for 16 shares in
+// every kernel would move the default plans' shared-memory thresholds.)
 constexpr size_t kFinalBytes = kThreads * sizeof(double) + 16;
 constexpr size_t kExchangeBytes = kExchanges * kSlotsPerExchange * sizeof(Slot);
-constexpr size_t kShareBytes = kMaxClusterAhead * sizeof(double);
+constexpr size_t kShareBytes = kMaxCluster * sizeof(double);
 constexpr size_t kFixedSmem = kFinalBytes + kExchangeBytes + kShareBytes;
-constexpr size_t kAheadBarriers = kFixedSmem;
+constexpr size_t kAheadBarriers = kFixedSmem + (kMaxClusterAhead - kMaxCluster) * sizeof(double);
 constexpr size_t kAheadFixedSmem = kAheadBarriers + 16;
 
 // How a call is cut up; a function of the row length, the dtype and the
@@ -364,11 +364,12 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
   return g;
 }
 
-// The plan of `g` (Grid::prefetch) without its copies ahead: the same
-// slices, staged once, a cluster per row on the kDistill kernel. The same
-// sweeps in the same order, so the same bits: the launcher's fallback where
-// the kAhead kernel's clusters do not fit.
+// The plan of `g` (Grid::prefetch, clusters of up to 8) without its copies
+// ahead: the same slices, staged once, a cluster per row on the kDistill
+// kernel. The same sweeps in the same order, so the same bits: the
+// launcher's fallback where the kAhead kernel's clusters do not fit.
 inline void single_stage(Grid& g, int64_t rows, int64_t elem) {
+  TORCH_INTERNAL_ASSERT(g.cluster <= kMaxCluster, "single_stage: a cluster of ", g.cluster);
   g.prefetch = false;
   g.smem = kFixedSmem + static_cast<size_t>(2 * stage_bytes(g.slice, elem));
   g.blocks = rows * g.cluster;

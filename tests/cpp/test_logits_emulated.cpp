@@ -683,9 +683,11 @@ void test_sweep_directions() {
 // The distillation kernel's rows double-buffered (BATCHKL_LOGITS_PREFETCH=1,
 // the kAhead kernel), on a grid of 1 or 3 clusters that each take several
 // rows in turn, each row coming by bulk copy (a CTA's first before it
-// starts, every other during the row before it): bitwise the results of the same batch on
-// the same slices staged once, a cluster per row (the launcher's fallback),
-// on launch shapes of a CTA and of clusters of 2 to 8, with what stops a
+// starts, every other during the row before it): bitwise the results of the
+// same batch on the same slices staged once, a cluster per row (the
+// launcher's fallback), on launch shapes of a CTA and of clusters of 2 to 8,
+// and on clusters of 9 to 16 (where the launcher gets them) those of a
+// cluster per row of the same kernel, with what stops a
 // row from coming by bulk copy: rows off 16 bytes (20002 columns; "lead":
 // rows 0-3 aligned, 4-7 not, so the stages alternate between bulk copies
 // and staging through registers), a strided layout, rows the mask drops (a
@@ -731,7 +733,11 @@ void test_prefetch() {
       bulk_rows += kept && aligned && x.stride(-1) == 1 && t.stride(-1) == 1;
     }
     try {
-      g_single_stage = true;
+      // Clusters of more than 8 have no single-stage twin (the kDistill
+      // kernel's shares hold 8): a cluster per row of the kAhead kernel
+      // itself, each row copied in before it starts, nothing overlapped.
+      g_single_stage = plan.cluster <= kMaxCluster;
+      g_resident = plan.cluster <= kMaxCluster ? 2 : 8;
       const Result once = emulated(x, t, c);
       g_single_stage = false;
       // 1 cluster: rows 1-7 each copied in during the row before where they
