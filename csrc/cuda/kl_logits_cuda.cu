@@ -221,30 +221,32 @@ void launch_typed(const LogitsLaunch& p) {
   config.stream = stream;
   cudaLaunchAttribute attr[1];
   int resident = 0;  // clusters of the grid that fit on the GPU at once
-  const auto fits = [&]() {
-    config.gridDim = dim3(static_cast<unsigned>(grid.blocks));
-    config.dynamicSmemBytes = grid.smem;
+  // Sets up `config` for the grid, on the kernel it selects.
+  const auto fits = [&](const Grid& g) {
+    kernel = g.prefetch ? ahead : planned;
+    config.gridDim = dim3(static_cast<unsigned>(g.blocks));
+    config.dynamicSmemBytes = g.smem;
     config.numAttrs = 0;
-    if (grid.cluster > 1) {
+    if (g.cluster > 1) {
       attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = static_cast<unsigned>(grid.cluster);
+      attr[0].val.clusterDim.x = static_cast<unsigned>(g.cluster);
       attr[0].val.clusterDim.y = 1;
       attr[0].val.clusterDim.z = 1;
       config.attrs = attr;
       config.numAttrs = 1;
     }
-    if (grid.cluster == 1) {
-      if (grid.prefetch) {
+    if (g.cluster == 1) {
+      if (g.prefetch) {
         int per_sm = 0;
-        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, grid.smem));
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, g.smem));
         resident = per_sm * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
       }
       return true;
     }
     const cudaError_t e = cudaOccupancyMaxActiveClusters(&resident, kernel, &config);
-    if (e != cudaSuccess && grid.cluster > kMaxCluster) {
+    if (e != cudaSuccess && g.cluster > kMaxCluster) {
       // A GPU that takes the attribute but not a cluster this large: as one
-      // that cannot hold it (the plan within 8 below).
+      // that cannot hold it (settle_plan plans within 8).
       (void)cudaGetLastError();
       resident = 0;
     } else {
@@ -252,37 +254,9 @@ void launch_typed(const LogitsLaunch& p) {
     }
     return resident > 0;
   };
-  bool fit = fits();
-  if (!fit && grid.prefetch && grid.cluster > kMaxCluster) {
-    // Clusters beyond 8 that cannot be co-resident here (a GPU partitioned
-    // into small slices): the plan within 8 (other slices: other bits, the
-    // same on every call here).
-    dev.max_cluster_ahead = kMaxCluster;
-    grid = plan_grid(geo.rows, geo.cols, elem, dev, true);
-    kernel = grid.prefetch ? ahead : planned;
-    fit = fits();
-  }
-  if (!fit && grid.prefetch) {
-    // The twin's clusters (two stages per CTA) do not fit where the planned
-    // kernel's may: that one, one stage, a cluster per row (the same bits).
-    single_stage(grid, geo.rows, elem);
-    kernel = planned;
-    fit = fits();
-  }
-  if (!fit) {
-    // A cluster this large with this much shared memory per CTA cannot be
-    // co-resident (a GPU partitioned into small slices): stream the row
-    // twice instead of staging it. Same slices, same order, same results:
-    // the sweeps keep the staged plan's direction and cache policy
-    // (Grid::backward / evict_first stay false), so the bits do not depend
-    // on how the GPU is partitioned.
-    TORCH_CHECK(grid.stage, "batchkl.kl_with_logits: this GPU cannot run a cluster of ", grid.cluster,
-                " CTAs, which rows of ", geo.cols, " columns need");
-    grid.stage = false;
-    grid.smem = kFixedSmem;
-    TORCH_CHECK(fits(), "batchkl.kl_with_logits: this GPU cannot run a cluster of ", grid.cluster,
-                " CTAs, which rows of ", geo.cols, " columns need");
-  }
+  // The last call of `fits` was on the settled grid: `config`, `kernel` and
+  // `resident` are its.
+  grid = settle_plan(grid, geo.rows, geo.cols, elem, dev, fits);
   if (grid.prefetch) {
     TORCH_INTERNAL_ASSERT(grid.stage && !grid.warp_rows, "batchkl.kl_with_logits: double-buffered rows unstaged");
     cut_to_resident(grid, geo.rows, resident);

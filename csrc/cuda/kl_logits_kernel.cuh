@@ -375,6 +375,39 @@ inline void single_stage(Grid& g, int64_t rows, int64_t elem) {
   g.blocks = rows * g.cluster;
 }
 
+// The plan `g` (plan_grid's, CTAs per row) as the GPU can run it:
+// `fits(grid)` says whether the grid's clusters can be co-resident (the
+// launcher's occupancy query, on the kernel the grid selects). Where they
+// cannot (a GPU partitioned into small slices), in turn: the kAhead
+// kernel's clusters over 8 planned again within 8 (other slices: other
+// bits, the same on every call here); its two stages as one on the kDistill
+// kernel (single_stage: the same bits); a staged slice streamed, the same
+// slices in the same order (Grid::backward / evict_first stay false: the
+// same bits, so they do not depend on how the GPU is partitioned). Throws
+// where not even that fits. Shared by the launcher and the emulated one.
+template <class Fits>
+Grid settle_plan(Grid g, int64_t rows, int64_t cols, int64_t elem, DeviceLimits dev, Fits&& fits) {
+  bool fit = fits(g);
+  if (!fit && g.prefetch && g.cluster > kMaxCluster) {
+    dev.max_cluster_ahead = kMaxCluster;
+    g = plan_grid(rows, cols, elem, dev, true);
+    fit = fits(g);
+  }
+  if (!fit && g.prefetch) {
+    single_stage(g, rows, elem);
+    fit = fits(g);
+  }
+  if (!fit) {
+    TORCH_CHECK(g.stage, "batchkl.kl_with_logits: this GPU cannot run a cluster of ", g.cluster, " CTAs, which rows of ",
+                cols, " columns need");
+    g.stage = false;
+    g.smem = kFixedSmem;
+    TORCH_CHECK(fits(g), "batchkl.kl_with_logits: this GPU cannot run a cluster of ", g.cluster,
+                " CTAs, which rows of ", cols, " columns need");
+  }
+  return g;
+}
+
 // The kAhead kernel's grid (Grid::prefetch): as many clusters as fit on the
 // GPU at once (`resident`: the launcher's occupancy query), each taking
 // every so many rows. More would wait for a free SM, with nothing copied

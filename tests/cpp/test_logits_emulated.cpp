@@ -20,6 +20,7 @@
 
 #include <cstdio>
 #include <array>
+#include <functional>
 #include <optional>
 #include <random>
 #include <string>
@@ -60,6 +61,9 @@ bool g_forward = false;
 bool g_prefetch = false;
 int64_t g_resident = 2;
 bool g_single_stage = false;
+// Which grids the emulated GPU can hold (the launcher's occupancy query,
+// which settle_plan asks); unset: all.
+std::function<bool(const Grid&)> g_fits;
 
 // What kl_logits_cuda.cu's launcher does, with host memory and the emulator.
 template <typename scalar_t, batchkl::Divergence kDiv, bool kProbs>
@@ -70,6 +74,10 @@ void launch_typed(const LogitsLaunch& p) {
   dev.knobs.prefetch = dev.knobs.prefetch || g_prefetch;
   const bool distill = use_distill_kernel(dev.knobs, p);
   Grid grid = plan_grid(p.geo.rows, p.geo.cols, sizeof(scalar_t), dev, distill_plan(dev.knobs, p));
+  if (!grid.warp_rows) {
+    grid = settle_plan(grid, p.geo.rows, p.geo.cols, sizeof(scalar_t), dev,
+                       [](const Grid& g) { return !g_fits || g_fits(g); });
+  }
   if (grid.prefetch && g_single_stage) single_stage(grid, p.geo.rows, sizeof(scalar_t));
   if (grid.prefetch) cut_to_resident(grid, p.geo.rows, g_resident);
   unsigned ticket = 0;
@@ -813,6 +821,62 @@ void test_prefetch() {
   g_device = kDevices[1].second;
 }
 
+// The launcher's fallbacks where a plan's clusters cannot be co-resident
+// (settle_plan): the kAhead kernel's 16 CTAs planned again within 8, its
+// two stages as one (the same bits), a staged slice streamed (the same
+// bits), and an error where nothing fits.
+void test_settle_plan() {
+  DeviceLimits dev = kDevices[1].second;
+  dev.knobs.prefetch = true;
+  dev.max_cluster_ahead = kMaxClusterAhead;
+  const auto settle = [&](int64_t cols, int64_t elem, auto fits) {
+    return settle_plan(plan_grid(8, cols, elem, dev, true), 8, cols, elem, dev, fits);
+  };
+  const auto within8 = [](const Grid& g) { return g.cluster <= kMaxCluster; };
+  const auto one_stage = [](const Grid& g) { return !g.prefetch; };
+  const auto streamed = [](const Grid& g) { return !g.stage; };
+  const Grid a = settle(60000, 4, within8), b = settle(32000, 2, one_stage), c = settle(32000, 2, streamed);
+  DeviceLimits dev8 = dev;
+  dev8.max_cluster_ahead = kMaxCluster;
+  const Grid a8 = plan_grid(8, 60000, 4, dev8, true);
+  check(a.cluster == a8.cluster && a.slice == a8.slice && a.prefetch == a8.prefetch && a.stage == a8.stage &&
+            a.cluster <= kMaxCluster,
+        str("settle_plan: float32 60000 in 15 CTAs planned again within 8, got ", a.cluster));
+  check(!b.prefetch && b.stage && b.cluster == 4 && b.slice == 8000 &&
+            b.smem == kFixedSmem + static_cast<size_t>(2 * stage_bytes(8000, 2)),
+        "settle_plan: two stages as one, the same slices");
+  check(!c.prefetch && !c.stage && c.cluster == 4 && c.slice == 8000 && c.smem == kFixedSmem && !c.backward,
+        "settle_plan: the same slices streamed, sweeps forward");
+  std::string what;
+  try {
+    settle(32000, 2, [](const Grid&) { return false; });
+  } catch (const c10::Error& e) {
+    what = e.what_without_backtrace();
+  }
+  check(what.find("this GPU cannot run a cluster of 4 CTAs, which rows of 32000 columns need") != std::string::npos,
+        "settle_plan: nothing fits: an error naming the cluster (got '" + what + "')");
+  // Run: the fallbacks' results are those of the plans they fall back to.
+  g_device = dev;
+  Call call;
+  call.grad_target = false;
+  call.reduction = "none";
+  const auto x = logits(5, 32000, at::kBFloat16), t = logits(5, 32000, at::kBFloat16);
+  g_single_stage = true;
+  const Result once = emulated(x, t, call);
+  g_single_stage = false;
+  g_fits = one_stage;
+  check_bitwise(once, emulated(x, t, call), "settle_plan run: two stages as one = single_stage");
+  g_fits = streamed;
+  check_bitwise(once, emulated(x, t, call), "settle_plan run: streamed = staged once");
+  const auto xf = logits(5, 60000, at::kFloat), tf = logits(5, 60000, at::kFloat);
+  g_fits = within8;
+  const Result replanned = emulated(xf, tf, call);
+  g_fits = nullptr;
+  g_device = dev8;
+  check_bitwise(replanned, emulated(xf, tf, call), "settle_plan run: planned again within 8 = the plan within 8");
+  g_device = kDevices[1].second;
+}
+
 // A row's per-row result and gradient rows are the same bits alone and at
 // any position of any batch (and on a second run).
 void test_batch_invariance() {
@@ -1339,7 +1403,10 @@ int main(int argc, char** argv) {
     test_merged_exchange();
     test_sweep_directions();
   }
-  if (part == "all" || part == "prefetch") test_prefetch();
+  if (part == "all" || part == "prefetch") {
+    test_prefetch();
+    test_settle_plan();
+  }
   if (part == "all" || part == "magnitudes") {
     test_huge_logits();
     test_lowest_value_rows();
