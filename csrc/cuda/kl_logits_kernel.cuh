@@ -310,14 +310,23 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
     return g;
   }
   const int max_cluster = dev.clusters ? kMaxCluster : 1;
+  // A row's slice over `c` CTAs (whole packs), and the fewest CTAs, up to
+  // `most` (any count, not only powers of two), whose slices of both
+  // operands take at most `budget` bytes: each thread's share of a row,
+  // which pays for the row's fixed costs (its exchanges, its constants), is
+  // then as large as the budget allows.
+  const auto slice_of = [&](int c) { return round_up((cols + c - 1) / c); };
+  const auto fewest_ctas = [&](int64_t budget, int most) {
+    int c = 1;
+    while (c < most && 2 * slice_of(c) * elem > budget) ++c;
+    return c;
+  };
   // Double-buffered rows (LaunchKnobs::prefetch): bulk copies and mbarriers
   // need sm_90, which the clusters flag implies.
   if (distill && dev.clusters && dev.knobs.prefetch && dev.knobs.stage != StageMode::kNever) {
     const int64_t budget = dev.knobs.slice_budget / 2;  // per stage
-    const int max_ahead = std::min(dev.max_cluster_ahead, kMaxClusterAhead);
-    int c = 1;
-    while (c < max_ahead && 2 * round_up((cols + c - 1) / c) * elem > budget) ++c;
-    const int64_t slice = round_up((cols + c - 1) / c);
+    const int c = fewest_ctas(budget, std::min(dev.max_cluster_ahead, kMaxClusterAhead));
+    const int64_t slice = slice_of(c);
     const size_t smem = kAheadFixedSmem + static_cast<size_t>(4 * stage_bytes(slice, elem));
     if (2 * slice * elem <= budget && smem <= dev.max_smem) {
       g.cluster = c;
@@ -335,15 +344,9 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
   const bool distill_stream = distill && dev.clusters && dev.knobs.distill_stream &&
                               dev.knobs.stage == StageMode::kAuto && dev.knobs.slice_budget == kSliceBudget &&
                               2 * cols * elem > distill_stream_row_bytes(elem);
-  const int64_t budget = distill_stream ? kDistillStreamBytes : dev.knobs.slice_budget;
-  int c = 1;
-  // Any cluster size up to 8 (not only powers of two): the fewest CTAs whose
-  // slices fit the budget, so that each thread's share of a row, which pays
-  // for the row's fixed costs (its exchanges, its constants), is as large as
-  // the budget allows.
-  while (c < max_cluster && 2 * round_up((cols + c - 1) / c) * elem > budget) ++c;
+  const int c = fewest_ctas(distill_stream ? kDistillStreamBytes : dev.knobs.slice_budget, max_cluster);
   g.cluster = c;
-  g.slice = round_up((cols + c - 1) / c);
+  g.slice = slice_of(c);
   const size_t staged = kFixedSmem + static_cast<size_t>(2 * stage_bytes(g.slice, elem));
   g.stage = !distill_stream && dev.knobs.stage != StageMode::kNever && staged <= dev.max_smem;
   // A slice so large that one CTA fills an SM's shared memory (a row split
@@ -1117,16 +1120,9 @@ struct RowWork {
     return dst;
   }
 
-  // Pack `i` of both operands' slices (both 16-byte aligned) into the
-  // stage, asynchronously (stage_async); and a slice's partial last pack
-  // (from element `from` to `len`), at once (stage_async, and beside the
-  // kAhead kernel's bulk copies, which move whole packs only).
-  __device__ __forceinline__ static void stage_pack(P* to_x, P* to_y, const P* x, const P* y, int i) {
-    BATCHKL_CHECK_ALIGNED(x + i);
-    BATCHKL_CHECK_ALIGNED(y + i);
-    cp_async_16(to_x + i, x + i);
-    cp_async_16(to_y + i, y + i);
-  }
+  // A slice's partial last pack (from element `from` to `len`) into the
+  // stage, at once: stage_async's, and beside the kAhead kernel's bulk
+  // copies, which move whole packs only.
   __device__ __forceinline__ static void stage_tail(scalar_t* to_x, scalar_t* to_y, const scalar_t* x,
                                                     const scalar_t* y, int64_t from, int64_t len) {
 #pragma unroll 1
@@ -1157,7 +1153,12 @@ struct RowWork {
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int i = i0 + u * group;
-        if (i < whole) stage_pack(tx, ty, fx, fy, i);
+        if (i < whole) {
+          BATCHKL_CHECK_ALIGNED(fx + i);
+          BATCHKL_CHECK_ALIGNED(fy + i);
+          cp_async_16(tx + i, fx + i);
+          cp_async_16(ty + i, fy + i);
+        }
       }
       cp_async_commit();
     }
@@ -1175,17 +1176,19 @@ struct RowWork {
     return static_cast<int>((packs_of((len + N - 1) / N, tid, group) + kUnroll - 1) / kUnroll);
   }
 
+  // Operand k's (kInput or kTarget) row `r` from column c0.
+  __device__ __forceinline__ const scalar_t* operand_row(int k, int64_t r, int64_t c0) const {
+    return static_cast<const scalar_t*>(p.ptr[k]) + p.geo.row_offset(k, r) + c0 * p.geo.col_stride[k];
+  }
+
   // Whether row `r`'s slice (from column c0, `len` long) comes into a stage
   // by bulk copy in the kAhead kernel: a row the mask keeps, contiguous and
   // 16-byte aligned, with a whole pack at least. Every thread of the CTA
   // gets the same answer (each tracks the stages' mbarrier phases by it).
   __device__ __forceinline__ bool bulk_ok(int64_t r, int64_t c0, int64_t len) const {
     if (p.mask != nullptr && !p.mask[r]) return false;
-    const RowGeometry& g = p.geo;
-    if (len < N || g.col_stride[kInput] != 1 || g.col_stride[kTarget] != 1) return false;
-    const scalar_t* x = static_cast<const scalar_t*>(p.ptr[kInput]) + g.row_offset(kInput, r) + c0;
-    const scalar_t* y = static_cast<const scalar_t*>(p.ptr[kTarget]) + g.row_offset(kTarget, r) + c0;
-    return vector_ok(x, 1) && vector_ok(y, 1);
+    if (len < N || p.geo.col_stride[kInput] != 1 || p.geo.col_stride[kTarget] != 1) return false;
+    return vector_ok(operand_row(kInput, r, c0), 1) && vector_ok(operand_row(kTarget, r, c0), 1);
   }
 
   // The bulk copies of row `r`'s whole packs into the stage at `stage`
@@ -1193,14 +1196,11 @@ struct RowWork {
   // last read that stage before a barrier that the issuing thread has passed.
   __device__ __forceinline__ void bulk_issue(int64_t r, int64_t c0, int64_t len, unsigned char* stage,
                                              uint64_t* bar) const {
-    const RowGeometry& g = p.geo;
-    const scalar_t* x = static_cast<const scalar_t*>(p.ptr[kInput]) + g.row_offset(kInput, r) + c0;
-    const scalar_t* y = static_cast<const scalar_t*>(p.ptr[kTarget]) + g.row_offset(kTarget, r) + c0;
     const auto bytes = static_cast<unsigned>(len / N * 16);
     fence_proxy_async();
     mbar_arrive_expect_tx(bar, 2 * bytes);
-    bulk_copy(stage, x, bytes, bar);
-    bulk_copy(stage + stage_bytes(grid.slice, sizeof(scalar_t)), y, bytes, bar);
+    bulk_copy(stage, operand_row(kInput, r, c0), bytes, bar);
+    bulk_copy(stage + stage_bytes(grid.slice, sizeof(scalar_t)), operand_row(kTarget, r, c0), bytes, bar);
   }
 
   // One row, or one CTA's slice of it. `tid` / `group`: this thread's rank
@@ -1239,8 +1239,8 @@ struct RowWork {
       return 0.0;
     }
     const int64_t sx = g.col_stride[kInput], sy = g.col_stride[kTarget];
-    const scalar_t* x = static_cast<const scalar_t*>(p.ptr[kInput]) + g.row_offset(kInput, r) + c0 * sx;
-    const scalar_t* y = static_cast<const scalar_t*>(p.ptr[kTarget]) + g.row_offset(kTarget, r) + c0 * sy;
+    const scalar_t* x = operand_row(kInput, r, c0);
+    const scalar_t* y = operand_row(kTarget, r, c0);
     // Every sweep reads the slice from global memory, or when it is staged,
     // from shared memory (a CTA's slice is read from global memory once).
     const scalar_t* rx = x;
