@@ -284,6 +284,12 @@ inline void run(std::vector<Fiber>& fibers) {
 }
 
 inline unsigned char* dynamic_smem() { return tls.cta->smem.data(); }
+// Whether `n` bytes at `p` lie in this CTA's shared memory.
+inline bool in_smem(const void* p, size_t n) {
+  const auto* b = static_cast<const unsigned char*>(p);
+  const auto& smem = tls.cta->smem;
+  return b >= smem.data() && b + n <= smem.data() + smem.size();
+}
 inline void check_aligned(const void* p) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) throw std::logic_error("misaligned 16-byte access");
 }
@@ -295,8 +301,7 @@ inline void check_aligned(const void* p) {
 // (.cg copies move 16 bytes, both addresses aligned to 16.)
 inline void cp_async(void* dst, const void* src, size_t n) {
   auto* d = static_cast<unsigned char*>(dst);
-  const auto& smem = tls.cta->smem;
-  if (d < smem.data() || d + n > smem.data() + smem.size()) {
+  if (!in_smem(d, n)) {
     throw std::logic_error("cp_async: destination outside this CTA's shared memory");
   }
   if (n != 16) throw std::logic_error("cp_async: a .cg copy moves 16 bytes");
@@ -332,8 +337,7 @@ constexpr uint64_t kMBarrierMark = 0x4d42415252494552ull;  // "MBARRIER"
 inline thread_local uint64_t bulk_copies = 0;  // issued since the process started (tests count them)
 inline MBarrier& mbarrier_at(const void* p, bool fresh = false) {
   const auto* b = static_cast<const unsigned char*>(p);
-  const auto& smem = tls.cta->smem;
-  if (b < smem.data() || b + 8 > smem.data() + smem.size() || reinterpret_cast<uintptr_t>(b) % 8 != 0) {
+  if (!in_smem(b, 8) || reinterpret_cast<uintptr_t>(b) % 8 != 0) {
     throw std::logic_error("mbarrier: not an aligned 8-byte object in this CTA's shared memory");
   }
   auto it = tls.cta->mbarriers.find(p);
@@ -375,8 +379,7 @@ inline void mbar_arrive_expect_tx(void* p, unsigned bytes) {
 // (a read before that wait shows what was there: 0xff, NaN, at first).
 inline void bulk_copy(void* dst, const void* src, unsigned bytes, void* bar) {
   auto* d = static_cast<unsigned char*>(dst);
-  const auto& smem = tls.cta->smem;
-  if (d < smem.data() || d + bytes > smem.data() + smem.size()) {
+  if (!in_smem(d, bytes)) {
     throw std::logic_error("cp.async.bulk: destination outside this CTA's shared memory");
   }
   if (bytes == 0 || bytes % 16 != 0) throw std::logic_error("cp.async.bulk: a size that is not a positive multiple of 16");
