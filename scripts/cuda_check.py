@@ -9,6 +9,7 @@ any mismatch.
   python scripts/cuda_check.py --prefetch [--small]   # BATCHKL_LOGITS_PREFETCH=1's double-buffered rows
 """
 import argparse
+import itertools
 import math
 import os
 import sys
@@ -163,8 +164,9 @@ def check_logits(small):
 
 
 def check_prefetch(small):
-    """The distillation case under BATCHKL_LOGITS_PREFETCH=1 (set by main
-    before the first launch: the knob is read once per process), with more
+    """The distillation case under BATCHKL_LOGITS_PREFETCH=1, the forward KL's
+    and, with BATCHKL_LOGITS_LEAN=3, JSD's and reverse KL's (both set by main
+    before the first launch: the knobs are read once per process), with more
     rows than the clusters that fit at once, so that most rows come by bulk
     copy during the row before: against float64, and each of a few rows
     computed alone (its CTA's first row), bitwise."""
@@ -175,7 +177,7 @@ def check_prefetch(small):
     # --small: a CTA per row, and clusters of 3 with a partial last pack (bfloat16).
     shapes = [(400, 5000), (50, 20002)] if small else [(1200, 5000), (700, 32000), (500, 40003)]
     checks = failures = 0
-    for dtype in DTYPES:
+    for dtype, beta in itertools.product(DTYPES, (0.0, 0.5, 1.0)):
         for n, v in shapes:
             x = (torch.randn(n, v, device=DEV) * 3).to(dtype)
             t = (torch.randn(n, v, device=DEV) * 3).to(dtype)
@@ -183,19 +185,19 @@ def check_prefetch(small):
 
             def per_row(a, b, m=None):
                 a = a.detach().clone().requires_grad_()
-                out = torch.ops.batchkl.kl_with_logits(a, b, 0.0, 1.0, "none", m)
+                out = torch.ops.batchkl.kl_with_logits(a, b, beta, 1.0, "none", m)
                 out.sum().backward()
                 return out.detach(), a.grad
 
             full = per_row(x, t, mask)
             xr = x.cpu().double().requires_grad_()
-            r = ref_logits(xr, t.cpu().double(), 0.0, 1.0, mask.cpu())
+            r = ref_logits(xr, t.cpu().double(), beta, 1.0, mask.cpu())
             r.sum().backward()
             checks += 1
             errs = [rel_err(full[0], r), rel_err(full[1], xr.grad)]
             if not all(e <= 2 * TOL[dtype] for e in errs):
                 failures += 1
-                print(f"FAIL prefetch {dtype} {n}x{v}: rel err loss/gx = {errs}")
+                print(f"FAIL prefetch {dtype} beta={beta} {n}x{v}: rel err loss/gx = {errs}")
             for i in (n // 2, n - 3, n - 2, n - 1):  # from the tail: copied in by the row before
                 if i % 7 == 3:
                     continue
@@ -203,7 +205,8 @@ def check_prefetch(small):
                 checks += 1
                 if not (torch.equal(alone[0][0], full[0][i]) and torch.equal(alone[1][0], full[1][i])):
                     failures += 1
-                    print(f"FAIL prefetch {dtype} {n}x{v}: row {i} alone is not bitwise the row in its batch")
+                    print(f"FAIL prefetch {dtype} beta={beta} {n}x{v}: row {i} alone is not bitwise the row in "
+                          "its batch")
     return checks, failures
 
 
@@ -214,7 +217,7 @@ def main():
     ap.add_argument("--dtypes", nargs="+", choices=["float32", "float64", "bfloat16", "float16"],
                     help="only these dtypes (default all four; racecheck is slow)")
     ap.add_argument("--prefetch", action="store_true",
-                    help="only kl_with_logits' distillation case under BATCHKL_LOGITS_PREFETCH=1")
+                    help="only kl_with_logits' distillation cases under BATCHKL_LOGITS_PREFETCH=1 (and LEAN=3)")
     args = ap.parse_args()
     global DEV, DTYPES
     DEV = args.device
@@ -222,6 +225,7 @@ def main():
         DTYPES = [getattr(torch, d) for d in args.dtypes]
     if args.prefetch:
         os.environ["BATCHKL_LOGITS_PREFETCH"] = "1"
+        os.environ["BATCHKL_LOGITS_LEAN"] = "3"
         checks, failures = check_prefetch(args.small)
         print(f"cuda_check --prefetch: {checks - failures} passed, {failures} failed")
         return 1 if failures else 0

@@ -87,6 +87,14 @@ SETTINGS = {
     # gradient, 80 registers, three CTAs per SM (LaunchKnobs::lean; not yet
     # measured on a GPU, 2026-11-29).
     "jsd_distill": {"BATCHKL_LOGITS_LEAN": "3"},
+    # The same kernels on double-buffered rows (their kAhead twins, the
+    # forward KL's "prefetch" design; not yet measured, 2026-11-29): JSD's
+    # staged rows take eight SFU operations per element over three sweeps,
+    # so HBM idles longer than the forward KL's while they compute.
+    "jsd_prefetch": {"BATCHKL_LOGITS_LEAN": "3", "BATCHKL_LOGITS_PREFETCH": "1"},
+    "jsd_prefetch96": {"BATCHKL_LOGITS_LEAN": "3", "BATCHKL_LOGITS_PREFETCH": "1", "BATCHKL_LOGITS_SLICE_KIB": "96"},
+    "jsd_prefetch128": {"BATCHKL_LOGITS_LEAN": "3", "BATCHKL_LOGITS_PREFETCH": "1",
+                        "BATCHKL_LOGITS_SLICE_KIB": "128"},
     # The longest row on a warp: 2048 columns for every dtype (the plan
     # before 2026-11-29), or longer (the default: 2048, 16-bit rows 4096,
     # inferred from neighbouring shapes, not yet timed at 2049-4096). The

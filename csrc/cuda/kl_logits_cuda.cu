@@ -53,7 +53,8 @@ namespace {
 //                             slices of half the slice budget run double-buffered on as
 //                             many clusters as fit at once, each CTA's next row coming by
 //                             bulk copy while it computes this one (LaunchKnobs::prefetch;
-//                             off by default)
+//                             off by default); with BATCHKL_LOGITS_LEAN=3 JSD's and reverse
+//                             KL's distillation kernels' rows too
 
 // `name`'s value, 0 or 1, into `out` where it is set.
 void read_flag(const char* name, bool& out) {
@@ -182,12 +183,13 @@ void launch_typed(const LogitsLaunch& p) {
   // The twin has the same limits (shared memory, clusters): its own prepare
   // only raises its shared-memory limit.
   LogitsKernel ahead = nullptr;
-  if (dev.clusters && dev.knobs.prefetch && distill_plan(dev.knobs, p)) {
+  const PlanFor plan = plan_for(dev.knobs, p);
+  if (dev.clusters && dev.knobs.prefetch && plan != PlanFor::kGeneral) {
     ahead = logits_kernel_for(DtypeTag<scalar_t>{}, p, distill, true);
     prepare(ahead, seen[2]);
     dev.max_cluster_ahead = max_cluster_ahead(ahead, seen[3]);
   }
-  Grid grid = plan_grid(geo.rows, geo.cols, elem, dev, distill_plan(dev.knobs, p));
+  Grid grid = plan_grid(geo.rows, geo.cols, elem, dev, plan);
   LogitsKernel kernel = grid.prefetch ? ahead : planned;
 
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -256,7 +258,7 @@ void launch_typed(const LogitsLaunch& p) {
   };
   // The last call of `fits` was on the settled grid: `config`, `kernel` and
   // `resident` are its.
-  grid = settle_plan(grid, geo.rows, geo.cols, elem, dev, fits);
+  grid = settle_plan(grid, geo.rows, geo.cols, elem, dev, plan, fits);
   if (grid.prefetch) {
     TORCH_INTERNAL_ASSERT(grid.stage && !grid.warp_rows, "batchkl.kl_with_logits: double-buffered rows unstaged");
     cut_to_resident(grid, geo.rows, resident);

@@ -134,7 +134,7 @@ struct Grid {
   bool merge = false;  // the maxes and the sums in one exchange (LseOp), not two
   bool backward = false;     // streamed rows: the sweeps after the first alternate direction (LaunchKnobs::reuse)
   bool evict_first = false;  // streamed rows: the gradient's stores (and the distillation kernel's last read) evict-first
-  bool prefetch = false;     // the distillation kernel's rows double-buffered: the kAhead kernel (LaunchKnobs::prefetch)
+  bool prefetch = false;     // a kDistill kernel's rows double-buffered: its kAhead twin (LaunchKnobs::prefetch)
 };
 
 // Where a long row's slices live between sweeps (BATCHKL_LOGITS_STAGE).
@@ -236,7 +236,13 @@ struct LaunchKnobs {
   // 80 registers, three CTAs per SM), at two stages of shared memory per CTA.
   // Not yet timed on a GPU. A row's sweeps and sums are those of the same
   // slices staged once (single_stage): the same bits as that plan, which
-  // cuts rows into other slices than the default plan does.
+  // cuts rows into other slices than the default plan does. Under
+  // BATCHKL_LOGITS_LEAN=3 JSD's and reverse KL's kDistill kernels take the
+  // same stages and kAhead twins of their own (PlanFor::kThreeSweep): their
+  // staged rows' third sweep makes them more compute-bound than the forward
+  // KL's (JSD: eight SFU operations per element over its sweeps, against
+  // four), so they have more to gain from HBM reading on meanwhile (H200,
+  // 2026-11-27: bfloat16 8192x32000 JSD 1.26 ms, 30% of copy bandwidth).
   bool prefetch = false;
 };
 
@@ -259,7 +265,7 @@ struct DeviceLimits {
 // bytes so that it can keep its source's offset within 16 bytes.
 constexpr int64_t stage_bytes(int64_t slice, int64_t elem) { return (slice * elem + 16 + 15) / 16 * 16; }
 
-// The distillation kernel (`distill`: three CTAs per SM) on Hopper streams a
+// The distillation kernel (PlanFor::kDistill: three CTAs per SM) on Hopper streams a
 // row whose two operands take more than distill_stream_row_bytes(elem), in
 // slices of up to kDistillStreamBytes (fewer CTAs per row, more of each
 // thread's work per row exchange; the sweeps after the first alternate
@@ -285,7 +291,19 @@ constexpr int64_t stage_bytes(int64_t slice, int64_t elem) { return (slice * ele
 constexpr int64_t kDistillStreamBytes = 256 * 1024;
 constexpr int64_t distill_stream_row_bytes(int64_t elem) { return elem == 2 ? kSliceBudget : 384 * 1024; }
 
-inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimits& dev, bool distill = false) {
+// Which kernel a plan is for: the rules measured for one kernel stay its own.
+enum class PlanFor {
+  kGeneral,  // the general kernel (and JSD's and reverse KL's kDistill kernels without copies ahead)
+  kDistill,  // the forward KL's distillation kernel: its streaming rule, and double-buffered rows
+  // JSD's and reverse KL's kDistill kernels (BATCHKL_LOGITS_LEAN=3): double-
+  // buffered rows where LaunchKnobs::prefetch asks and they fit, else the
+  // general kernel's plan (the forward KL's streaming rule was measured for
+  // its two sweeps alone).
+  kThreeSweep,
+};
+
+inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimits& dev,
+                      PlanFor plan = PlanFor::kGeneral) {
   Grid g;
   g.lean = dev.knobs.lean >= 1;
   g.share = dev.knobs.share;
@@ -323,7 +341,7 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
   };
   // Double-buffered rows (LaunchKnobs::prefetch): bulk copies and mbarriers
   // need sm_90, which the clusters flag implies.
-  if (distill && dev.clusters && dev.knobs.prefetch && dev.knobs.stage != StageMode::kNever) {
+  if (plan != PlanFor::kGeneral && dev.clusters && dev.knobs.prefetch && dev.knobs.stage != StageMode::kNever) {
     const int64_t budget = dev.knobs.slice_budget / 2;  // per stage
     const int c = fewest_ctas(budget, std::min(dev.max_cluster_ahead, kMaxClusterAhead));
     const int64_t slice = slice_of(c);
@@ -341,7 +359,7 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
   // A slice budget or staging mode other than the default, or
   // BATCHKL_LOGITS_DISTILL_STREAM=0, turns the distillation kernel's
   // streaming rule off.
-  const bool distill_stream = distill && dev.clusters && dev.knobs.distill_stream &&
+  const bool distill_stream = plan == PlanFor::kDistill && dev.clusters && dev.knobs.distill_stream &&
                               dev.knobs.stage == StageMode::kAuto && dev.knobs.slice_budget == kSliceBudget &&
                               2 * cols * elem > distill_stream_row_bytes(elem);
   const int c = fewest_ctas(distill_stream ? kDistillStreamBytes : dev.knobs.slice_budget, max_cluster);
@@ -389,11 +407,11 @@ inline void single_stage(Grid& g, int64_t rows, int64_t elem) {
 // same bits, so they do not depend on how the GPU is partitioned). Throws
 // where not even that fits. Shared by the launcher and the emulated one.
 template <class Fits>
-Grid settle_plan(Grid g, int64_t rows, int64_t cols, int64_t elem, DeviceLimits dev, Fits&& fits) {
+Grid settle_plan(Grid g, int64_t rows, int64_t cols, int64_t elem, DeviceLimits dev, PlanFor plan, Fits&& fits) {
   bool fit = fits(g);
   if (!fit && g.prefetch && g.cluster > kMaxCluster) {
     dev.max_cluster_ahead = kMaxCluster;
-    g = plan_grid(rows, cols, elem, dev, true);
+    g = plan_grid(rows, cols, elem, dev, plan);
     fit = fits(g);
   }
   if (!fit && g.prefetch) {
@@ -967,13 +985,13 @@ struct RowConsts {
 // their three general sweeps, the writing one for the student's gradient
 // alone (or none), with the forward KL's evict-first last read of streamed
 // rows.
-// kAhead: the forward KL's distillation kernel on double-buffered rows
-// (Grid::prefetch): a CTA's next row's slice comes by bulk copy into its
-// other stage while it computes this one.
+// kAhead: a kDistill kernel on double-buffered rows (Grid::prefetch): a
+// CTA's next row's slice comes by bulk copy into its other stage while it
+// computes this one.
 template <typename scalar_t, Divergence kDiv, bool kProbs, bool kDistill = false, bool kAhead = false>
 struct RowWork {
   static_assert(!kDistill || !kProbs, "kDistill: from logits");
-  static_assert(!kAhead || (kDistill && kDiv == Divergence::kForward), "kAhead: the forward KL's distillation kernel");
+  static_assert(!kAhead || kDistill, "kAhead: a kDistill kernel's rows double-buffered");
   // The distillation kernel's two lean sweeps (the forward KL); JSD's and
   // reverse KL's take the three general ones.
   static constexpr bool kLeanOnly = kDistill && kDiv == Divergence::kForward;
@@ -1783,18 +1801,21 @@ inline bool distill_three_sweep_case(const LogitsLaunch& p) {
   return p.div != Divergence::kForward && !p.probs && !p.want_grad_target;
 }
 
-// plan_grid's `distill`: the forward KL's distillation kernel, whose
-// streaming rule and copies ahead were measured for it alone. JSD's and
-// reverse KL's kDistill kernels keep the general kernel's plan (the same
-// slices, three CTAs per SM where its shared memory allows).
-inline bool distill_plan(const LaunchKnobs& knobs, const LogitsLaunch& p) {
-  return knobs.lean >= 2 && distill_case(p);
+// plan_grid's PlanFor for p under these knobs: the forward KL's
+// distillation kernel has its own streaming rule (measured for it alone);
+// JSD's and reverse KL's kDistill kernels keep the general kernel's plan
+// (the same slices, three CTAs per SM where its shared memory allows) but
+// where their rows are double-buffered.
+inline PlanFor plan_for(const LaunchKnobs& knobs, const LogitsLaunch& p) {
+  if (knobs.lean >= 2 && distill_case(p)) return PlanFor::kDistill;
+  if (knobs.lean >= 3 && distill_three_sweep_case(p)) return PlanFor::kThreeSweep;
+  return PlanFor::kGeneral;
 }
 
 // Whether p runs on a kDistill kernel under these knobs: the launcher's
 // choice and the emulator's.
 inline bool use_distill_kernel(const LaunchKnobs& knobs, const LogitsLaunch& p) {
-  return distill_plan(knobs, p) || (knobs.lean >= 3 && distill_three_sweep_case(p));
+  return plan_for(knobs, p) != PlanFor::kGeneral;
 }
 
 // The kernel for p's divergence and inputs (dispatch_logits, as every
@@ -1807,8 +1828,12 @@ LogitsKernel logits_kernel_of(const LogitsLaunch& p, bool distill, bool ahead = 
                  : logits_kernel<scalar_t, Divergence::kForward, false, true>;
   }
   if (distill && distill_three_sweep_case(p)) {
-    return p.div == Divergence::kJSD ? logits_kernel<scalar_t, Divergence::kJSD, false, true>
-                                     : logits_kernel<scalar_t, Divergence::kReverse, false, true>;
+    if (p.div == Divergence::kJSD) {
+      return ahead ? logits_kernel<scalar_t, Divergence::kJSD, false, true, true>
+                   : logits_kernel<scalar_t, Divergence::kJSD, false, true>;
+    }
+    return ahead ? logits_kernel<scalar_t, Divergence::kReverse, false, true, true>
+                 : logits_kernel<scalar_t, Divergence::kReverse, false, true>;
   }
   LogitsKernel kernel = nullptr;
   dispatch_logits(p, [&](auto div, auto probs) {

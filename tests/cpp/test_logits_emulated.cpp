@@ -73,9 +73,10 @@ void launch_typed(const LogitsLaunch& p) {
   if (g_forward) dev.knobs.reuse = 0;
   dev.knobs.prefetch = dev.knobs.prefetch || g_prefetch;
   const bool distill = use_distill_kernel(dev.knobs, p);
-  Grid grid = plan_grid(p.geo.rows, p.geo.cols, sizeof(scalar_t), dev, distill_plan(dev.knobs, p));
+  const PlanFor plan = plan_for(dev.knobs, p);
+  Grid grid = plan_grid(p.geo.rows, p.geo.cols, sizeof(scalar_t), dev, plan);
   if (!grid.warp_rows) {
-    grid = settle_plan(grid, p.geo.rows, p.geo.cols, sizeof(scalar_t), dev,
+    grid = settle_plan(grid, p.geo.rows, p.geo.cols, sizeof(scalar_t), dev, plan,
                        [](const Grid& g) { return !g_fits || g_fits(g); });
   }
   if (grid.prefetch && g_single_stage) single_stage(grid, p.geo.rows, sizeof(scalar_t));
@@ -534,7 +535,8 @@ void test_three_sweep_distill_kernels() {
   LaunchKnobs three;
   three.lean = 3;
   const LaunchKnobs two;  // the default
-  check(use_distill_kernel(three, jsd) && !use_distill_kernel(two, jsd) && !distill_plan(three, jsd),
+  check(use_distill_kernel(three, jsd) && !use_distill_kernel(two, jsd) && plan_for(three, jsd) == PlanFor::kThreeSweep &&
+            plan_for(two, jsd) == PlanFor::kGeneral,
         "JSD from logits: the kDistill kernel under lean=3 alone, with the general kernel's plan");
   check(logits_kernel_of<float>(jsd, true) != logits_kernel_of<float>(jsd, false) &&
             logits_kernel_of<float>(jsd, true) == (logits_kernel<float, batchkl::Divergence::kJSD, false, true>),
@@ -545,15 +547,19 @@ void test_three_sweep_distill_kernels() {
   on_probs.probs = true;
   LogitsLaunch reverse = jsd;
   reverse.div = batchkl::Divergence::kReverse;
-  check(use_distill_kernel(three, reverse) && !use_distill_kernel(two, reverse) && !distill_plan(three, reverse) &&
+  check(use_distill_kernel(three, reverse) && !use_distill_kernel(two, reverse) && plan_for(three, reverse) == PlanFor::kThreeSweep &&
             logits_kernel_of<float>(reverse, true) ==
                 (logits_kernel<float, batchkl::Divergence::kReverse, false, true>),
         "reverse KL from logits: a kDistill kernel of its own under lean=3 alone, with the general kernel's plan");
+  check(logits_kernel_of<float>(jsd, true, true) == (logits_kernel<float, batchkl::Divergence::kJSD, false, true, true>) &&
+            logits_kernel_of<float>(reverse, true, true) ==
+                (logits_kernel<float, batchkl::Divergence::kReverse, false, true, true>),
+        "lean=3 with copies ahead: JSD's and reverse KL's kAhead twins");
   check(!use_distill_kernel(three, with_target) && !use_distill_kernel(three, on_probs),
         "lean=3: the target's gradient and probabilities keep the general kernel");
   LogitsLaunch forward = jsd;
   forward.div = batchkl::Divergence::kForward;
-  check(use_distill_kernel(three, forward) && distill_plan(three, forward),
+  check(use_distill_kernel(three, forward) && plan_for(three, forward) == PlanFor::kDistill,
         "lean=3: the forward KL keeps its distillation kernel and plan");
 
   for (const int64_t cols : {int64_t{700}, int64_t{5000}, int64_t{40003}}) {
@@ -655,7 +661,8 @@ void test_sweep_directions() {
             g_device.knobs.reuse = 2;
             check_bitwise(alternating, emulated(x, t, c), what + " alternating deterministic");
             const bool distill = beta == 0.0 && !grad_target;  // the distillation kernel's plan
-            const Grid plan = plan_grid(3, cols, at::elementSize(dt), g_device, distill);
+            const Grid plan =
+                plan_grid(3, cols, at::elementSize(dt), g_device, distill ? PlanFor::kDistill : PlanFor::kGeneral);
             if (plan.warp_rows || plan.stage) {
               // Short rows (re-read from L1) and staged slices keep the order.
               check_bitwise(alternating, forward, what + ": the same sweeps");
@@ -688,8 +695,10 @@ void test_sweep_directions() {
   g_device = kDevices[1].second;
 }
 
-// The distillation kernel's rows double-buffered (BATCHKL_LOGITS_PREFETCH=1,
-// the kAhead kernel), on a grid of 1 or 3 clusters that each take several
+// The distillation kernels' rows double-buffered (BATCHKL_LOGITS_PREFETCH=1,
+// the kAhead kernels: the forward KL's, and under BATCHKL_LOGITS_LEAN=3
+// JSD's and reverse KL's, whose third sweep reads the stage a third time
+// and whose row totals take an exchange more), on a grid of 1 or 3 clusters that each take several
 // rows in turn, each row coming by bulk copy (a CTA's first before it
 // starts, every other during the row before it): bitwise the results of the
 // same batch on the same slices staged once, a cluster per row (the
@@ -707,13 +716,16 @@ void test_sweep_directions() {
 // a stage that a thread has yet to read shows its next row's values).
 // (Not shown: races that need a fiber to be switched out between two
 // barriers, which the emulator never does.)
-void test_prefetch() {
+// `betas`: the divergences (0 the forward KL, 0.5 JSD, 1 reverse KL).
+void test_prefetch(const std::vector<double>& betas) {
   int planned = 0;
   // `ahead`: the kAhead kernel's largest cluster (8, or 16 where the launcher
   // got non-portable sizes); with 16, only plans that take more than 8.
-  const auto run = [&](int64_t cols, at::ScalarType dt, const std::string& kind, const at::Tensor& x,
+  // `beta`: 0 the forward KL, 0.5 JSD, 1 reverse KL.
+  const auto run = [&](double beta, int64_t cols, at::ScalarType dt, const std::string& kind, const at::Tensor& x,
                        const at::Tensor& t, bool grad_input, bool masked, int ahead) {
     Call c;
+    c.beta = beta;
     c.reduction = masked ? "sum" : "none";
     c.grad_input = grad_input;
     c.grad_target = false;  // the distillation kernel's case
@@ -726,11 +738,13 @@ void test_prefetch() {
     }
     g_device = kDevices[1].second;
     g_device.knobs.prefetch = true;
+    g_device.knobs.lean = beta == 0.0 ? 2 : 3;
     g_device.max_cluster_ahead = ahead;
-    const Grid plan = plan_grid(8, cols, at::elementSize(dt), g_device, true);
+    const Grid plan = plan_grid(8, cols, at::elementSize(dt), g_device,
+                                beta == 0.0 ? PlanFor::kDistill : PlanFor::kThreeSweep);
     if (!plan.prefetch || (ahead > kMaxCluster && plan.cluster <= kMaxCluster)) return;
     ++planned;
-    const auto what = str("prefetch V=", cols, " ", dt, " cluster=", plan.cluster, " ", kind, " gi=", grad_input,
+    const auto what = str("prefetch beta=", beta, " V=", cols, " ", dt, " cluster=", plan.cluster, " ", kind, " gi=", grad_input,
                           " masked=", masked);
     uint64_t bulk_rows = 0;  // rows that come by bulk copy (RowWork::bulk_ok)
     for (int r = 0; r < 8; ++r) {
@@ -772,52 +786,95 @@ void test_prefetch() {
   // Clusters (stages of 32 KiB): bfloat16 1, 3, 4, 5, 8 CTAs, and with up to
   // 16, 16 (128256); float32 2, 5, 8 (30000), and with up to 16, 10 (40003)
   // and 15 (60000).
-  for (const int64_t cols : {5000, 20002, 30000, 40003, 60000, 128256}) {
-    for (const auto dt : {at::kFloat, at::kBFloat16}) {
-      if (cols == 128256 && dt == at::kFloat) continue;  // over 16 stages
-      auto x = logits(8, cols, at::kDouble), t = logits(8, cols, at::kDouble);
-      t[2][cols / 3] = std::numeric_limits<double>::quiet_NaN();  // a NaN row
-      for (const int r : {0, 3, 4}) lean_resum_row(x, t, r);
-      const auto xd = x.to(dt), td = t.to(dt);
-      for (const std::string kind : {"contiguous", "strided", "lead"}) {
-        if (kind != "contiguous" && cols != 20002) continue;
-        const auto xl = layout(xd, kind), tl = layout(td, kind);
-        for (const bool grad_input : {true, false}) {
-          for (const bool masked : {false, true}) {
-            for (const int ahead : {kMaxCluster, kMaxClusterAhead}) run(cols, dt, kind, xl, tl, grad_input, masked, ahead);
+  // JSD and reverse KL on fewer of them: 1 and 3 CTAs, 5 and 10, and 16.
+  for (const double beta : betas) {
+    for (const int64_t cols : {5000, 20002, 30000, 40003, 60000, 128256}) {
+      if (beta != 0.0 && (cols == 30000 || cols == 60000)) continue;
+      for (const auto dt : {at::kFloat, at::kBFloat16}) {
+        if (cols == 128256 && dt == at::kFloat) continue;  // over 16 stages
+        auto x = logits(8, cols, at::kDouble), t = logits(8, cols, at::kDouble);
+        t[2][cols / 3] = std::numeric_limits<double>::quiet_NaN();  // a NaN row
+        for (const int r : {0, 3, 4}) lean_resum_row(x, t, r);
+        const auto xd = x.to(dt), td = t.to(dt);
+        for (const std::string kind : {"contiguous", "strided", "lead"}) {
+          if (kind != "contiguous" && cols != 20002) continue;
+          const auto xl = layout(xd, kind), tl = layout(td, kind);
+          for (const bool grad_input : {true, false}) {
+            for (const bool masked : {false, true}) {
+              for (const int ahead : {kMaxCluster, kMaxClusterAhead}) {
+                run(beta, cols, dt, kind, xl, tl, grad_input, masked, ahead);
+              }
+            }
           }
         }
       }
     }
   }
-  check(planned >= 52, str("prefetch: ", planned, " double-buffered configurations"));
+  // 60 configurations for the forward KL, 44 for each of the others.
+  int expected = 0;
+  for (const double beta : betas) expected += beta == 0.0 ? 60 : 44;
+  check(planned == expected, str("prefetch: ", planned, " double-buffered configurations, not ", expected));
+  g_device = kDevices[1].second;
+}
+
+// Which plans double-buffer rows (plan_grid with LaunchKnobs::prefetch).
+void test_prefetch_plans() {
   // Only the distillation kernel's CTA rows that fit 8 stages, on Hopper
   // (bulk copies), in the shared memory there is.
   DeviceLimits h100 = kDevices[1].second, a100 = kDevices[0].second, small = kDevices[2].second;
   h100.knobs.prefetch = a100.knobs.prefetch = small.knobs.prefetch = true;
-  check(plan_grid(8, 5000, 4, h100, true).prefetch && !plan_grid(8, 5000, 4, h100, false).prefetch &&
-            !plan_grid(8, 512, 4, h100, true).prefetch && !plan_grid(8, 40003, 4, h100, true).prefetch &&
-            plan_grid(8, 30000, 4, h100, true).prefetch && !plan_grid(8, 5000, 4, a100, true).prefetch &&
-            !plan_grid(8, 5000, 4, small, true).prefetch,
+  check(plan_grid(8, 5000, 4, h100, PlanFor::kDistill).prefetch && !plan_grid(8, 5000, 4, h100, PlanFor::kGeneral).prefetch &&
+            !plan_grid(8, 512, 4, h100, PlanFor::kDistill).prefetch && !plan_grid(8, 40003, 4, h100, PlanFor::kDistill).prefetch &&
+            plan_grid(8, 30000, 4, h100, PlanFor::kDistill).prefetch && !plan_grid(8, 5000, 4, a100, PlanFor::kDistill).prefetch &&
+            !plan_grid(8, 5000, 4, small, PlanFor::kDistill).prefetch,
         "prefetch: the distillation kernel's CTA rows of up to 8 stages, on clusters");
   // The stages: half the slice budget each, both in the CTA's shared memory.
-  const Grid g = plan_grid(8, 32000, 2, h100, true);
+  const Grid g = plan_grid(8, 32000, 2, h100, PlanFor::kDistill);
   check(g.cluster == 4 && g.slice == 8000 && g.stage &&
             g.smem == kAheadFixedSmem + 4 * stage_bytes(8000, 2),
         str("prefetch: bfloat16 rows of 32000 in 4 CTAs of two stages, got ", g.cluster, " CTAs of ", g.slice));
-  check(!plan_grid(8, 128256, 2, h100, true).prefetch, "prefetch: bfloat16 rows of 128256 over 8 stages of 32 KiB");
+  check(!plan_grid(8, 128256, 2, h100, PlanFor::kDistill).prefetch, "prefetch: bfloat16 rows of 128256 over 8 stages of 32 KiB");
   h100.knobs.slice_budget = 128 * 1024;
-  check(plan_grid(8, 128256, 2, h100, true).prefetch && plan_grid(8, 128256, 2, h100, true).cluster == 8,
+  check(plan_grid(8, 128256, 2, h100, PlanFor::kDistill).prefetch && plan_grid(8, 128256, 2, h100, PlanFor::kDistill).cluster == 8,
         "prefetch: BATCHKL_LOGITS_SLICE_KIB=128 double-buffers bfloat16 rows of 128256 over 8 CTAs");
   // Clusters beyond 8 where the launcher got them: rows up to 16 stages.
   h100.max_cluster_ahead = kMaxClusterAhead;
   h100.knobs.slice_budget = kSliceBudget;
-  check(plan_grid(8, 128256, 2, h100, true).cluster == 16 && plan_grid(8, 60000, 4, h100, true).cluster == 15 &&
-            !plan_grid(8, 128256, 4, h100, true).prefetch && plan_grid(8, 32000, 2, h100, true).cluster == 4,
+  check(plan_grid(8, 128256, 2, h100, PlanFor::kDistill).cluster == 16 && plan_grid(8, 60000, 4, h100, PlanFor::kDistill).cluster == 15 &&
+            !plan_grid(8, 128256, 4, h100, PlanFor::kDistill).prefetch && plan_grid(8, 32000, 2, h100, PlanFor::kDistill).cluster == 4,
         "prefetch: clusters of up to 16 where allowed, the fewest CTAs still");
   h100.knobs.slice_budget = 128 * 1024;
-  check(plan_grid(8, 256000, 2, h100, true).cluster == 16 && plan_grid(8, 128256, 4, h100, true).cluster == 16,
+  check(plan_grid(8, 256000, 2, h100, PlanFor::kDistill).cluster == 16 && plan_grid(8, 128256, 4, h100, PlanFor::kDistill).cluster == 16,
         "prefetch: stages of 64 KiB in clusters of 16: bfloat16 rows of 256000, float32 of 128256");
+  // JSD's and reverse KL's kDistill kernels (PlanFor::kThreeSweep): the same
+  // double-buffered plans; where those do not fit, or the knob is off, the
+  // general kernel's plan, not the forward KL's streaming rule.
+  h100.knobs.slice_budget = kSliceBudget;
+  const auto same = [](const Grid& a, const Grid& b) {
+    return a.cluster == b.cluster && a.slice == b.slice && a.stage == b.stage && a.prefetch == b.prefetch &&
+           a.smem == b.smem && a.blocks == b.blocks && a.backward == b.backward && a.evict_first == b.evict_first;
+  };
+  for (const int64_t cols : {int64_t{5000}, int64_t{32000}, int64_t{60000}, int64_t{128256}, int64_t{256000}}) {
+    for (const int64_t elem : {int64_t{2}, int64_t{4}}) {
+      for (const int ahead : {kMaxCluster, kMaxClusterAhead}) {
+        h100.max_cluster_ahead = ahead;
+        const auto what = str(" (V=", cols, ", ", elem, " bytes, up to ", ahead, ")");
+        const Grid d = plan_grid(8, cols, elem, h100, PlanFor::kDistill);
+        const Grid t = plan_grid(8, cols, elem, h100, PlanFor::kThreeSweep);
+        const Grid general = plan_grid(8, cols, elem, h100);
+        check(d.prefetch ? same(t, d) : same(t, general), "prefetch: the three-sweep kernels' plan" + what);
+        DeviceLimits off = h100;
+        off.knobs.prefetch = false;
+        check(same(plan_grid(8, cols, elem, off, PlanFor::kThreeSweep), general),
+              "no prefetch: the three-sweep kernels keep the general plan" + what);
+      }
+    }
+  }
+  h100.max_cluster_ahead = kMaxCluster;
+  check(!plan_grid(8, 128256, 2, h100, PlanFor::kThreeSweep).prefetch &&
+            plan_grid(8, 128256, 2, h100, PlanFor::kThreeSweep).stage &&
+            !plan_grid(8, 128256, 2, h100, PlanFor::kDistill).stage,
+        "prefetch: bfloat16 128256 within 8: JSD staged (the general plan), the forward KL streamed");
   g_device = kDevices[1].second;
 }
 
@@ -830,7 +887,7 @@ void test_settle_plan() {
   dev.knobs.prefetch = true;
   dev.max_cluster_ahead = kMaxClusterAhead;
   const auto settle = [&](int64_t cols, int64_t elem, auto fits) {
-    return settle_plan(plan_grid(8, cols, elem, dev, true), 8, cols, elem, dev, fits);
+    return settle_plan(plan_grid(8, cols, elem, dev, PlanFor::kDistill), 8, cols, elem, dev, PlanFor::kDistill, fits);
   };
   const auto within8 = [](const Grid& g) { return g.cluster <= kMaxCluster; };
   const auto one_stage = [](const Grid& g) { return !g.prefetch; };
@@ -838,7 +895,7 @@ void test_settle_plan() {
   const Grid a = settle(60000, 4, within8), b = settle(32000, 2, one_stage), c = settle(32000, 2, streamed);
   DeviceLimits dev8 = dev;
   dev8.max_cluster_ahead = kMaxCluster;
-  const Grid a8 = plan_grid(8, 60000, 4, dev8, true);
+  const Grid a8 = plan_grid(8, 60000, 4, dev8, PlanFor::kDistill);
   check(a.cluster == a8.cluster && a.slice == a8.slice && a.prefetch == a8.prefetch && a.stage == a8.stage &&
             a.cluster <= kMaxCluster,
         str("settle_plan: float32 60000 in 15 CTAs planned again within 8, got ", a.cluster));
@@ -1027,7 +1084,7 @@ void test_plan() {
     check(b4096.warp_rows && b4096.lanes == 32 && b4096.smem == kFinalBytes && !b4097.warp_rows &&
               b4097.cluster == 1 && b4097.stage,
           "bf16: 4096 a warp, 4097 a staged CTA");
-    check(plan_grid(16384, 4096, 2, h100, true).warp_rows, "bf16 4096: a warp in the distillation kernel too");
+    check(plan_grid(16384, 4096, 2, h100, PlanFor::kDistill).warp_rows, "bf16 4096: a warp in the distillation kernel too");
     check(plan_grid(9, 2048, 4, h100).warp_rows && !plan_grid(9, 2049, 4, h100).warp_rows &&
               plan_grid(9, 2048, 8, h100).warp_rows && !plan_grid(9, 2049, 8, h100).warp_rows,
           "f32, f64: a warp up to 2048");
@@ -1084,16 +1141,16 @@ void test_plan() {
   // The distillation kernel streams 16-bit rows of both operands over one
   // CTA's 64 KiB slice, wider ones over 384 KiB, in slices of up to 256 KiB;
   // smaller rows are planned as for the general one; a knob set wins.
-  const Grid d32 = plan_grid(8192, 32000, 2, sm, true), d32f = plan_grid(8192, 32000, 4, sm, true);
+  const Grid d32 = plan_grid(8192, 32000, 2, sm, PlanFor::kDistill), d32f = plan_grid(8192, 32000, 4, sm, PlanFor::kDistill);
   check(!d32.stage && d32.cluster == 1 && d32.smem == kFixedSmem, "distillation 8192x32000 bf16: one streamed CTA");
   check(d32f.stage && d32f.cluster == 4, "distillation 8192x32000 f32: staged, as the general kernel");
   // 16000 bf16 columns (62.5 KiB) fit one CTA's staged slice; 16392 (64.03 KiB) do not.
-  const Grid d16 = plan_grid(8192, 16000, 2, sm, true), d16s = plan_grid(8192, 16392, 2, sm, true);
+  const Grid d16 = plan_grid(8192, 16000, 2, sm, PlanFor::kDistill), d16s = plan_grid(8192, 16392, 2, sm, PlanFor::kDistill);
   check(d16.stage && d16.cluster == 1 && !d16s.stage && d16s.cluster == 1,
         str("distillation bf16 around 64 KiB rows: ", d16.stage, " ", d16s.stage));
   check(plan_grid(8192, 16392, 2, sm).stage, "general kernel 16392 bf16: staged (the rule is the distillation kernel's)");
-  const Grid d128 = plan_grid(8192, 128256, 2, sm, true), d128f = plan_grid(8192, 128256, 4, sm, true);
-  const Grid d256 = plan_grid(4096, 256000, 2, sm, true), d256f = plan_grid(4096, 256000, 4, sm, true);
+  const Grid d128 = plan_grid(8192, 128256, 2, sm, PlanFor::kDistill), d128f = plan_grid(8192, 128256, 4, sm, PlanFor::kDistill);
+  const Grid d256 = plan_grid(4096, 256000, 2, sm, PlanFor::kDistill), d256f = plan_grid(4096, 256000, 4, sm, PlanFor::kDistill);
   check(!d128.stage && d128.cluster == 2 && !d128f.stage && d128f.cluster == 4 && !d256.stage &&
             d256.cluster == 4 && !d256f.stage && d256f.cluster == 8,
         str("distillation, long rows streamed in 256 KiB slices: ", d128.cluster, " ", d128f.cluster, " ",
@@ -1102,28 +1159,28 @@ void test_plan() {
   check(d128.backward && d128.evict_first && d256f.backward && d32.backward && !d32f.backward && !d32f.evict_first,
         "distillation: streamed rows alternate, evict-first; staged ones do not");
   check(plan_grid(4096, 256000, 2, sm).backward, "H100 256000 bf16, streamed (slices too large to stage): alternate");
-  check(plan_grid(8192, 128256, 2, a100, true).cluster == 1, "distillation without clusters: one CTA per row");
+  check(plan_grid(8192, 128256, 2, a100, PlanFor::kDistill).cluster == 1, "distillation without clusters: one CTA per row");
   // 16-bit rows of 300 KiB: streamed in two slices; float32 rows of 300 KiB
   // (not measured streamed): the general kernel's plan.
-  const Grid d76 = plan_grid(8192, 76800, 2, sm, true);
+  const Grid d76 = plan_grid(8192, 76800, 2, sm, PlanFor::kDistill);
   check(!d76.stage && d76.cluster == 2, str("distillation, bf16 rows of 300 KiB: ", d76.cluster, " streamed CTAs"));
-  const Grid f38 = plan_grid(8192, 38400, 4, sm, true), g38 = plan_grid(8192, 38400, 4, sm);
+  const Grid f38 = plan_grid(8192, 38400, 4, sm, PlanFor::kDistill), g38 = plan_grid(8192, 38400, 4, sm);
   check(f38.stage == g38.stage && f38.cluster == g38.cluster && f38.slice == g38.slice && f38.stage,
         str("distillation, float32 rows of 300 KiB: planned as the general kernel's, ", f38.cluster, " ", g38.cluster));
   DeviceLimits sliced = sm;
   sliced.knobs.slice_budget = 32 * 1024;
-  check(plan_grid(8192, 128256, 2, sliced, true).cluster == 8 && plan_grid(8192, 128256, 2, sliced, true).stage,
+  check(plan_grid(8192, 128256, 2, sliced, PlanFor::kDistill).cluster == 8 && plan_grid(8192, 128256, 2, sliced, PlanFor::kDistill).stage,
         "distillation: BATCHKL_LOGITS_SLICE_KIB wins");
   // Any staging knob, or BATCHKL_LOGITS_DISTILL_STREAM=0, turns the rule off.
   for (const auto mode : {StageMode::kNever, StageMode::kWhereFits}) {
     DeviceLimits staged_knob = sm;
     staged_knob.knobs.stage = mode;
-    check(plan_grid(8192, 128256, 2, staged_knob, true).cluster == plan_grid(8192, 128256, 2, staged_knob).cluster,
+    check(plan_grid(8192, 128256, 2, staged_knob, PlanFor::kDistill).cluster == plan_grid(8192, 128256, 2, staged_knob).cluster,
           "distillation: BATCHKL_LOGITS_STAGE wins");
   }
   DeviceLimits no_stream = sm;
   no_stream.knobs.distill_stream = false;
-  const Grid off = plan_grid(8192, 128256, 2, no_stream, true), general = plan_grid(8192, 128256, 2, no_stream);
+  const Grid off = plan_grid(8192, 128256, 2, no_stream, PlanFor::kDistill), general = plan_grid(8192, 128256, 2, no_stream);
   check(off.cluster == general.cluster && off.stage == general.stage && off.cluster == 8,
         str("BATCHKL_LOGITS_DISTILL_STREAM=0: the general plan, ", off.cluster));
   DeviceLimits all = sm, none = sm;
@@ -1365,7 +1422,8 @@ void test_random(int count, uint64_t seed, int only = -1) {
 // `part`, one of:
 //   checks      the plan, layouts, probabilities
 //   knobs       the other launch knobs' own tests
-//   prefetch    BATCHKL_LOGITS_PREFETCH's own test
+//   prefetch    BATCHKL_LOGITS_PREFETCH's own test: the forward KL, the plans, the fallbacks
+//   prefetch3   the same for JSD and reverse KL (BATCHKL_LOGITS_LEAN=3)
 //   magnitudes  logits from 1e9 to float's largest value, rows of the lowest value
 //   default     every launch shape as planned by default
 //   other       the same with a row's maxes and sums merged in one exchange, every
@@ -1376,10 +1434,10 @@ void test_random(int count, uint64_t seed, int only = -1) {
 int main(int argc, char** argv) {
   const std::string part = argc > 1 ? argv[1] : "all";
   if (part != "all" && part != "checks" && part != "knobs" && part != "default" && part != "other" &&
-      part != "prefetch" && part != "magnitudes" && part != "random") {
+      part != "prefetch" && part != "prefetch3" && part != "magnitudes" && part != "random") {
     std::fprintf(stderr,
-                 "test_logits_emulated: expected no argument or one of checks, knobs, default, other, prefetch, magnitudes, "
-                 "random [SEED [COUNT [ONLY]]]; got '%s'\n",
+                 "test_logits_emulated: expected no argument or one of checks, knobs, default, other, prefetch, prefetch3, "
+                 "magnitudes, random [SEED [COUNT [ONLY]]]; got '%s'\n",
                  part.c_str());
     return 2;
   }
@@ -1404,9 +1462,11 @@ int main(int argc, char** argv) {
     test_sweep_directions();
   }
   if (part == "all" || part == "prefetch") {
-    test_prefetch();
+    test_prefetch({0.0});
+    test_prefetch_plans();
     test_settle_plan();
   }
+  if (part == "all" || part == "prefetch3") test_prefetch({0.5, 1.0});
   if (part == "all" || part == "magnitudes") {
     test_huge_logits();
     test_lowest_value_rows();
