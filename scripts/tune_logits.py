@@ -48,6 +48,8 @@ SETTINGS = {
     "stream256": {"BATCHKL_LOGITS_STAGE": "0", "BATCHKL_LOGITS_SLICE_KIB": "256"},
     # The forward KL's general sweep instead of its lean one; a cluster's row
     # loss all-reduced instead of added up in rank 0; both (as before 2026-11-27).
+    # With --beta 0.5: JSD's general sweeps instead of its lean ones
+    # (RowWork::jsd_step, 2026-11-29, not yet timed).
     "nolean": {"BATCHKL_LOGITS_LEAN": "0"},
     # The lean sweeps in the general kernel (two CTAs per SM) instead of the
     # distillation kernel (three; the default since 2026-11-27).

@@ -39,7 +39,8 @@ namespace {
 //                             general sweep, 1 the lean one, 2 (the default) the lean one
 //                             in a kernel of its own that runs three CTAs per SM; 3 also
 //                             JSD and reverse KL from logits where the target needs no
-//                             gradient, in kernels of their own with three CTAs per SM
+//                             gradient, in kernels of their own with three CTAs per SM;
+//                             JSD from logits: 0 its general sweeps, else its lean ones
 //                             (LaunchKnobs::lean)
 //   BATCHKL_LOGITS_SHARE      0: a cluster's row loss is all-reduced, not added up in rank 0
 //   BATCHKL_LOGITS_MERGE      1: a row's maxes and sums in one exchange (LaunchKnobs::merge)

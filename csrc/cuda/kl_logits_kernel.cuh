@@ -165,7 +165,10 @@ struct LaunchKnobs {
   // bfloat16 104, float32 96, none in any inner loop), for three CTAs per
   // SM, where the forward KL's gained 8-25%. Not yet timed on a GPU, so not
   // the default; the same sweeps and sums in the same plan, so the same bits
-  // as 2.
+  // as 2. (Spill figures from before JSD's lean sweeps, below, which took
+  // its bfloat16 kernel's to 96 bytes.) JSD from logits, in every kernel: 0
+  // its general sweeps, 1 and up its lean ones (RowWork::jsd_step,
+  // 2026-11-29, not yet timed on a GPU).
   int lean = 2;
   bool share = true;                    // Grid::share
   // Grid::merge: a row's maxes and sums of exponentials exchanged at once,
@@ -526,6 +529,23 @@ __device__ __forceinline__ float exp2_fast(float v) {
 #endif
 }
 __device__ __forceinline__ double exp2_fast(double v) { return ::exp2(v); }
+// log2 of JSD's mixture m, floored at the smallest normal number (see
+// LogitsTerm: where m is subnormal its terms are off by at most that number
+// / e), NaN kept: for float one max.NaN and the SFU's log2, which flushes
+// subnormals (the floor keeps it from seeing one).
+__device__ __forceinline__ float log2_mixture(float m) {
+  const float v = DeviceOps<float>::max(m, std::numeric_limits<float>::min());
+#if defined(BATCHKL_CUDA_EMULATOR)
+  return std::log2(v);
+#else
+  float r;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+#endif
+}
+__device__ __forceinline__ double log2_mixture(double m) {
+  return ::log2(MathOps<double>::max(m, std::numeric_limits<double>::min()));
+}
 __device__ __forceinline__ float fma_(float a, float b, float c) { return ::fmaf(a, b, c); }
 __device__ __forceinline__ double fma_(double a, double b, double c) { return ::fma(a, b, c); }
 __device__ __forceinline__ float max_skip_nan(float a, float b) { return ::fmaxf(a, b); }
@@ -1093,6 +1113,52 @@ struct RowWork {
     }
   }
 
+  // JSD from logits (Grid::lean; always in its kDistill kernels): what
+  // `term` and raw_grad compute, in base 2 and in about two thirds of the
+  // instructions (sm_90 bfloat16: the general sweep's step loops took 24-32
+  // instructions per element, three of them on the SFU, which JSD's staged
+  // rows keep busy: eight per element over the three sweeps). log2 q and
+  // log2 p are the exponents themselves, with the normalisers in them (one
+  // fused multiply-add each, as lean_step's); log2 m from the mixture (one
+  // SFU log2, floored as LogitsTerm's log m); the zero-probability rule a
+  // clamp of log2 q - log2 m and log2 p - log2 m at kJsdFloor, which a
+  // probability of 0 then zeroes (where q > 0 the difference is above
+  // -1100 even in double). Sums per thread: a = sum p (log2 p - log2 m), b =
+  // sum q (log2 q - log2 m), of which the loss ln2 (beta a + (1 - beta) b)
+  // and the row totals of gq = (1 - beta) ln2 q (log2 q - log2 m) and gp
+  // (jsd_sums). The gradients q ((1 - beta) ln2 (log2 q - log2 m) - cq) *
+  // scale and likewise for p: `gxs`, `cqs` ((1 - beta) ln2 scale, cq scale)
+  // and `gys`, `cps` (beta ln2 scale, cp scale) from jsd_scales. (Where q =
+  // 0 that is 0 times a finite number: the clamp keeps the product finite
+  // for scales up to FLT_MAX / 4096.)
+  static constexpr acc_t kJsdFloor = acc_t(-4096);
+  template <bool kGX, bool kGY>
+  __device__ __forceinline__ void jsd_step(const P& xp, const P& yp, const RowConsts<acc_t>& k, acc_t& a, acc_t& b,
+                                           acc_t gxs, acc_t cqs, acc_t gys, acc_t cps, P& ox, P& oy) const {
+    acc_t xs[N], ys[N];
+    unpack(xp, xs);
+    unpack(yp, ys);
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      const acc_t lq = fma_(xs[e] - k.m_q, k2, k.off_q), lp = fma_(ys[e] - k.m_p, k2, k.off_p);
+      const acc_t q = exp2_fast(lq), pr = exp2_fast(lp);
+      const acc_t lm = log2_mixture(fma_(w.beta, pr, w.one_minus_beta * q));
+      const acc_t dq = max_skip_nan(lq - lm, kJsdFloor), dp = max_skip_nan(lp - lm, kJsdFloor);
+      a = fma_(pr, dp, a);
+      b = fma_(q, dq, b);
+      if constexpr (kGX) ox.v[e] = static_cast<scalar_t>(q * fma_(dq, gxs, -cqs));
+      if constexpr (kGY) oy.v[e] = static_cast<scalar_t>(pr * fma_(dp, gys, -cps));
+    }
+  }
+
+  // jsd_step's per-thread sums as `sweep`'s: the loss, the totals of gq and gp.
+  __device__ __forceinline__ void jsd_sums(acc_t a, acc_t b, double (&sums)[3]) const {
+    const acc_t ln2(0.6931471805599453);
+    sums[0] = static_cast<double>(ln2 * fma_(w.beta, a, w.one_minus_beta * b));
+    sums[1] = static_cast<double>(ln2 * (w.one_minus_beta * b));
+    sums[2] = static_cast<double>(ln2 * (w.beta * a));
+  }
+
   __device__ __forceinline__ acc_t raw_grad(acc_t g, acc_t pr, acc_t raw, acc_t c, acc_t inv_sum) const {
     return batchkl::raw_grad<kProbs, acc_t, Ops>(g, pr, raw, c, inv_sum, scale);
   }
@@ -1415,6 +1481,12 @@ struct RowWork {
       constexpr bool kTotals = decltype(totals)::value;
       acc_t loss = 0, sum_gq = 0, sum_gp = 0;
       constexpr bool kLean = decltype(lean)::value && kDiv == Divergence::kForward && !kProbs && !kTotals && !kGY;
+      constexpr bool kJsdLean = decltype(lean)::value && kDiv == Divergence::kJSD && !kProbs;
+      // jsd_step's sums and gradient factors.
+      acc_t jsd_a = 0, jsd_b = 0;
+      const acc_t ln2_scale = acc_t(0.6931471805599453) * scale;
+      const acc_t gxs = w.one_minus_beta * ln2_scale, cqs = cq * scale;
+      const acc_t gys = w.beta * ln2_scale, cps = cp * scale;
       // On streamed rows sweep 2 runs backward, a third (the writing sweep
       // after the totals one) forward again. The writing sweep is the row's
       // last read (but for lean_step's rare NaN re-sum below).
@@ -1422,6 +1494,10 @@ struct RowWork {
       const auto step = [&](const P xp, const P yp, P& ox, P& oy) {  // by value: one 16-byte load each
         if constexpr (kLean) {
           lean_step<kGX>(xp, yp, k, loss, ox);
+          return;
+        }
+        if constexpr (kJsdLean) {
+          jsd_step<kGX, kGY>(xp, yp, k, jsd_a, jsd_b, gxs, cqs, gys, cps, ox, oy);
           return;
         }
         acc_t xs[N], ys[N];
@@ -1552,6 +1628,10 @@ struct RowWork {
           }
         }
       }
+      if constexpr (kJsdLean) {
+        jsd_sums(jsd_a, jsd_b, sums);
+        return;
+      }
       sums[0] = static_cast<double>(loss);
       sums[1] = static_cast<double>(sum_gq);
       sums[2] = static_cast<double>(sum_gp);
@@ -1559,34 +1639,43 @@ struct RowWork {
     using On = std::true_type;
     using Off = std::false_type;
     // The writing sweep needs no totals: with a third sweep, the second has them.
-    // The lean sweep, or (BATCHKL_LOGITS_LEAN=0, for measuring it) the
-    // general one, where the lean one applies.
-    const auto lean_or_not = [&](auto write_gx, acc_t cq, acc_t cp, double(&sums)[3]) {
-      if constexpr (kDiv == Divergence::kForward && !kProbs) {
-        if (!grid.lean) return sweep(write_gx, Off{}, Off{}, Off{}, cq, cp, sums);
+    // The lean sweep where one applies (the forward KL's writing sweep for
+    // the student's gradient alone or none, every JSD sweep from logits), or
+    // (BATCHKL_LOGITS_LEAN=0, for measuring it) the general one; a kDistill
+    // kernel compiles its lean sweeps alone.
+    const auto lean_or_not = [&](auto write_gx, auto write_gy, auto totals, acc_t cq, acc_t cp, double(&sums)[3]) {
+      constexpr bool kHasLean =
+          !kProbs && (kDiv == Divergence::kJSD ||
+                      (kDiv == Divergence::kForward && !decltype(totals)::value && !decltype(write_gy)::value));
+      if constexpr (!kHasLean) {
+        return sweep(write_gx, write_gy, totals, Off{}, cq, cp, sums);
+      } else {
+        if constexpr (!kDistill) {
+          if (!grid.lean) return sweep(write_gx, write_gy, totals, Off{}, cq, cp, sums);
+        }
+        return sweep(write_gx, write_gy, totals, On{}, cq, cp, sums);
       }
-      sweep(write_gx, Off{}, Off{}, On{}, cq, cp, sums);
     };
     const auto writing_sweep = [&](acc_t cq, acc_t cp, double(&sums)[3]) {
       if constexpr (kDistill) {
-        return gx != nullptr ? sweep(On{}, Off{}, Off{}, On{}, cq, cp, sums)
-                             : sweep(Off{}, Off{}, Off{}, On{}, cq, cp, sums);
+        return gx != nullptr ? lean_or_not(On{}, Off{}, Off{}, cq, cp, sums)
+                             : lean_or_not(Off{}, Off{}, Off{}, cq, cp, sums);
       }
       if (gx != nullptr && gy != nullptr) {
-        sweep(On{}, On{}, Off{}, Off{}, cq, cp, sums);
+        lean_or_not(On{}, On{}, Off{}, cq, cp, sums);
       } else if (gx != nullptr) {
-        lean_or_not(On{}, cq, cp, sums);
+        lean_or_not(On{}, Off{}, Off{}, cq, cp, sums);
       } else if (gy != nullptr) {
-        sweep(Off{}, On{}, Off{}, Off{}, cq, cp, sums);
+        lean_or_not(Off{}, On{}, Off{}, cq, cp, sums);
       } else {
-        lean_or_not(Off{}, cq, cp, sums);
+        lean_or_not(Off{}, Off{}, Off{}, cq, cp, sums);
       }
     };
     double sums[3];
     bool done = false;
     if constexpr (!kLeanOnly) {
       if (third) {
-        sweep(Off{}, Off{}, On{}, Off{}, minus_one, minus_one, sums);
+        lean_or_not(Off{}, Off{}, On{}, minus_one, minus_one, sums);
         allreduce(sums, AddOp{}, 2);
         double unused[3];
         writing_sweep(kDiv == Divergence::kForward ? minus_one : static_cast<acc_t>(sums[1]),
