@@ -7,6 +7,7 @@ determinism, batch invariance, streams, memory, autocast, opcheck and
 torch.compile. The kernel's logic also runs without a GPU in
 tests/cpp/test_logits_emulated.cpp."""
 import math
+import re
 
 import pytest
 import torch
@@ -558,6 +559,15 @@ def check_under_knobs():
             assert_bitwise_equal(a, op(x.to(DEV), t.to(DEV), beta=0.5, reduction="none"))
 
 
+def cuda_kernels_of(fn):
+    """The names of the CUDA kernels that fn() launches (the profiler's)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.key for e in prof.key_averages()]
+
+
 def check_prefetch(beta=0.0):
     # 5000: a CTA per row (bfloat16) or two (float32); 32000: clusters of 4
     # (bfloat16) or 8 (float32); 40003: rows off 16 bytes among aligned ones
@@ -568,6 +578,12 @@ def check_prefetch(beta=0.0):
         for dtype in (torch.float32, torch.bfloat16):
             x, t = make_logits((rows, v), dtype), make_logits((rows, v), dtype)
             xd, td = x.to(DEV), t.to(DEV)
+            # The double-buffered twin itself ran (logits_kernel<..., kDistill,
+            # kAhead>), not a fallback: else the comparisons below would hold
+            # for any kernel.
+            names = cuda_kernels_of(lambda: op(xd, td, beta=beta, reduction="none"))
+            assert any(re.search(r"logits_kernel<[^>]*true, true>", n) for n in names), \
+                f"no double-buffered kernel among {names}, V={v}, {dtype}"
             mask = torch.arange(rows, device=DEV) % 7 != 3  # rows the previous row does not copy in
 
             def per_row(a, b, m=None):

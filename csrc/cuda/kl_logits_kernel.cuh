@@ -1458,7 +1458,12 @@ struct RowWork {
       k.inv_sum_q = acc_t(1) / static_cast<acc_t>(tot[0]);
       k.inv_sum_p = acc_t(1) / static_cast<acc_t>(tot[1]);
     };
-    if constexpr (!kLeanOnly) general_consts();
+    // JSD's lean sweeps (jsd_step) need none of them: two logs and two
+    // divisions per row and thread fewer, which short rows notice.
+    const bool jsd_lean = kDiv == Divergence::kJSD && !kProbs && (kDistill || grid.lean);
+    if constexpr (!kLeanOnly) {
+      if (!jsd_lean) general_consts();
+    }
     if constexpr (!kProbs) {
       k.m_q = static_cast<acc_t>(mx[0]);
       k.m_p = static_cast<acc_t>(mx[1]);

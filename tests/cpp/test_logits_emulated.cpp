@@ -518,6 +518,22 @@ void test_lean_and_share_knobs() {
         const Result shares = emulated(x, t, c);
         g_device.knobs.share = false;
         check_bitwise(shares, emulated(x, t, c), str("shares vs all-reduce V=", cols, " ", dt, " ", red));
+        // JSD from logits: its general sweeps under lean=0, its lean ones
+        // (jsd_step) otherwise, each against the CPU kernel, both gradients
+        // and the student's alone, staged and streamed.
+        for (const bool grad_target : {true, false}) {
+          Call j = c;
+          j.beta = 0.3;
+          j.grad_target = grad_target;
+          for (const int dev : {1, 2}) {
+            for (const int lean_knob : {0, 1, 3}) {
+              g_device = kDevices[dev].second;
+              g_device.knobs.lean = lean_knob;
+              compare_with_cpu(x, t, j, str("JSD lean=", lean_knob, " gt=", grad_target, " ", kDevices[dev].first,
+                                            " V=", cols, " ", dt, " ", red));
+            }
+          }
+        }
       }
     }
   }
@@ -910,6 +926,19 @@ void test_settle_plan() {
   } catch (const c10::Error& e) {
     what = e.what_without_backtrace();
   }
+  // JSD's and reverse KL's kDistill kernels (PlanFor::kThreeSweep): 16
+  // stages that cannot be co-resident are planned again within 8, and where
+  // 8 stages do not hold the row, as the general kernel's plan (staged),
+  // never the forward KL's streaming rule (which streams it in 2 CTAs).
+  const Grid j = settle_plan(plan_grid(8, 128256, 2, dev, PlanFor::kThreeSweep), 8, 128256, 2, dev,
+                             PlanFor::kThreeSweep, within8);
+  check(plan_grid(8, 128256, 2, dev, PlanFor::kThreeSweep).cluster == 16 && !j.prefetch && j.stage &&
+            j.cluster == kMaxCluster && j.smem == kFixedSmem + static_cast<size_t>(2 * stage_bytes(j.slice, 2)),
+        str("settle_plan: JSD bfloat16 128256 in 16 stages, within 8: the general plan, got ", j.cluster, " CTAs",
+            j.stage ? " staged" : " streamed"));
+  check(!settle_plan(plan_grid(8, 128256, 2, dev, PlanFor::kDistill), 8, 128256, 2, dev, PlanFor::kDistill, within8)
+             .stage,
+        "settle_plan: the forward KL's bfloat16 128256 within 8: its streaming rule");
   check(what.find("this GPU cannot run a cluster of 4 CTAs, which rows of 32000 columns need") != std::string::npos,
         "settle_plan: nothing fits: an error naming the cluster (got '" + what + "')");
   // Run: the fallbacks' results are those of the plans they fall back to.
