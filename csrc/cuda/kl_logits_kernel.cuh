@@ -479,6 +479,20 @@ __device__ __forceinline__ void unpack(const Pack<scalar_t> pk, acc_t (&a)[Pack<
   }
 }
 
+constexpr double kLn2 = 0.6931471805599453;
+
+// The SFU's log2 of a float, subnormal arguments flushed to 0 (JSD's log m,
+// whose argument is floored at FLT_MIN so that it never sees one).
+__device__ __forceinline__ float lg2_ftz(float v) {
+#if defined(BATCHKL_CUDA_EMULATOR)
+  return std::log2(std::fpclassify(v) == FP_SUBNORMAL ? std::copysign(0.f, v) : v);
+#else
+  float r;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+#endif
+}
+
 // exp of float: the SFU's (a few ulp; its arguments here are <= 0, and a
 // result below FLT_MIN is a probability of 0 either way). double keeps exp.
 template <typename acc_t>
@@ -501,15 +515,7 @@ struct DeviceOps<float> : MathOps<float> {
   // (LogitsTerm): the SFU's log2, flushing subnormals, times ln 2. logf's
   // accuracy path, or __logf's rescaling of subnormal arguments, would cost
   // 3-15 more instructions per element.
-  static __device__ __forceinline__ float log_normal(float v) {
-#if defined(BATCHKL_CUDA_EMULATOR)
-    return std::log(std::fpclassify(v) == FP_SUBNORMAL ? std::copysign(0.f, v) : v);
-#else
-    float r;
-    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
-    return r * 0.6931471805599453f;
-#endif
-  }
+  static __device__ __forceinline__ float log_normal(float v) { return lg2_ftz(v) * static_cast<float>(kLn2); }
 };
 
 // The hot loops' arithmetic, one instruction each for float: 2^v on the
@@ -531,17 +537,9 @@ __device__ __forceinline__ float exp2_fast(float v) {
 __device__ __forceinline__ double exp2_fast(double v) { return ::exp2(v); }
 // log2 of JSD's mixture m, floored at the smallest normal number (see
 // LogitsTerm: where m is subnormal its terms are off by at most that number
-// / e), NaN kept: for float one max.NaN and the SFU's log2, which flushes
-// subnormals (the floor keeps it from seeing one).
+// / e), NaN kept: for float one max.NaN and the SFU's log2.
 __device__ __forceinline__ float log2_mixture(float m) {
-  const float v = DeviceOps<float>::max(m, std::numeric_limits<float>::min());
-#if defined(BATCHKL_CUDA_EMULATOR)
-  return std::log2(v);
-#else
-  float r;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
-  return r;
-#endif
+  return lg2_ftz(DeviceOps<float>::max(m, std::numeric_limits<float>::min()));
 }
 __device__ __forceinline__ double log2_mixture(double m) {
   return ::log2(MathOps<double>::max(m, std::numeric_limits<double>::min()));
@@ -1128,7 +1126,8 @@ struct RowWork {
   // and the row totals of gq = (1 - beta) ln2 q (log2 q - log2 m) and gp
   // (jsd_sums). The gradients q ((1 - beta) ln2 (log2 q - log2 m) - cq) *
   // scale and likewise for p: `gxs`, `cqs` ((1 - beta) ln2 scale, cq scale)
-  // and `gys`, `cps` (beta ln2 scale, cp scale) from jsd_scales. (Where q =
+  // and `gys`, `cps` (beta ln2 scale, cp scale), which `sweep` computes
+  // once per sweep. (Where q =
   // 0 that is 0 times a finite number: the clamp keeps the product finite
   // for scales up to FLT_MAX / 4096.)
   static constexpr acc_t kJsdFloor = acc_t(-4096);
@@ -1153,7 +1152,7 @@ struct RowWork {
 
   // jsd_step's per-thread sums as `sweep`'s: the loss, the totals of gq and gp.
   __device__ __forceinline__ void jsd_sums(acc_t a, acc_t b, double (&sums)[3]) const {
-    const acc_t ln2(0.6931471805599453);
+    const acc_t ln2(kLn2);
     sums[0] = static_cast<double>(ln2 * fma_(w.beta, a, w.one_minus_beta * b));
     sums[1] = static_cast<double>(ln2 * (w.one_minus_beta * b));
     sums[2] = static_cast<double>(ln2 * (w.beta * a));
@@ -1489,7 +1488,7 @@ struct RowWork {
       constexpr bool kJsdLean = decltype(lean)::value && kDiv == Divergence::kJSD && !kProbs;
       // jsd_step's sums and gradient factors.
       acc_t jsd_a = 0, jsd_b = 0;
-      const acc_t ln2_scale = acc_t(0.6931471805599453) * scale;
+      const acc_t ln2_scale = acc_t(kLn2) * scale;
       const acc_t gxs = w.one_minus_beta * ln2_scale, cqs = cq * scale;
       const acc_t gys = w.beta * ln2_scale, cps = cp * scale;
       // On streamed rows sweep 2 runs backward, a third (the writing sweep
