@@ -97,6 +97,16 @@ SETTINGS = {
     "jsd_prefetch96": {"BATCHKL_LOGITS_LEAN": "3", "BATCHKL_LOGITS_PREFETCH": "1", "BATCHKL_LOGITS_SLICE_KIB": "96"},
     "jsd_prefetch128": {"BATCHKL_LOGITS_LEAN": "3", "BATCHKL_LOGITS_PREFETCH": "1",
                         "BATCHKL_LOGITS_SLICE_KIB": "128"},
+    # JSD (--beta 0.5) on staged rows: the writing sweep from the log-ratios
+    # that the totals sweep kept in shared memory (LaunchKnobs::keep,
+    # 2026-11-29, not yet timed): six SFU operations per element, not eight.
+    # The default keeps float32's (exact); keep0 none, keep2 bfloat16's too
+    # (as float16). Rows the plan streams (bfloat16 4096x256000 by default)
+    # keep nothing: stage_all_keep2 stages them.
+    "keep0": {"BATCHKL_LOGITS_KEEP": "0"},
+    "keep2": {"BATCHKL_LOGITS_KEEP": "2"},
+    "stage_all_keep2": {"BATCHKL_LOGITS_KEEP": "2", "BATCHKL_LOGITS_STAGE": "1"},
+    "jsd_prefetch_keep2": {"BATCHKL_LOGITS_LEAN": "3", "BATCHKL_LOGITS_PREFETCH": "1", "BATCHKL_LOGITS_KEEP": "2"},
     # The longest row on a warp: 2048 columns for every dtype (the plan
     # before 2026-11-29), or longer (the default: 2048, 16-bit rows 4096,
     # inferred from neighbouring shapes, not yet timed at 2049-4096). The

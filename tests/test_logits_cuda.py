@@ -472,6 +472,9 @@ def test_cuda_compile(dynamic):
                                    {"BATCHKL_LOGITS_PREFETCH": "1"},
                                    {"BATCHKL_LOGITS_PREFETCH": "1", "BATCHKL_LOGITS_SLICE_KIB": "128"},
                                    {"BATCHKL_LOGITS_PREFETCH": "1", "BATCHKL_LOGITS_LEAN": "3"},
+                                   {"BATCHKL_LOGITS_KEEP": "2"},
+                                   {"BATCHKL_LOGITS_KEEP": "2", "BATCHKL_LOGITS_LEAN": "3",
+                                    "BATCHKL_LOGITS_PREFETCH": "1"},
                                    {"BATCHKL_LOGITS_WARP_ROW_COLS": "2048"},
                                    {"BATCHKL_LOGITS_WARP_ROW_COLS": "8192"}], ids=str)
 def test_tuning_knobs_change_the_launch_not_the_results(knobs):
@@ -488,7 +491,9 @@ def test_tuning_knobs_change_the_launch_not_the_results(knobs):
     double-buffered twin for BATCHKL_LOGITS_PREFETCH=1 with stages of 32
     and 64 KiB, and with BATCHKL_LOGITS_LEAN=3 JSD's and reverse KL's
     (one row per cluster here: see
-    test_prefetch_rows_copied_ahead_give_the_same_bits), 16-bit rows of
+    test_prefetch_rows_copied_ahead_give_the_same_bits), JSD's staged
+    bfloat16 rows keeping their log-ratios for the writing sweep too (as
+    float16; see test_keep_knob_bfloat16_rows_as_float16), 16-bit rows of
     2049-4096 columns on CTAs again or rows of up to 8192 on warps, still give
     the float64 reference's values and gradients at every launch shape, and
     each setting is deterministic."""
@@ -519,15 +524,52 @@ def test_three_sweep_distillation_kernels_give_the_default_bits(tmp_path):
     needs no gradient run on kernels of their own (the general sweeps without
     the target's gradient, three CTAs per SM). The same sweeps and sums in the
     same plan: bitwise the default kernels' results, at every launch shape."""
-    path = tmp_path / "lean3.pt"
-    run_python(f"import test_logits_cuda\ntest_logits_cuda.three_sweep_runs({str(path)!r})\n", "BATCHKL_LOGITS_LEAN=3",
-               env={"BATCHKL_LOGITS_LEAN": "3"})
-    lean3 = torch.load(path)
+    check_three_sweep_runs_under({"BATCHKL_LOGITS_LEAN": "3"}, tmp_path)
+
+
+def check_three_sweep_runs_under(env, tmp_path):
+    """three_sweep_runs in a process with `env` set: bitwise this one's."""
+    path = tmp_path / "runs.pt"
+    run_python(f"import test_logits_cuda\ntest_logits_cuda.three_sweep_runs({str(path)!r})\n", str(env), env=env)
+    other = torch.load(path)
     default = three_sweep_runs()
-    assert lean3.keys() == default.keys()
+    assert other.keys() == default.keys()
     for key, (loss, gx) in default.items():
-        assert_bitwise_equal(lean3[key][0], loss, f"loss {key}")
-        assert_bitwise_equal(lean3[key][1], gx, f"grad_input {key}")
+        assert_bitwise_equal(other[key][0], loss, f"loss {key} under {env}")
+        assert_bitwise_equal(other[key][1], gx, f"grad_input {key} under {env}")
+
+
+def test_keep_knob_gives_the_default_bits(tmp_path):
+    """BATCHKL_LOGITS_KEEP=0: JSD's staged rows recompute log2 q - log2 m in the
+    writing sweep instead of reading what the totals sweep kept (the default
+    keeps float32 rows', exactly, and no 16-bit row's). The same values from
+    the same expressions: bitwise the default's results, at every launch
+    shape, float32, bfloat16 and float16."""
+    check_three_sweep_runs_under({"BATCHKL_LOGITS_KEEP": "0"}, tmp_path)
+
+
+def test_keep_knob_bfloat16_rows_as_float16(tmp_path):
+    """BATCHKL_LOGITS_KEEP=2: JSD's staged bfloat16 rows keep their log-ratios
+    too, as float16. The loss is the totals sweep's (the same bits); the
+    gradients of some staged bfloat16 rows differ from the default's in a few
+    bits (which shows that the kept path ran on the device: for float32 its
+    bits are the default's), all within bfloat16's tolerance of them;
+    float32 and float16 rows and reverse KL, the same bits."""
+    path = tmp_path / "keep2.pt"
+    env = {"BATCHKL_LOGITS_KEEP": "2"}
+    run_python(f"import test_logits_cuda\ntest_logits_cuda.three_sweep_runs({str(path)!r})\n", str(env), env=env)
+    keep2 = torch.load(path)
+    differ = []
+    for key, (loss, gx) in three_sweep_runs().items():
+        assert_bitwise_equal(keep2[key][0], loss, f"loss {key}")
+        if "bfloat16" not in key or key.split()[2] == "1.0":
+            assert_bitwise_equal(keep2[key][1], gx, f"grad_input {key}")
+            continue
+        torch.testing.assert_close(keep2[key][1].double(), gx.double(), rtol=1.6e-2, atol=4e-3 * gx.abs().max().item(),
+                                   msg=f"grad_input {key}")
+        if not torch.equal(keep2[key][1], gx):
+            differ.append(key)
+    assert any(k.startswith(("5000 ", "40003 ")) for k in differ), f"no staged bfloat16 row kept its log-ratios: {differ}"
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0], ids=["forward", "jsd", "reverse"])

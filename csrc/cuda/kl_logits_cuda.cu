@@ -56,6 +56,10 @@ namespace {
 //                             bulk copy while it computes this one (LaunchKnobs::prefetch;
 //                             off by default); with BATCHKL_LOGITS_LEAN=3 JSD's and reverse
 //                             KL's distillation kernels' rows too
+//   BATCHKL_LOGITS_KEEP       JSD from logits on staged rows, the student's gradient alone:
+//                             the totals sweep keeps log2 q - log2 m for the writing sweep;
+//                             0 never, 1 (the default) float32 and float64 rows (exact), 2
+//                             also bfloat16 rows, as float16 (LaunchKnobs::keep)
 
 // `name`'s value, 0 or 1, into `out` where it is set.
 void read_flag(const char* name, bool& out) {
@@ -103,6 +107,11 @@ const LaunchKnobs& tuning() {
       const std::string s(reuse);
       TORCH_CHECK(s == "0" || s == "1" || s == "2", "BATCHKL_LOGITS_REUSE: expected 0, 1 or 2, got '", s, "'");
       v.reuse = std::stoi(s);
+    }
+    if (const char* keep = std::getenv("BATCHKL_LOGITS_KEEP")) {
+      const std::string s(keep);
+      TORCH_CHECK(s == "0" || s == "1" || s == "2", "BATCHKL_LOGITS_KEEP: expected 0, 1 or 2, got '", s, "'");
+      v.keep = std::stoi(s);
     }
     read_flag("BATCHKL_LOGITS_SHARE", v.share);
     read_flag("BATCHKL_LOGITS_MERGE", v.merge);

@@ -50,9 +50,14 @@
 // 16-byte access is aligned (x86 would not fault where a GPU does).
 #define BATCHKL_DYNAMIC_SMEM(name) unsigned char* name = ::batchkl_emu::dynamic_smem()
 #define BATCHKL_CHECK_ALIGNED(p) ::batchkl_emu::check_aligned(p)
+// The rows whose writing sweep read kept log-ratios (LaunchKnobs::keep),
+// which the emulated tests count: a path that never runs passes any
+// comparison of its results with the path beside it.
+#define BATCHKL_COUNT_KEPT_ROW() (++::batchkl_emu::kept_rows)
 #else
 #define BATCHKL_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #define BATCHKL_CHECK_ALIGNED(p) ((void)0)
+#define BATCHKL_COUNT_KEPT_ROW() ((void)0)
 #endif
 
 namespace batchkl {
@@ -135,6 +140,7 @@ struct Grid {
   bool backward = false;     // streamed rows: the sweeps after the first alternate direction (LaunchKnobs::reuse)
   bool evict_first = false;  // streamed rows: the gradient's stores (and the distillation kernel's last read) evict-first
   bool prefetch = false;     // a kDistill kernel's rows double-buffered: its kAhead twin (LaunchKnobs::prefetch)
+  bool keep = false;         // JSD's staged rows keep log2 q - log2 m for the writing sweep (LaunchKnobs::keep)
 };
 
 // Where a long row's slices live between sweeps (BATCHKL_LOGITS_STAGE).
@@ -247,6 +253,27 @@ struct LaunchKnobs {
   // four), so they have more to gain from HBM reading on meanwhile (H200,
   // 2026-11-27: bfloat16 8192x32000 JSD 1.26 ms, 30% of copy bandwidth).
   bool prefetch = false;
+  // JSD from logits on staged rows where the target needs no gradient
+  // (distillation's case, in the general kernel and in LEAN=3's kDistill
+  // ones): the totals sweep leaves each element's log2 q - log2 m in the
+  // place of its target logit in shared memory, which no sweep reads again,
+  // so that the writing sweep takes one SFU operation per element (q) where
+  // it took three (q, p, log2 m): six per element over the three sweeps,
+  // not eight. Why: bfloat16 8192x32000 on an H200 needs 0.50 ms at the SFU
+  // rate for eight (16 per clock and SM, 132 SMs, 1.98 GHz), 0.37 ms for
+  // six, against 0.37 ms for its minimal bytes at the copy bandwidth and
+  // 0.436 ms for 85% of it (arithmetic, not a measurement). 0 never; 1 (the
+  // default) where the place holds the value exactly (float32 and float64
+  // rows: the same bits as 0); 2 also bfloat16 rows, as float16 (11
+  // significant bits: the student's gradient then errs by up to 2^-11 of q
+  // (1 - beta) ln2 |log2 q - log2 m| times its scale, an eighth of the
+  // rounding of a bfloat16 result of that size; below 2^-14, where float16
+  // is subnormal, by 2^-25 of q (1 - beta) ln2 times the scale). float16
+  // rows never: their results round to 11 bits themselves, and where the
+  // gradient's q (log2 q - log2 m - c) cancels, the kept value's rounding
+  // outgrew their tolerance (the emulated kernels, beta = 0.9: 0.7% of an
+  // element's gradient). Not yet timed on a GPU.
+  int keep = 1;
 };
 
 // The longest row, in columns, that plan_grid gives a warp (or part of one).
@@ -309,6 +336,7 @@ inline Grid plan_grid(int64_t rows, int64_t cols, int64_t elem, const DeviceLimi
                       PlanFor plan = PlanFor::kGeneral) {
   Grid g;
   g.lean = dev.knobs.lean >= 1;
+  g.keep = dev.knobs.keep >= (elem >= 4 ? 1 : 2);
   g.share = dev.knobs.share;
   g.merge = dev.knobs.merge;
   const int64_t pack = 16 / elem;
@@ -1131,12 +1159,16 @@ struct RowWork {
   // 0 that is 0 times a finite number: the clamp keeps the product finite
   // for scales up to FLT_MAX / 4096.)
   static constexpr acc_t kJsdFloor = acc_t(-4096);
-  template <bool kGX, bool kGY>
+  // kKeepLog (LaunchKnobs::keep): `oy` takes each element's log2 q - log2 m
+  // as a Kept, for jsd_kept_step.
+  template <bool kGX, bool kGY, bool kKeepLog = false>
   __device__ __forceinline__ void jsd_step(const P& xp, const P& yp, const RowConsts<acc_t>& k, acc_t& a, acc_t& b,
                                            acc_t gxs, acc_t cqs, acc_t gys, acc_t cps, P& ox, P& oy) const {
+    static_assert(!kKeepLog || !kGY, "the kept log-ratios take the target gradient's place");
     acc_t xs[N], ys[N];
     unpack(xp, xs);
     unpack(yp, ys);
+    Pack<Kept> kept;
 #pragma unroll
     for (int e = 0; e < N; ++e) {
       const acc_t lq = fma_(xs[e] - k.m_q, k2, k.off_q), lp = fma_(ys[e] - k.m_p, k2, k.off_p);
@@ -1147,6 +1179,38 @@ struct RowWork {
       b = fma_(q, dq, b);
       if constexpr (kGX) ox.v[e] = static_cast<scalar_t>(q * fma_(dq, gxs, -cqs));
       if constexpr (kGY) oy.v[e] = static_cast<scalar_t>(pr * fma_(dp, gys, -cps));
+      if constexpr (kKeepLog) kept.v[e] = static_cast<Kept>(dq);
+    }
+    if constexpr (kKeepLog) std::memcpy(&oy, &kept, sizeof oy);
+  }
+
+  // `sweep`'s keep: none, the totals sweep's stores, the writing sweep's reads.
+  static constexpr int kNoKeep = 0, kKeepOut = 1, kKeepIn = 2;
+
+  // What a staged row's totals sweep keeps of log2 q - log2 m in the place
+  // of a target logit (LaunchKnobs::keep): the value itself where the place
+  // holds the accumulation type, else float16 (whose range holds all of it:
+  // from the floor, -4096, up to -log2 of the mixture's floor FLT_MIN, 126).
+  using Kept = std::conditional_t<std::is_same_v<scalar_t, acc_t>, acc_t, c10::Half>;
+  static_assert(sizeof(Kept) == sizeof(scalar_t), "a kept value takes a target logit's place");
+  // float16 rows keep nothing (LaunchKnobs::keep), and compile none of it.
+  static constexpr bool kMayKeep = !std::is_same_v<scalar_t, c10::Half>;
+
+  // jsd_step's student gradient from the log-ratios kept in `kp`: q from
+  // the logit as there, one SFU operation per element where jsd_step takes
+  // three. Where Kept is acc_t, the same expressions on the same values:
+  // the same bits.
+  __device__ __forceinline__ void jsd_kept_step(const P& xp, const P& kp, const RowConsts<acc_t>& k, acc_t gxs,
+                                                acc_t cqs, P& ox) const {
+    acc_t xs[N], dq[N];
+    unpack(xp, xs);
+    Pack<Kept> kept;
+    std::memcpy(&kept, &kp, sizeof kept);
+    unpack(kept, dq);
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      const acc_t q = exp2_fast(fma_(xs[e] - k.m_q, k2, k.off_q));
+      ox.v[e] = static_cast<scalar_t>(q * fma_(dq[e], gxs, -cqs));
     }
   }
 
@@ -1276,7 +1340,9 @@ struct RowWork {
 
   // The bulk copies of row `r`'s whole packs into the stage at `stage`
   // (bulk_ok), completing on `bar`: one thread's work. The CTA's threads
-  // last read that stage before a barrier that the issuing thread has passed.
+  // last read that stage (and, keeping JSD's log-ratios, wrote it, each
+  // thread then fencing its writes: see row()) before a barrier that the
+  // issuing thread has passed.
   __device__ __forceinline__ void bulk_issue(int64_t r, int64_t c0, int64_t len, unsigned char* stage,
                                              uint64_t* bar) const {
     const auto bytes = static_cast<unsigned>(len / N * 16);
@@ -1479,13 +1545,22 @@ struct RowWork {
     // gradients that kGX / kGY select, given their row constants cq / cp.
     // Compile-time choices, so that a pass computes only those and keeps its
     // packs in registers (a run-time one spilled them).
-    const auto sweep = [&](auto write_gx, auto write_gy, auto totals, auto lean, acc_t cq, acc_t cp,
+    // `keep` (LaunchKnobs::keep, JSD's lean sweeps of a staged row): kKeepOut
+    // the totals sweep leaves log2 q - log2 m in the target's place, kKeepIn
+    // the writing sweep reads it there (jsd_kept_step).
+    const auto sweep = [&](auto write_gx, auto write_gy, auto totals, auto lean, auto keep, acc_t cq, acc_t cp,
                            double(&sums)[3]) {
       constexpr bool kGX = decltype(write_gx)::value, kGY = decltype(write_gy)::value;
       constexpr bool kTotals = decltype(totals)::value;
       acc_t loss = 0, sum_gq = 0, sum_gp = 0;
       constexpr bool kLean = decltype(lean)::value && kDiv == Divergence::kForward && !kProbs && !kTotals && !kGY;
       constexpr bool kJsdLean = decltype(lean)::value && kDiv == Divergence::kJSD && !kProbs;
+      constexpr int kKeep = decltype(keep)::value;
+      static_assert(kKeep == kNoKeep || (kJsdLean && !kGY && (kKeep == kKeepOut ? kTotals && !kGX : kGX && !kTotals)),
+                    "kept log-ratios: JSD's lean totals sweep, then its writing sweep of the student's gradient");
+      // The staged slice's target place, written where kKeepOut (the row's
+      // own shared memory, which `ry` only reads otherwise).
+      [[maybe_unused]] scalar_t* const keep_y = const_cast<scalar_t*>(ry);
       // jsd_step's sums and gradient factors.
       acc_t jsd_a = 0, jsd_b = 0;
       const acc_t ln2_scale = acc_t(kLn2) * scale;
@@ -1501,7 +1576,11 @@ struct RowWork {
           return;
         }
         if constexpr (kJsdLean) {
-          jsd_step<kGX, kGY>(xp, yp, k, jsd_a, jsd_b, gxs, cqs, gys, cps, ox, oy);
+          if constexpr (kKeep == kKeepIn) {
+            jsd_kept_step(xp, yp, k, gxs, cqs, ox);
+          } else {
+            jsd_step<kGX, kGY, kKeep == kKeepOut>(xp, yp, k, jsd_a, jsd_b, gxs, cqs, gys, cps, ox, oy);
+          }
           return;
         }
         acc_t xs[N], ys[N];
@@ -1545,6 +1624,7 @@ struct RowWork {
         step(load_pack(rx, rsx, i, len, rvx, fill()), load_pack(ry, rsy, i, len, rvy, fill()), ox, oy);
         if constexpr (kGX) store_pack(gx, i, len, vgx, ox);
         if constexpr (kGY) store_pack(gy, i, len, vgy, oy);
+        if constexpr (kKeep == kKeepOut) store_pack(keep_y, i, len, rvy, oy);
       };
       // Forward: the steps, then the rest; backward: the rest, then the
       // steps. One copy of each loop: with a copy of the rest loop either
@@ -1600,6 +1680,10 @@ struct RowWork {
               P ox, oy;
               step(xs[u], ys[u], ox, oy);
               put(i + u * di, ox, oy);
+              if constexpr (kKeep == kKeepOut) {
+                BATCHKL_CHECK_ALIGNED(keep_y + (i + u * di) * N);
+                reinterpret_cast<P*>(keep_y)[i + u * di] = oy;
+              }
             }
           }
         };
@@ -1642,6 +1726,7 @@ struct RowWork {
     };
     using On = std::true_type;
     using Off = std::false_type;
+    using NoKeep = std::integral_constant<int, kNoKeep>;
     // The writing sweep needs no totals: with a third sweep, the second has them.
     // The lean sweep where one applies (the forward KL's writing sweep for
     // the student's gradient alone or none, every JSD sweep from logits), or
@@ -1652,12 +1737,12 @@ struct RowWork {
           !kProbs && (kDiv == Divergence::kJSD ||
                       (kDiv == Divergence::kForward && !decltype(totals)::value && !decltype(write_gy)::value));
       if constexpr (!kHasLean) {
-        return sweep(write_gx, write_gy, totals, Off{}, cq, cp, sums);
+        return sweep(write_gx, write_gy, totals, Off{}, NoKeep{}, cq, cp, sums);
       } else {
         if constexpr (!kDistill) {
-          if (!grid.lean) return sweep(write_gx, write_gy, totals, Off{}, cq, cp, sums);
+          if (!grid.lean) return sweep(write_gx, write_gy, totals, Off{}, NoKeep{}, cq, cp, sums);
         }
-        return sweep(write_gx, write_gy, totals, On{}, cq, cp, sums);
+        return sweep(write_gx, write_gy, totals, On{}, NoKeep{}, cq, cp, sums);
       }
     };
     const auto writing_sweep = [&](acc_t cq, acc_t cp, double(&sums)[3]) {
@@ -1679,12 +1764,34 @@ struct RowWork {
     bool done = false;
     if constexpr (!kLeanOnly) {
       if (third) {
-        lean_or_not(Off{}, Off{}, On{}, minus_one, minus_one, sums);
-        allreduce(sums, AddOp{}, 2);
-        double unused[3];
-        writing_sweep(kDiv == Divergence::kForward ? minus_one : static_cast<acc_t>(sums[1]),
-                      kDiv == Divergence::kReverse ? minus_one : static_cast<acc_t>(sums[2]), unused);
-        done = true;
+        if constexpr (kDiv == Divergence::kJSD && !kProbs && kMayKeep) {
+          // JSD's staged rows where only the student's gradient is written
+          // (LaunchKnobs::keep): the writing sweep from the log-ratios that
+          // the totals sweep kept in the target's place. Each thread reads
+          // there only what it wrote itself (its packs, the same in every
+          // sweep), so no barrier is needed. In the kAhead kernel a bulk
+          // copy (the async proxy) brings a later row into this stage after
+          // the barrier that ends this row: each thread's proxy fence orders
+          // its own writes before it, besides the issuing thread's.
+          if (grid.keep && jsd_lean && stage != nullptr && gx != nullptr && gy == nullptr) {
+            sweep(Off{}, Off{}, On{}, On{}, std::integral_constant<int, kKeepOut>{}, minus_one, minus_one, sums);
+            allreduce(sums, AddOp{}, 2);
+            double unused[3];
+            sweep(On{}, Off{}, Off{}, On{}, std::integral_constant<int, kKeepIn>{}, static_cast<acc_t>(sums[1]),
+                  minus_one, unused);
+            if constexpr (kAhead) fence_proxy_async();
+            BATCHKL_COUNT_KEPT_ROW();
+            done = true;
+          }
+        }
+        if (!done) {
+          lean_or_not(Off{}, Off{}, On{}, minus_one, minus_one, sums);
+          allreduce(sums, AddOp{}, 2);
+          double unused[3];
+          writing_sweep(kDiv == Divergence::kForward ? minus_one : static_cast<acc_t>(sums[1]),
+                        kDiv == Divergence::kReverse ? minus_one : static_cast<acc_t>(sums[2]), unused);
+          done = true;
+        }
       }
     }
     if (!done) {

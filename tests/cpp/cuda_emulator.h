@@ -335,6 +335,7 @@ inline void cp_async_wait(int pending) {
 // use, so that a kernel that writes or copies over a barrier fails.
 constexpr uint64_t kMBarrierMark = 0x4d42415252494552ull;  // "MBARRIER"
 inline thread_local uint64_t bulk_copies = 0;  // issued since the process started (tests count them)
+inline thread_local uint64_t kept_rows = 0;    // BATCHKL_COUNT_KEPT_ROW in the logits kernel (tests count them)
 inline MBarrier& mbarrier_at(const void* p, bool fresh = false) {
   const auto* b = static_cast<const unsigned char*>(p);
   if (!in_smem(b, 8) || reinterpret_cast<uintptr_t>(b) % 8 != 0) {

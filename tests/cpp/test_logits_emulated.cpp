@@ -539,6 +539,91 @@ void test_lean_and_share_knobs() {
   }
 }
 
+// LaunchKnobs::keep: JSD from logits on staged rows where only the student's
+// gradient is written takes it from the log-ratios that the totals sweep
+// kept in the target's place in shared memory. Under 1 (the default)
+// float32 and float64 rows do, with the bits of 0 (none kept); bfloat16 rows
+// do under 2 alone, as float16: the same loss, gradients that agree with the
+// CPU kernel's and differ in a few bits from 0's; float16 rows never. On a CTA per row and a
+// cluster, aligned, misaligned (staged through registers) and strided rows,
+// in the general kernel (LEAN=1), JSD's kDistill kernel (LEAN=3) and its
+// double-buffered twin (one cluster taking every row, so that stages that
+// kept log-ratios take later rows' bulk copies, which the emulator checks
+// for writes in flight); counted, so that a path that never runs cannot pass.
+// Rows that keep nothing: streamed ones, the target's gradient asked for, the
+// loss alone.
+void test_keep_knob() {
+  // 5000: every row 16-byte aligned (bulk copies in the kAhead kernel);
+  // 5001: a partial last pack, and rows after the first off 16 bytes.
+  const std::vector<std::pair<int64_t, std::string>> cases = {{5000, "contiguous"},
+                                                              {5001, "contiguous"},
+                                                              {5000, "misaligned"},
+                                                              {5000, "strided"},
+                                                              {40003, "contiguous"}};
+  bool bf16_bits_differ = false;
+  int n = 0;
+  for (const auto& [cols, kind] : cases) {
+    for (const auto dt : {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf}) {
+      const auto x = layout(logits(6, cols, dt), kind), t = layout(logits(6, cols, dt), kind);
+      const bool exact = dt == at::kFloat || dt == at::kDouble;
+      for (const auto& [lean, prefetch] : std::vector<std::pair<int, bool>>{{1, false}, {3, false}, {3, true}}) {
+        Call c;
+        c.beta = std::array<double, 3>{0.1, 0.5, 0.9}[n % 3];
+        c.reduction = n % 2 == 0 ? "none" : "batchmean";
+        c.grad_target = false;
+        ++n;
+        const auto what = str("keep V=", cols, " ", kind, " ", dt, " lean=", lean, " prefetch=", prefetch,
+                              " beta=", c.beta, " ", c.reduction);
+        const auto run = [&](int keep, const Call& call, StageMode stage, uint64_t& kept) {
+          g_device = kDevices[1].second;
+          g_device.knobs.stage = stage;
+          g_device.knobs.lean = lean;
+          g_device.knobs.prefetch = prefetch;
+          g_device.knobs.keep = keep;
+          // One cluster at a time: each takes every row in turn, so that a
+          // stage that kept log-ratios takes a later row's bulk copy.
+          g_resident = prefetch ? 1 : 2;
+          const uint64_t before = batchkl_emu::kept_rows;
+          auto r = emulated_or_fail(x, t, call, str(what, " keep=", keep));
+          kept = batchkl_emu::kept_rows - before;
+          g_resident = 2;
+          return r;
+        };
+        uint64_t kept = 0;
+        const auto none = run(0, c, StageMode::kWhereFits, kept);
+        if (!none) continue;
+        check(kept == 0, what + ": keep=0 kept log-ratios");
+        for (const int keep : {1, 2}) {
+          const auto got = run(keep, c, StageMode::kWhereFits, kept);
+          if (!got) continue;
+          const bool applies = exact || (keep == 2 && dt == at::kBFloat16);
+          check(applies ? kept > 0 : kept == 0, str(what, " keep=", keep, ": ", kept, " rows kept log-ratios"));
+          if (!applies || exact) {
+            check_bitwise(*none, *got, str(what, " keep=", keep, " vs keep=0"));
+            continue;
+          }
+          check(batchkl_test::same_values(std::get<0>(*none), std::get<0>(*got)),
+                str(what, " keep=", keep, ": the loss is the totals sweep's, the same"));
+          bf16_bits_differ = bf16_bits_differ || !batchkl_test::same_values(std::get<1>(*none), std::get<1>(*got));
+          compare_with_cpu(x, t, c, str(what, " keep=", keep));  // g_device as run() left it
+        }
+        // Nothing kept: streamed rows, both gradients, the loss alone.
+        Call both = c, loss_only = c;
+        both.grad_target = true;
+        loss_only.grad_input = false;
+        for (const auto& [call, stage] : std::vector<std::pair<Call, StageMode>>{
+                 {c, StageMode::kNever}, {both, StageMode::kWhereFits}, {loss_only, StageMode::kWhereFits}}) {
+          run(2, call, stage, kept);
+          check(kept == 0, str(what, ": ", kept, " rows kept log-ratios streamed, or with the target's gradient, "
+                                             "or for the loss alone"));
+        }
+      }
+    }
+  }
+  check(bf16_bits_differ, "keep=2: bfloat16 rows' gradients from float16 log-ratios differ nowhere from keep=0's");
+  g_device = kDevices[1].second;
+}
+
 // JSD and reverse KL from logits in distillation kernels
 // (BATCHKL_LOGITS_LEAN=3): the student's gradient alone (or none) takes a
 // kDistill kernel, compiled with those sweeps only, and gives the general
@@ -1319,6 +1404,7 @@ void test_random(int count, uint64_t seed, int only = -1) {
     dev.knobs.distill_stream = pick(4) != 0;
     dev.knobs.reuse = pick(3);
     dev.knobs.prefetch = pick(3) == 0;
+    dev.knobs.keep = k % 3;  // from the index, not the stream: the other draws stay those of before the knob
     dev.max_cluster_ahead = pick(2) == 0 ? kMaxCluster : kMaxClusterAhead;
     const int64_t warp_cols[] = {0, 0, 0, 2048, 8192};  // BATCHKL_LOGITS_WARP_ROW_COLS
     dev.knobs.warp_row_cols = warp_cols[pick(5)];
@@ -1394,7 +1480,8 @@ void test_random(int count, uint64_t seed, int only = -1) {
                                  " stage=", static_cast<int>(dev.knobs.stage), " budget=", dev.knobs.slice_budget,
                                  " lean=", dev.knobs.lean, " share=", dev.knobs.share, " merge=", dev.knobs.merge,
                                  " distill_stream=", dev.knobs.distill_stream, " reuse=", dev.knobs.reuse,
-                                 " prefetch=", dev.knobs.prefetch, " ahead=", dev.max_cluster_ahead,
+                                 " prefetch=", dev.knobs.prefetch, " keep=", dev.knobs.keep,
+                                 " ahead=", dev.max_cluster_ahead,
                                  " warp_row_cols=", dev.knobs.warp_row_cols,
                                  " resident=", g_resident);
     if (kind == "lead" && rows % 2 == 0) {
@@ -1486,6 +1573,7 @@ int main(int argc, char** argv) {
   }
   if (part == "all" || part == "knobs") {
     test_lean_and_share_knobs();
+    test_keep_knob();
     test_three_sweep_distill_kernels();
     test_merged_exchange();
     test_sweep_directions();
