@@ -1157,8 +1157,14 @@ struct RowWork {
   // and `gys`, `cps` (beta ln2 scale, cp scale), which `sweep` computes
   // once per sweep. (Where q =
   // 0 that is 0 times a finite number: the clamp keeps the product finite
-  // for scales up to FLT_MAX / 4096.)
+  // for scales up to FLT_MAX / 4096; see times_prob for its sign.)
   static constexpr acc_t kJsdFloor = acc_t(-4096);
+
+  // A gradient, prob times factor f, with the sign the general formula (and
+  // the CPU kernel) gives a probability of 0: +0, where a product gives -0
+  // for f < 0. The fused multiply-add adds +0 to the exact product: the same
+  // value wherever prob > 0, at the cost of the multiply it replaces.
+  __device__ __forceinline__ static acc_t times_prob(acc_t prob, acc_t f) { return fma_(prob, f, acc_t(0)); }
   // kKeepLog (LaunchKnobs::keep): `oy` takes each element's log2 q - log2 m
   // as a Kept, for jsd_kept_step.
   template <bool kGX, bool kGY, bool kKeepLog = false>
@@ -1177,8 +1183,8 @@ struct RowWork {
       const acc_t dq = max_skip_nan(lq - lm, kJsdFloor), dp = max_skip_nan(lp - lm, kJsdFloor);
       a = fma_(pr, dp, a);
       b = fma_(q, dq, b);
-      if constexpr (kGX) ox.v[e] = static_cast<scalar_t>(q * fma_(dq, gxs, -cqs));
-      if constexpr (kGY) oy.v[e] = static_cast<scalar_t>(pr * fma_(dp, gys, -cps));
+      if constexpr (kGX) ox.v[e] = static_cast<scalar_t>(times_prob(q, fma_(dq, gxs, -cqs)));
+      if constexpr (kGY) oy.v[e] = static_cast<scalar_t>(times_prob(pr, fma_(dp, gys, -cps)));
       if constexpr (kKeepLog) kept.v[e] = static_cast<Kept>(dq);
     }
     if constexpr (kKeepLog) std::memcpy(&oy, &kept, sizeof oy);
@@ -1210,7 +1216,7 @@ struct RowWork {
 #pragma unroll
     for (int e = 0; e < N; ++e) {
       const acc_t q = exp2_fast(fma_(xs[e] - k.m_q, k2, k.off_q));
-      ox.v[e] = static_cast<scalar_t>(q * fma_(dq[e], gxs, -cqs));
+      ox.v[e] = static_cast<scalar_t>(times_prob(q, fma_(dq[e], gxs, -cqs)));
     }
   }
 

@@ -228,6 +228,24 @@ void compare_with_cpu(const at::Tensor& x, const at::Tensor& t, const Call& c, c
   }
 }
 
+// The gradients' zeros carry the CPU kernel's signs (in the inputs'
+// dtype): +0 for a probability of 0, where a product of it would give -0
+// (RowWork::times_prob). A value comparison takes -0 for +0.
+void check_zero_signs(const at::Tensor& x, const at::Tensor& t, const Call& c, const std::string& what) {
+  const auto run = emulated_or_fail(x, t, c, what);
+  if (!run) return;
+  const Result r = cpu_kernel(x.contiguous(), t.contiguous(), c);
+  for (const int k : {1, 2}) {
+    if (!(k == 1 ? c.grad_input : c.grad_target)) continue;
+    const at::Tensor e = (k == 1 ? std::get<1>(*run) : std::get<2>(*run)).to(at::kDouble);
+    const at::Tensor ref = (k == 1 ? std::get<1>(r) : std::get<2>(r)).to(at::kDouble);
+    const at::Tensor zeros = e.eq(0).logical_and(ref.eq(0));
+    const int64_t off = e.signbit().ne(ref.signbit()).logical_and(zeros).sum().item<int64_t>();
+    check(off == 0, str(what, ": ", off, " of the ", zeros.sum().item<int64_t>(), " zeros of gradient ", k,
+                        " with the other sign than the CPU kernel's"));
+  }
+}
+
 at::Tensor logits(int64_t rows, int64_t cols, at::ScalarType dt, double scale = 3.0) {
   return (at::randn({rows, cols}, at::kDouble) * scale).to(dt);
 }
@@ -439,6 +457,8 @@ void test_special_values() {
             compare_with_cpu(x.to(dt), t.to(dt), c,
                              str(dev_name, " special values V=", cols, " ", dt, " beta=", beta, " grads=", gi, gt),
                              false);
+            check_zero_signs(x.to(dt), t.to(dt), c,
+                             str(dev_name, " special values V=", cols, " ", dt, " beta=", beta, " grads=", gi, gt));
           }
           Call c;
           c.beta = beta;
