@@ -527,11 +527,16 @@ def test_three_sweep_distillation_kernels_give_the_default_bits(tmp_path):
     check_three_sweep_runs_under({"BATCHKL_LOGITS_LEAN": "3"}, tmp_path)
 
 
-def check_three_sweep_runs_under(env, tmp_path):
-    """three_sweep_runs in a process with `env` set: bitwise this one's."""
+def three_sweep_runs_under(env, tmp_path):
+    """three_sweep_runs in a process with `env` set (the knobs are read once per process)."""
     path = tmp_path / "runs.pt"
     run_python(f"import test_logits_cuda\ntest_logits_cuda.three_sweep_runs({str(path)!r})\n", str(env), env=env)
-    other = torch.load(path)
+    return torch.load(path)
+
+
+def check_three_sweep_runs_under(env, tmp_path):
+    """three_sweep_runs in a process with `env` set: bitwise this one's."""
+    other = three_sweep_runs_under(env, tmp_path)
     default = three_sweep_runs()
     assert other.keys() == default.keys()
     for key, (loss, gx) in default.items():
@@ -555,10 +560,7 @@ def test_keep_knob_bfloat16_rows_as_float16(tmp_path):
     bits (which shows that the kept path ran on the device: for float32 its
     bits are the default's), all within bfloat16's tolerance of them;
     float32 and float16 rows and reverse KL, the same bits."""
-    path = tmp_path / "keep2.pt"
-    env = {"BATCHKL_LOGITS_KEEP": "2"}
-    run_python(f"import test_logits_cuda\ntest_logits_cuda.three_sweep_runs({str(path)!r})\n", str(env), env=env)
-    keep2 = torch.load(path)
+    keep2 = three_sweep_runs_under({"BATCHKL_LOGITS_KEEP": "2"}, tmp_path)
     differ = []
     for key, (loss, gx) in three_sweep_runs().items():
         assert_bitwise_equal(keep2[key][0], loss, f"loss {key}")

@@ -193,11 +193,13 @@ std::optional<Result> emulated_or_fail(const at::Tensor& x, const at::Tensor& t,
 // their mass on one entry each: q (log(q / m) - KL) at q = 1, m = 1/2).
 // `skip_grad_rows` (bool, one per row): rows whose gradients are not
 // compared (a divergence of +inf has no gradient to compare).
-void compare_with_cpu(const at::Tensor& x, const at::Tensor& t, const Call& c, const std::string& what,
-                      bool in_float64 = true, double loosen = 1.0, double grad_floor = 0.0,
-                      const std::optional<at::Tensor>& skip_grad_rows = std::nullopt) {
+// Returns both results (emulated, CPU), none where the emulated call threw.
+std::optional<std::pair<Result, Result>> compare_with_cpu(const at::Tensor& x, const at::Tensor& t, const Call& c,
+                                                          const std::string& what, bool in_float64 = true,
+                                                          double loosen = 1.0, double grad_floor = 0.0,
+                                                          const std::optional<at::Tensor>& skip_grad_rows = std::nullopt) {
   const auto run = emulated_or_fail(x, t, c, what);
-  if (!run) return;
+  if (!run) return std::nullopt;
   const Result& e = *run;
   const auto dt = x.scalar_type();
   const auto ref_dtype = in_float64 ? at::kDouble : dt;
@@ -226,18 +228,18 @@ void compare_with_cpu(const at::Tensor& x, const at::Tensor& t, const Call& c, c
     check_close(grads_of(true_grad(e, 2)), grads_of(true_grad(r, 2)), rtol, atol, what + " grad_target", grad_floor,
                 dt);
   }
+  return std::pair{e, r};
 }
 
-// The gradients' zeros carry the CPU kernel's signs (in the inputs'
-// dtype): +0 for a probability of 0, where a product of it would give -0
-// (RowWork::times_prob). A value comparison takes -0 for +0.
-void check_zero_signs(const at::Tensor& x, const at::Tensor& t, const Call& c, const std::string& what) {
-  const auto run = emulated_or_fail(x, t, c, what);
-  if (!run) return;
-  const Result r = cpu_kernel(x.contiguous(), t.contiguous(), c);
+// The gradients' zeros carry the CPU kernel's signs: +0 for a probability
+// of 0, where a product of it would give -0 (RowWork::times_prob). A value
+// comparison takes -0 for +0. `both`: compare_with_cpu's results, the CPU
+// kernel's in the inputs' dtype.
+void check_zero_signs(const std::pair<Result, Result>& both, const Call& c, const std::string& what) {
+  const auto& [run, r] = both;
   for (const int k : {1, 2}) {
     if (!(k == 1 ? c.grad_input : c.grad_target)) continue;
-    const at::Tensor e = (k == 1 ? std::get<1>(*run) : std::get<2>(*run)).to(at::kDouble);
+    const at::Tensor e = (k == 1 ? std::get<1>(run) : std::get<2>(run)).to(at::kDouble);
     const at::Tensor ref = (k == 1 ? std::get<1>(r) : std::get<2>(r)).to(at::kDouble);
     const at::Tensor zeros = e.eq(0).logical_and(ref.eq(0));
     const int64_t off = e.signbit().ne(ref.signbit()).logical_and(zeros).sum().item<int64_t>();
@@ -454,11 +456,8 @@ void test_special_values() {
             c.reduction = "none";
             c.grad_input = gi;
             c.grad_target = gt;
-            compare_with_cpu(x.to(dt), t.to(dt), c,
-                             str(dev_name, " special values V=", cols, " ", dt, " beta=", beta, " grads=", gi, gt),
-                             false);
-            check_zero_signs(x.to(dt), t.to(dt), c,
-                             str(dev_name, " special values V=", cols, " ", dt, " beta=", beta, " grads=", gi, gt));
+            const auto what = str(dev_name, " special values V=", cols, " ", dt, " beta=", beta, " grads=", gi, gt);
+            if (const auto both = compare_with_cpu(x.to(dt), t.to(dt), c, what, false)) check_zero_signs(*both, c, what);
           }
           Call c;
           c.beta = beta;
